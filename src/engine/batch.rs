@@ -1,0 +1,153 @@
+//! A submitted batch at run time: its slices, the regions it pins, its deadline, and the
+//! waiting machinery around the pure [`Progress`] state machine.
+
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::time::Instant;
+
+use super::progress::{Outcome, Progress, StopReason};
+use super::slicing::Pins;
+use super::Error;
+use crate::transport::{Slice, SliceSource, Transport, TransportError};
+
+/// How long a waiter spins (checking the outcome) before sleeping on the condvar: long
+/// enough to catch the tail of an in-process batch, short enough not to steal a core.
+const SPINS_BEFORE_SLEEP: u32 = 256;
+
+/// How far in the future "no limit" is.
+pub(crate) fn far_future() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(100 * 365 * 24 * 3600)
+}
+
+#[derive(Debug)]
+pub(crate) struct Batch {
+    progress: Progress,
+    slices: Vec<Slice>,
+    pins: Mutex<Pins>,
+    pub(crate) deadline: Instant,
+    error: OnceLock<Error>,
+    lock: Mutex<()>,
+    ended: Condvar,
+    pub(crate) transport: Arc<dyn Transport>,
+}
+
+impl Batch {
+    pub(crate) fn new(
+        slices: Vec<Slice>,
+        pins: Pins,
+        deadline: Instant,
+        transport: Arc<dyn Transport>,
+        workers: usize,
+    ) -> Self {
+        // Hand slices out in chunks so claimers do not fight over the counter for every
+        // small slice, while keeping about four chunks per worker for balance.
+        let chunk = (slices.len() / (4 * (workers + 1))).clamp(1, 32);
+        let progress = Progress::new(slices.len(), chunk);
+        let batch = Batch {
+            progress,
+            slices,
+            pins: Mutex::new(pins),
+            deadline,
+            error: OnceLock::new(),
+            lock: Mutex::new(()),
+            ended: Condvar::new(),
+            transport,
+        };
+        if batch.progress.outcome().is_some() {
+            batch.release_pins();
+        }
+        batch
+    }
+
+    /// The outcome, once the batch has ended.
+    pub(crate) fn outcome(&self) -> Option<Outcome> {
+        self.progress.outcome()
+    }
+
+    /// The first error, for a failed batch.
+    pub(crate) fn error(&self) -> Option<&Error> {
+        self.error.get()
+    }
+
+    /// Stops the batch; slices already being moved still finish.
+    pub(crate) fn stop(&self, reason: StopReason) {
+        if let Some(outcome) = self.progress.stop(reason) {
+            self.end(outcome);
+        }
+    }
+
+    /// Waits (helping the transport, then spinning, then sleeping) until the batch ends or
+    /// `until` passes. Returns the outcome, or `None` if `until` came first.
+    pub(crate) fn wait_until(&self, until: Instant) -> Option<Outcome> {
+        if let Some(outcome) = self.outcome() {
+            return Some(outcome);
+        }
+        self.transport.progress(self);
+        for _ in 0..SPINS_BEFORE_SLEEP {
+            if let Some(outcome) = self.outcome() {
+                return Some(outcome);
+            }
+            std::hint::spin_loop();
+        }
+        let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(outcome) = self.outcome() {
+                return Some(outcome);
+            }
+            let now = Instant::now();
+            if now >= until {
+                return None;
+            }
+            guard = self
+                .ended
+                .wait_timeout(guard, until - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// End-of-batch work, run once by whoever ended it: release the regions, then make the
+    /// outcome visible (so a caller who sees it can unregister at once), then wake waiters.
+    fn end(&self, outcome: Outcome) {
+        self.release_pins();
+        self.progress.publish(outcome);
+        // Taking the lock orders this notify after any waiter's check of the outcome.
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.ended.notify_all();
+    }
+
+    fn release_pins(&self) {
+        self.pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .release();
+    }
+}
+
+impl SliceSource for Batch {
+    fn slices(&self) -> &[Slice] {
+        &self.slices
+    }
+
+    fn claim(&self) -> Option<Range<usize>> {
+        if Instant::now() >= self.deadline {
+            self.stop(StopReason::TimedOut);
+            return None;
+        }
+        self.progress.claim()
+    }
+
+    fn complete(&self, range: Range<usize>, result: Result<(), TransportError>) {
+        let failed = match result {
+            Ok(()) => false,
+            Err(source) => {
+                let op = self.slices[range.start].op as usize;
+                let _ = self.error.set(Error::Transport { op, source });
+                true
+            }
+        };
+        if let Some(outcome) = self.progress.complete(range.len(), failed) {
+            self.end(outcome);
+        }
+    }
+}

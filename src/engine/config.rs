@@ -1,0 +1,181 @@
+//! Engine configuration: a builder in Rust (a struct in C), with `KVX_*` environment
+//! variables as overrides, read in exactly one place ([`EngineConfig::with_env_overrides`]).
+
+use std::time::Duration;
+
+use super::{Error, Result};
+
+/// How an engine runs. Build one with [`EngineConfig::builder`] or `Default`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Largest piece a transport moves at once (bytes). Default 64 KiB.
+    pub slice_size: usize,
+    /// Threads that copy for the in-process transport. Default: CPU count, at most 4.
+    pub copy_threads: usize,
+    /// Deadline of a batch after submission, unless given explicitly. Default 60 s.
+    pub batch_timeout: Duration,
+    /// Largest batch, counted in slices. Default 1 Mi (64 GiB at 64 KiB slices).
+    pub max_slices_per_batch: usize,
+    /// Most batches alive (submitted and not freed) at once. Default 64 Ki.
+    pub max_batches: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        EngineConfig {
+            slice_size: 64 << 10,
+            copy_threads: cpus.min(4),
+            batch_timeout: Duration::from_secs(60),
+            max_slices_per_batch: 1 << 20,
+            max_batches: 1 << 16,
+        }
+    }
+}
+
+/// Limits on the slice size: small enough to fit a slice length in 32 bits, large enough
+/// that per-slice costs stay small.
+pub const SLICE_SIZE_RANGE: std::ops::RangeInclusive<usize> = 512..=(1 << 30);
+
+impl EngineConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> EngineConfigBuilder {
+        EngineConfigBuilder(EngineConfig::default())
+    }
+
+    /// Checks every value; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        if !SLICE_SIZE_RANGE.contains(&self.slice_size) {
+            return Err(Error::Config(format!(
+                "slice_size {} is outside {}..={}",
+                self.slice_size,
+                SLICE_SIZE_RANGE.start(),
+                SLICE_SIZE_RANGE.end()
+            )));
+        }
+        if !(1..=256).contains(&self.copy_threads) {
+            return Err(Error::Config(format!(
+                "copy_threads {} is outside 1..=256",
+                self.copy_threads
+            )));
+        }
+        if self.batch_timeout.is_zero() {
+            return Err(Error::Config("batch_timeout is zero".into()));
+        }
+        if self.max_slices_per_batch == 0 || self.max_batches == 0 {
+            return Err(Error::Config(
+                "max_slices_per_batch and max_batches must be > 0".into(),
+            ));
+        }
+        if self.max_batches > u32::MAX as usize {
+            return Err(Error::Config("max_batches must fit in 32 bits".into()));
+        }
+        Ok(())
+    }
+
+    /// Applies `KVX_SLICE_SIZE`, `KVX_COPY_THREADS` and `KVX_BATCH_TIMEOUT_MS` from
+    /// `lookup` (the process environment when called by the engine). A variable that is set
+    /// but unparsable is an error naming it.
+    pub fn with_env_overrides(mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        fn parse<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
+            value
+                .trim()
+                .parse()
+                .map_err(|_| Error::Config(format!("{name}={value:?} is not a valid number")))
+        }
+        if let Some(v) = lookup("KVX_SLICE_SIZE") {
+            self.slice_size = parse("KVX_SLICE_SIZE", &v)?;
+        }
+        if let Some(v) = lookup("KVX_COPY_THREADS") {
+            self.copy_threads = parse("KVX_COPY_THREADS", &v)?;
+        }
+        if let Some(v) = lookup("KVX_BATCH_TIMEOUT_MS") {
+            self.batch_timeout = Duration::from_millis(parse("KVX_BATCH_TIMEOUT_MS", &v)?);
+        }
+        Ok(self)
+    }
+}
+
+/// Builds an [`EngineConfig`].
+#[derive(Clone, Debug)]
+pub struct EngineConfigBuilder(EngineConfig);
+
+impl EngineConfigBuilder {
+    /// See [`EngineConfig::slice_size`].
+    pub fn slice_size(mut self, bytes: usize) -> Self {
+        self.0.slice_size = bytes;
+        self
+    }
+
+    /// See [`EngineConfig::copy_threads`].
+    pub fn copy_threads(mut self, threads: usize) -> Self {
+        self.0.copy_threads = threads;
+        self
+    }
+
+    /// See [`EngineConfig::batch_timeout`].
+    pub fn batch_timeout(mut self, timeout: Duration) -> Self {
+        self.0.batch_timeout = timeout;
+        self
+    }
+
+    /// See [`EngineConfig::max_slices_per_batch`].
+    pub fn max_slices_per_batch(mut self, slices: usize) -> Self {
+        self.0.max_slices_per_batch = slices;
+        self
+    }
+
+    /// See [`EngineConfig::max_batches`].
+    pub fn max_batches(mut self, batches: usize) -> Self {
+        self.0.max_batches = batches;
+        self
+    }
+
+    /// The configuration, validated.
+    pub fn build(self) -> Result<EngineConfig> {
+        self.0.validate()?;
+        Ok(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        EngineConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = EngineConfig::builder().slice_size(100).build().unwrap_err();
+        assert!(err.to_string().contains("slice_size 100"), "{err}");
+        let err = EngineConfig::builder().copy_threads(0).build().unwrap_err();
+        assert!(err.to_string().contains("copy_threads 0"), "{err}");
+        let err = EngineConfig::builder()
+            .batch_timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("batch_timeout"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_and_bad_values_are_errors() {
+        let env = |name: &str| match name {
+            "KVX_SLICE_SIZE" => Some("8192".to_string()),
+            "KVX_BATCH_TIMEOUT_MS" => Some(" 250 ".to_string()),
+            _ => None,
+        };
+        let cfg = EngineConfig::default().with_env_overrides(env).unwrap();
+        assert_eq!(cfg.slice_size, 8192);
+        assert_eq!(cfg.batch_timeout, Duration::from_millis(250));
+        let err = EngineConfig::default()
+            .with_env_overrides(|n| (n == "KVX_COPY_THREADS").then(|| "many".to_string()))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("KVX_COPY_THREADS=\"many\""),
+            "{err}"
+        );
+    }
+}

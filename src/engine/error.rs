@@ -1,0 +1,130 @@
+//! The engine's error type: what every public call returns.
+
+use std::fmt;
+
+use crate::memory::{Access, AddrRange, MemoryError};
+use crate::transport::{OpKind, TransportError};
+
+/// Which side of an op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// This engine's memory.
+    Local,
+    /// The peer's memory.
+    Remote,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Local => "local",
+            Side::Remote => "remote",
+        })
+    }
+}
+
+/// Everything that can go wrong in a kvxfer call.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Registering, unregistering or allocating memory failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// An op asked for zero bytes.
+    #[error("op {op}: length is 0")]
+    ZeroLengthOp {
+        /// Index of the op in the batch.
+        op: usize,
+    },
+    /// An op's address range wraps past the end of the address space.
+    #[error(
+        "op {op}: {side} address {addr:#x} + {len} bytes wraps past the end of the address space"
+    )]
+    AddressOverflow {
+        /// Index of the op in the batch.
+        op: usize,
+        /// Which side.
+        side: Side,
+        /// Start address given.
+        addr: u64,
+        /// Length given.
+        len: u64,
+    },
+    /// Part of an op's range is not registered.
+    #[error("op {op}: {side} range {range} is not registered (no region holds {at:#x})")]
+    NotRegistered {
+        /// Index of the op in the batch.
+        op: usize,
+        /// Which side.
+        side: Side,
+        /// The op's range on that side.
+        range: AddrRange,
+        /// First address not covered.
+        at: u64,
+    },
+    /// A region lacks the right the op needs.
+    #[error("op {op}: a {kind} needs {need} on the {side} range {range}, but region {region} was registered with {granted}")]
+    AccessDenied {
+        /// Index of the op in the batch.
+        op: usize,
+        /// Direction of the op.
+        kind: OpKind,
+        /// Which side.
+        side: Side,
+        /// The op's range on that side.
+        range: AddrRange,
+        /// The region that refused.
+        region: AddrRange,
+        /// The right needed.
+        need: Access,
+        /// The rights the region has.
+        granted: Access,
+    },
+    /// The batch is larger than the engine allows.
+    #[error("batch needs {slices}+ slices, more than max_slices_per_batch ({max}); split it")]
+    BatchTooLarge {
+        /// Slices needed (at least).
+        slices: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Too many batches were submitted and not freed.
+    #[error("{max} batches are already unfreed (max_batches); free finished batches")]
+    TooManyBatches {
+        /// The limit.
+        max: usize,
+    },
+    /// The batch id was never issued, was already freed, or is forged.
+    #[error("unknown batch id {0:#x}: never issued, already freed, or forged")]
+    UnknownBatch(u64),
+    /// The peer id was never issued or was closed.
+    #[error("unknown peer id {0:#x}: never opened, or already closed")]
+    UnknownPeer(u64),
+    /// `free` was called on a batch that has not ended.
+    #[error("batch {0:#x} is still in progress; wait for it or cancel it before freeing it")]
+    BatchInProgress(u64),
+    /// The batch was cancelled before all of it moved.
+    #[error("batch cancelled before all of its bytes moved")]
+    Cancelled,
+    /// The batch reached its deadline before all of it moved.
+    #[error("batch timed out: its deadline passed before all of its bytes moved")]
+    TimedOut,
+    /// A transport failed to move op `op`.
+    #[error("op {op}: {source}")]
+    Transport {
+        /// Index of the first failing op.
+        op: usize,
+        /// What the transport said.
+        #[source]
+        source: TransportError,
+    },
+    /// A configuration value is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The engine could not start (threads, sockets).
+    #[error("engine start failed: {0}")]
+    Start(String),
+}
+
+/// Result of kvxfer calls.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,68 @@
+//! Errors of memory registration.
+
+use std::sync::Arc;
+
+use super::{AddrRange, Location, LocationParseError};
+
+/// What went wrong registering, unregistering or allocating memory.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// A region of zero bytes was asked for.
+    #[error("cannot register {range}: zero length")]
+    ZeroLength {
+        /// The empty range.
+        range: AddrRange,
+    },
+    /// `addr + len` does not fit in the address space.
+    #[error("cannot register {len} bytes at {addr:#x}: the range wraps past the end of the address space")]
+    AddressOverflow {
+        /// Start address given.
+        addr: u64,
+        /// Length given.
+        len: u64,
+    },
+    /// The new region overlaps one that is registered (or another in the same batch).
+    #[error("cannot register {range}: it overlaps the registered region {existing}; unregister that first")]
+    Overlap {
+        /// The range being registered.
+        range: AddrRange,
+        /// The region already there.
+        existing: AddrRange,
+    },
+    /// Unregister was given an address that starts no registered region.
+    #[error("cannot unregister {addr:#x}: no registered region starts there")]
+    NotRegistered {
+        /// The address given.
+        addr: u64,
+    },
+    /// The region is still used by unfinished batches.
+    #[error("cannot unregister {range}: {batches} unfinished batch(es) still use it; wait for or cancel them first")]
+    Busy {
+        /// The region.
+        range: AddrRange,
+        /// How many batches hold it.
+        batches: usize,
+    },
+    /// A location string could not be parsed.
+    #[error(transparent)]
+    BadLocation(#[from] LocationParseError),
+    /// The location cannot be used for this operation.
+    #[error("location {location} is not supported here: {reason}")]
+    UnsupportedLocation {
+        /// The location asked for.
+        location: Location,
+        /// Why it cannot be used.
+        reason: &'static str,
+    },
+    /// The operating system refused to create the memory.
+    #[error("cannot allocate {len} bytes at {location}: {source}")]
+    AllocationFailed {
+        /// Bytes asked for.
+        len: usize,
+        /// Location asked for.
+        location: Location,
+        /// What the OS said.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+}

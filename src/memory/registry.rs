@@ -1,0 +1,302 @@
+//! The address → region index: a `BTreeMap` keyed by start address, so lookups, inserts
+//! and removals are O(log n). Regions never overlap, so the region holding an address is
+//! the last one starting at or before it, if it reaches that far.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+
+use super::region::Backing;
+use super::{Access, AddrRange, Location, MemoryError, Region};
+
+/// Finds the region holding an address.
+pub trait RegionLookup {
+    /// The region that contains `addr`, if any.
+    fn region_at(&self, addr: u64) -> Option<&Arc<Region>>;
+}
+
+impl RegionLookup for BTreeMap<u64, Arc<Region>> {
+    fn region_at(&self, addr: u64) -> Option<&Arc<Region>> {
+        self.range(..=addr)
+            .next_back()
+            .map(|(_, region)| region)
+            .filter(|region| region.range().contains(addr))
+    }
+}
+
+/// What to register.
+#[derive(Debug)]
+pub struct RegionSpec {
+    /// Start address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Where the memory lives; `None` = detect it.
+    pub location: Option<Location>,
+    /// Rights granted.
+    pub access: Access,
+    pub(crate) backing: Backing,
+}
+
+impl RegionSpec {
+    /// Caller-owned memory.
+    pub fn caller(addr: u64, len: u64, location: Option<Location>, access: Access) -> Self {
+        RegionSpec {
+            addr,
+            len,
+            location,
+            access,
+            backing: Backing::Caller,
+        }
+    }
+}
+
+/// The set of registered regions of one engine.
+#[derive(Debug, Default)]
+pub struct Registry {
+    regions: RwLock<BTreeMap<u64, Arc<Region>>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers every spec, or none of them: the first invalid one (zero length,
+    /// overflow, overlap with a registered region or with an earlier spec) fails the call
+    /// and nothing is added.
+    pub fn register(&self, specs: Vec<RegionSpec>) -> Result<Vec<Arc<Region>>, MemoryError> {
+        let mut regions = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let range = AddrRange::new(spec.addr, spec.len);
+            if spec.len == 0 {
+                return Err(MemoryError::ZeroLength { range });
+            }
+            if range.checked_end().is_none() {
+                return Err(MemoryError::AddressOverflow {
+                    addr: spec.addr,
+                    len: spec.len,
+                });
+            }
+            let location = spec.location.unwrap_or_else(|| detect_location(spec.addr));
+            regions.push(Arc::new(Region::new(
+                range,
+                location,
+                spec.access,
+                spec.backing,
+            )));
+        }
+        let mut map = self.write();
+        for (i, region) in regions.iter().enumerate() {
+            let range = region.range();
+            if let Some(existing) = overlapping(&map, &range) {
+                return Err(MemoryError::Overlap { range, existing });
+            }
+            if let Some(earlier) = regions[..i].iter().find(|r| r.range().overlaps(&range)) {
+                return Err(MemoryError::Overlap {
+                    range,
+                    existing: earlier.range(),
+                });
+            }
+        }
+        for region in &regions {
+            map.insert(region.range().start, Arc::clone(region));
+        }
+        Ok(regions)
+    }
+
+    /// Removes the region starting at `addr`. Fails with `Busy` while an unfinished batch
+    /// uses it (the caller's memory must not be freed yet) and `NotRegistered` when no
+    /// region starts there.
+    pub fn unregister(&self, addr: u64) -> Result<Arc<Region>, MemoryError> {
+        let mut map = self.write();
+        let region = map.get(&addr).ok_or(MemoryError::NotRegistered { addr })?;
+        let pins = region.pins();
+        if pins > 0 {
+            return Err(MemoryError::Busy {
+                range: region.range(),
+                batches: pins,
+            });
+        }
+        Ok(map
+            .remove(&addr)
+            .expect("present: looked up under the same lock"))
+    }
+
+    /// Removes `region` if it is still the one registered at its address, busy or not.
+    /// Only for engine-owned memory, which batches keep alive through their `Arc`.
+    pub(crate) fn remove_owned(&self, region: &Arc<Region>) {
+        let mut map = self.write();
+        if map
+            .get(&region.range().start)
+            .is_some_and(|r| Arc::ptr_eq(r, region))
+        {
+            map.remove(&region.range().start);
+        }
+    }
+
+    /// The region holding `addr`.
+    pub fn lookup(&self, addr: u64) -> Option<Arc<Region>> {
+        self.read().region_at(addr).cloned()
+    }
+
+    /// A read lock over the index, for checking a whole batch under one lock.
+    pub fn read(&self) -> RwLockReadGuard<'_, BTreeMap<u64, Arc<Region>>> {
+        self.regions.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every registered region, ordered by address.
+    pub fn snapshot(&self) -> Vec<Arc<Region>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Number of registered regions.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether nothing is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Arc<Region>>> {
+        self.regions.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A registered region sharing bytes with `range`, if any: only the last region starting
+/// before the range's end can, since regions are disjoint and sorted.
+fn overlapping(map: &BTreeMap<u64, Arc<Region>>, range: &AddrRange) -> Option<AddrRange> {
+    map.range(..range.end())
+        .next_back()
+        .map(|(_, r)| r.range())
+        .filter(|r| r.overlaps(range))
+}
+
+/// Host memory: the NUMA node of its first page, `*` when the kernel cannot tell.
+fn detect_location(addr: u64) -> Location {
+    crate::sys::numa::node_of_address(addr).map_or(Location::Any, Location::Cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn spec(addr: u64, len: u64) -> RegionSpec {
+        RegionSpec::caller(addr, len, Some(Location::Any), Access::ALL)
+    }
+
+    #[test]
+    fn each_registration_error_is_distinct() {
+        let reg = Registry::new();
+        assert!(matches!(
+            reg.register(vec![spec(0x1000, 0)]),
+            Err(MemoryError::ZeroLength { .. })
+        ));
+        assert!(matches!(
+            reg.register(vec![spec(u64::MAX - 1, 4)]),
+            Err(MemoryError::AddressOverflow { .. })
+        ));
+        reg.register(vec![spec(0x1000, 0x1000)]).unwrap();
+        let err = reg.register(vec![spec(0x1800, 0x1000)]).unwrap_err();
+        assert!(matches!(err, MemoryError::Overlap { existing, .. } if existing.start == 0x1000));
+        assert!(err.to_string().contains("0x1800"), "{err}");
+        assert!(matches!(
+            reg.unregister(0x1800),
+            Err(MemoryError::NotRegistered { addr: 0x1800 })
+        ));
+        let region = reg.lookup(0x1fff).unwrap();
+        region.pin();
+        assert!(matches!(
+            reg.unregister(0x1000),
+            Err(MemoryError::Busy { batches: 1, .. })
+        ));
+        region.unpin();
+        reg.unregister(0x1000).unwrap();
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn batch_registration_is_all_or_nothing() {
+        let reg = Registry::new();
+        let err = reg
+            .register(vec![
+                spec(0x1000, 0x100),
+                spec(0x3000, 0x100),
+                spec(0x30ff, 0x10),
+            ])
+            .unwrap_err();
+        assert!(matches!(err, MemoryError::Overlap { .. }));
+        assert!(reg.is_empty(), "a failed batch must register nothing");
+        reg.register(vec![spec(0x1000, 0x100), spec(0x1100, 0x100)])
+            .unwrap();
+        assert_eq!(reg.len(), 2);
+    }
+
+    #[test]
+    fn explicit_location_overrides_detection() {
+        let reg = Registry::new();
+        let buf = vec![0u8; 4096];
+        let r = reg
+            .register(vec![RegionSpec::caller(
+                buf.as_ptr() as u64,
+                4096,
+                Some(Location::Cuda(3)),
+                Access::ALL,
+            )])
+            .unwrap();
+        assert_eq!(r[0].location(), Location::Cuda(3));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Register(u64, u64),
+        Unregister(u64),
+        Lookup(u64),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        // A small address space so that overlaps and hits are frequent.
+        prop_oneof![
+            (0u64..512, 0u64..64).prop_map(|(a, l)| Step::Register(a, l)),
+            (0u64..512).prop_map(Step::Unregister),
+            (0u64..600).prop_map(Step::Lookup),
+        ]
+    }
+
+    proptest! {
+        /// The index agrees with a naive list of ranges on every step.
+        #[test]
+        fn index_matches_a_naive_model(steps in proptest::collection::vec(step(), 1..200)) {
+            let reg = Registry::new();
+            let mut model: Vec<AddrRange> = Vec::new();
+            for step in steps {
+                match step {
+                    Step::Register(addr, len) => {
+                        let range = AddrRange::new(addr, len);
+                        let expect_ok = len > 0 && !model.iter().any(|r| r.overlaps(&range));
+                        let got = reg.register(vec![spec(addr, len)]);
+                        prop_assert_eq!(got.is_ok(), expect_ok, "register {}", range);
+                        if expect_ok {
+                            model.push(range);
+                        }
+                    }
+                    Step::Unregister(addr) => {
+                        let pos = model.iter().position(|r| r.start == addr);
+                        prop_assert_eq!(reg.unregister(addr).is_ok(), pos.is_some());
+                        if let Some(pos) = pos {
+                            model.remove(pos);
+                        }
+                    }
+                    Step::Lookup(addr) => {
+                        let want = model.iter().find(|r| r.contains(addr)).copied();
+                        prop_assert_eq!(reg.lookup(addr).map(|r| r.range()), want);
+                    }
+                }
+                prop_assert_eq!(reg.len(), model.len());
+            }
+        }
+    }
+}

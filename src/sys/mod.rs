@@ -1,0 +1,18 @@
+//! Thin FFI to the operating system. Every `unsafe` call the crate makes into libc lives
+//! here (or in a transport / `ffi`), behind safe functions whose contracts are checked.
+//!
+//! Later issues add `verbs` (libibverbs via `dlopen`) and `cuda` (driver API via `dlopen`).
+
+pub mod numa;
+pub mod shm;
+
+/// The size of a virtual memory page on this machine.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as usize
+    } else {
+        4096
+    }
+}

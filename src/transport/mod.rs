@@ -1,0 +1,110 @@
+//! Ways bytes move. A transport turns slices into completions; it knows nothing of batches
+//! or peers' names. The engine hands it a [`SliceSource`] (the slices of one batch, already
+//! checked against both sides' registered regions) and the transport claims ranges of
+//! slices, moves them and reports each range complete exactly once.
+//!
+//! Contract for every transport: after `complete` returns for a range, the transport never
+//! touches the memory of those slices again. That is what lets cancel and timeout promise
+//! that the caller's buffers are free once the batch has ended.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+pub mod local;
+
+/// Direction of an op, seen from the initiator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    /// Copy remote bytes into local memory.
+    Read,
+    /// Copy local bytes into remote memory.
+    Write,
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OpKind::Read => "READ",
+            OpKind::Write => "WRITE",
+        })
+    }
+}
+
+/// The unit a transport moves: a piece of one op that lies inside one local and one remote
+/// region and is at most the engine's slice size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    /// Direction.
+    pub kind: OpKind,
+    /// Index of the op (in its batch) this slice belongs to.
+    pub op: u32,
+    /// Bytes.
+    pub len: u32,
+    /// Local address.
+    pub local: u64,
+    /// Remote (target) address.
+    pub remote: u64,
+}
+
+/// The work of one batch as a transport sees it.
+pub trait SliceSource: Send + Sync {
+    /// All slices of the batch; only claimed indices may be moved.
+    fn slices(&self) -> &[Slice];
+    /// Claims the next range of slices to move; `None` when nothing is left to claim (all
+    /// claimed, or the batch was stopped: cancelled, timed out or failed).
+    fn claim(&self) -> Option<Range<usize>>;
+    /// Reports a claimed range as moved (`Ok`) or failed. Called exactly once per claimed
+    /// slice; after it returns the transport must not touch those slices' memory.
+    fn complete(&self, range: Range<usize>, result: Result<(), TransportError>);
+}
+
+/// A way of moving slices.
+pub trait Transport: Send + Sync + fmt::Debug {
+    /// Which transport this is.
+    fn kind(&self) -> TransportKind;
+    /// One line for `Engine::transports()`: what it runs on and how.
+    fn describe(&self) -> String;
+    /// Hands the batch to the transport's own progress threads; returns at once.
+    fn post(&self, work: Arc<dyn SliceSource>);
+    /// Lets a waiting caller move slices of `work` itself instead of sleeping, where the
+    /// transport can (in-process copies). Returns when nothing is left to claim.
+    fn progress(&self, work: &dyn SliceSource) {
+        let _ = work;
+    }
+}
+
+/// The transports kvxfer knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// In-process copies (the engine is its own peer).
+    Local,
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransportKind::Local => "local",
+        })
+    }
+}
+
+/// A transport as reported by `Engine::transports()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportInfo {
+    /// Which one.
+    pub kind: TransportKind,
+    /// What it runs on, or why it is not used.
+    pub detail: String,
+}
+
+/// A slice range that could not be moved.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{transport} transport failed: {reason}")]
+pub struct TransportError {
+    /// Which transport.
+    pub transport: TransportKind,
+    /// What happened.
+    pub reason: String,
+}
