@@ -234,7 +234,7 @@ mod tests {
             let mut seen = vec![false; total];
             let mut ends = Vec::new();
             let (mut any_failed, mut any_stop) = (false, None);
-            let mut finish = |o: Option<Outcome>, ends: &mut Vec<Outcome>| if let Some(o) = o {
+            let finish = |o: Option<Outcome>, ends: &mut Vec<Outcome>| if let Some(o) = o {
                 p.publish(o);
                 ends.push(o);
             };

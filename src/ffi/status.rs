@@ -1,0 +1,180 @@
+//! Status codes and the per-thread last error text.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CString};
+
+use crate::memory::MemoryError;
+use crate::Error;
+
+/// Result of a kvxfer call: `KVX_OK`, `KVX_IN_PROGRESS`, or a negative `KVX_ERR_*`.
+pub type kvx_status = i32;
+
+// The error codes are written `0 - N` so that cbindgen emits `(0 - N)`: a bare `-N` in a
+// C macro would turn `x-KVX_ERR_BUSY` into `x--6`.
+
+/// Success (for a batch: every byte moved).
+pub const KVX_OK: kvx_status = 0;
+/// The batch is still moving bytes.
+pub const KVX_IN_PROGRESS: kvx_status = 1;
+/// A NULL pointer, bad enum value, reserved field set, or unusable buffer size.
+pub const KVX_ERR_INVALID_ARGUMENT: kvx_status = 0 - 1;
+/// A region or op of zero bytes.
+pub const KVX_ERR_ZERO_LENGTH: kvx_status = 0 - 2;
+/// An address range that wraps past the end of the address space.
+pub const KVX_ERR_ADDRESS_OVERFLOW: kvx_status = 0 - 3;
+/// The region overlaps a registered one.
+pub const KVX_ERR_OVERLAP: kvx_status = 0 - 4;
+/// The address (or part of an op's range) is not registered.
+pub const KVX_ERR_NOT_REGISTERED: kvx_status = 0 - 5;
+/// The region is used by an unfinished batch.
+pub const KVX_ERR_BUSY: kvx_status = 0 - 6;
+/// A location string is not "cpu:N", "cuda:N" or "*".
+pub const KVX_ERR_BAD_LOCATION: kvx_status = 0 - 7;
+/// The location cannot be used for this call.
+pub const KVX_ERR_UNSUPPORTED: kvx_status = 0 - 8;
+/// The operating system refused memory.
+pub const KVX_ERR_OUT_OF_MEMORY: kvx_status = 0 - 9;
+/// A region lacks the access right an op needs.
+pub const KVX_ERR_ACCESS_DENIED: kvx_status = 0 - 10;
+/// The batch has more slices than `max_slices_per_batch`.
+pub const KVX_ERR_BATCH_TOO_LARGE: kvx_status = 0 - 11;
+/// `max_batches` batches are unfreed.
+pub const KVX_ERR_TOO_MANY_BATCHES: kvx_status = 0 - 12;
+/// The batch id was never issued, was freed, or is forged.
+pub const KVX_ERR_UNKNOWN_BATCH: kvx_status = 0 - 13;
+/// The peer id was never issued or was closed.
+pub const KVX_ERR_UNKNOWN_PEER: kvx_status = 0 - 14;
+/// `kvx_free_batch` on a batch that has not ended.
+pub const KVX_ERR_BATCH_IN_PROGRESS: kvx_status = 0 - 15;
+/// The batch was cancelled before every byte moved.
+pub const KVX_ERR_CANCELLED: kvx_status = 0 - 16;
+/// The batch's deadline passed before every byte moved.
+pub const KVX_ERR_TIMED_OUT: kvx_status = 0 - 17;
+/// A transport failed to move bytes.
+pub const KVX_ERR_TRANSPORT: kvx_status = 0 - 18;
+/// A configuration value is unusable.
+pub const KVX_ERR_CONFIG: kvx_status = 0 - 19;
+/// The engine could not start (threads, sockets).
+pub const KVX_ERR_START: kvx_status = 0 - 20;
+/// A bug in kvxfer was caught at the boundary (a panic); the call had no effect beyond
+/// what its text says.
+pub const KVX_ERR_INTERNAL: kvx_status = 0 - 21;
+
+/// The status code of an engine error.
+pub(crate) fn status_of(error: &Error) -> kvx_status {
+    match error {
+        Error::Memory(m) => match m {
+            MemoryError::ZeroLength { .. } => KVX_ERR_ZERO_LENGTH,
+            MemoryError::AddressOverflow { .. } => KVX_ERR_ADDRESS_OVERFLOW,
+            MemoryError::Overlap { .. } => KVX_ERR_OVERLAP,
+            MemoryError::NotRegistered { .. } => KVX_ERR_NOT_REGISTERED,
+            MemoryError::Busy { .. } => KVX_ERR_BUSY,
+            MemoryError::BadLocation(_) => KVX_ERR_BAD_LOCATION,
+            MemoryError::UnsupportedLocation { .. } => KVX_ERR_UNSUPPORTED,
+            MemoryError::AllocationFailed { .. } => KVX_ERR_OUT_OF_MEMORY,
+        },
+        Error::ZeroLengthOp { .. } => KVX_ERR_ZERO_LENGTH,
+        Error::AddressOverflow { .. } => KVX_ERR_ADDRESS_OVERFLOW,
+        Error::NotRegistered { .. } => KVX_ERR_NOT_REGISTERED,
+        Error::AccessDenied { .. } => KVX_ERR_ACCESS_DENIED,
+        Error::BatchTooLarge { .. } => KVX_ERR_BATCH_TOO_LARGE,
+        Error::TooManyBatches { .. } => KVX_ERR_TOO_MANY_BATCHES,
+        Error::UnknownBatch(_) => KVX_ERR_UNKNOWN_BATCH,
+        Error::UnknownPeer(_) => KVX_ERR_UNKNOWN_PEER,
+        Error::BatchInProgress(_) => KVX_ERR_BATCH_IN_PROGRESS,
+        Error::Cancelled => KVX_ERR_CANCELLED,
+        Error::TimedOut => KVX_ERR_TIMED_OUT,
+        Error::Transport { .. } => KVX_ERR_TRANSPORT,
+        Error::Config(_) => KVX_ERR_CONFIG,
+        Error::Start(_) => KVX_ERR_START,
+    }
+}
+
+/// The name of a status code ("KVX_OK", "KVX_ERR_BUSY", ...; "KVX_UNKNOWN_STATUS" for a
+/// number that is none). Static string.
+#[no_mangle]
+pub extern "C" fn kvx_status_name(status: kvx_status) -> *const c_char {
+    let name: &'static str = match status {
+        KVX_OK => "KVX_OK\0",
+        KVX_IN_PROGRESS => "KVX_IN_PROGRESS\0",
+        KVX_ERR_INVALID_ARGUMENT => "KVX_ERR_INVALID_ARGUMENT\0",
+        KVX_ERR_ZERO_LENGTH => "KVX_ERR_ZERO_LENGTH\0",
+        KVX_ERR_ADDRESS_OVERFLOW => "KVX_ERR_ADDRESS_OVERFLOW\0",
+        KVX_ERR_OVERLAP => "KVX_ERR_OVERLAP\0",
+        KVX_ERR_NOT_REGISTERED => "KVX_ERR_NOT_REGISTERED\0",
+        KVX_ERR_BUSY => "KVX_ERR_BUSY\0",
+        KVX_ERR_BAD_LOCATION => "KVX_ERR_BAD_LOCATION\0",
+        KVX_ERR_UNSUPPORTED => "KVX_ERR_UNSUPPORTED\0",
+        KVX_ERR_OUT_OF_MEMORY => "KVX_ERR_OUT_OF_MEMORY\0",
+        KVX_ERR_ACCESS_DENIED => "KVX_ERR_ACCESS_DENIED\0",
+        KVX_ERR_BATCH_TOO_LARGE => "KVX_ERR_BATCH_TOO_LARGE\0",
+        KVX_ERR_TOO_MANY_BATCHES => "KVX_ERR_TOO_MANY_BATCHES\0",
+        KVX_ERR_UNKNOWN_BATCH => "KVX_ERR_UNKNOWN_BATCH\0",
+        KVX_ERR_UNKNOWN_PEER => "KVX_ERR_UNKNOWN_PEER\0",
+        KVX_ERR_BATCH_IN_PROGRESS => "KVX_ERR_BATCH_IN_PROGRESS\0",
+        KVX_ERR_CANCELLED => "KVX_ERR_CANCELLED\0",
+        KVX_ERR_TIMED_OUT => "KVX_ERR_TIMED_OUT\0",
+        KVX_ERR_TRANSPORT => "KVX_ERR_TRANSPORT\0",
+        KVX_ERR_CONFIG => "KVX_ERR_CONFIG\0",
+        KVX_ERR_START => "KVX_ERR_START\0",
+        KVX_ERR_INTERNAL => "KVX_ERR_INTERNAL\0",
+        _ => "KVX_UNKNOWN_STATUS\0",
+    };
+    name.as_ptr().cast()
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+pub(crate) fn set_last_error(text: String) {
+    // An interior NUL cannot come from our messages except through user strings; cut there.
+    let text = CString::new(text).unwrap_or_else(|e| {
+        let cut = e.nul_position();
+        CString::new(&e.into_vec()[..cut]).unwrap_or_default()
+    });
+    LAST_ERROR.with(|slot| *slot.borrow_mut() = text);
+}
+
+/// The text of the last error returned on this thread ("" if none yet). Valid until the
+/// next kvxfer call on this thread returns an error; copy it to keep it.
+#[no_mangle]
+pub extern "C" fn kvx_last_error() -> *const c_char {
+    LAST_ERROR.with(|slot| slot.borrow().as_ptr())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    #[test]
+    fn every_status_has_a_distinct_name() {
+        let mut names = std::collections::HashSet::new();
+        for code in KVX_ERR_INTERNAL..=KVX_IN_PROGRESS {
+            // SAFETY: kvx_status_name returns a static NUL-terminated string.
+            let name = unsafe { CStr::from_ptr(kvx_status_name(code)) }.to_str().unwrap();
+            assert_ne!(name, "KVX_UNKNOWN_STATUS", "code {code} has no name");
+            assert!(names.insert(name), "{name} used twice");
+        }
+        // SAFETY: as above.
+        let unknown = unsafe { CStr::from_ptr(kvx_status_name(42)) };
+        assert_eq!(unknown.to_str().unwrap(), "KVX_UNKNOWN_STATUS");
+    }
+
+    #[test]
+    fn last_error_is_per_thread() {
+        set_last_error("main thread error".into());
+        std::thread::spawn(|| {
+            // SAFETY: kvx_last_error returns a valid NUL-terminated string.
+            assert_eq!(unsafe { CStr::from_ptr(kvx_last_error()) }.to_bytes(), b"");
+        })
+        .join()
+        .unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { CStr::from_ptr(kvx_last_error()) }.to_bytes(), b"main thread error");
+        set_last_error("cut\0here".into());
+        // SAFETY: as above.
+        assert_eq!(unsafe { CStr::from_ptr(kvx_last_error()) }.to_bytes(), b"cut");
+    }
+}

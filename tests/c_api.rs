@@ -1,0 +1,58 @@
+//! Compiles tests/c/api_test.c against include/kvxfer.h and the freshly built cdylib, runs
+//! it, and checks the header is also valid C++.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// target/<profile>/, where cargo put libkvxfer.so for this test run.
+fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    assert!(
+        dir.join("libkvxfer.so").exists(),
+        "libkvxfer.so not found in {}; cargo builds the cdylib with the tests",
+        dir.display()
+    );
+    dir.to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed ({}):\n{text}", out.status);
+    text
+}
+
+#[test]
+fn c_program_registers_transfers_and_sees_every_error() {
+    let lib = lib_dir();
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kvx_api_test");
+    run(Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
+        .arg(root().join("include"))
+        .arg(root().join("tests/c/api_test.c"))
+        .arg("-L")
+        .arg(&lib)
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .args(["-lkvxfer", "-o"])
+        .arg(&exe));
+    let output = run(&mut Command::new(&exe));
+    println!("{output}");
+    assert!(output.contains("all C ABI checks passed"), "{output}");
+}
+
+#[test]
+fn header_is_valid_cplusplus() {
+    run(Command::new("c++")
+        .args(["-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root().join("include"))
+        .arg(root().join("tests/c/header_check.cpp")));
+}
