@@ -16,7 +16,8 @@ pub struct Buffer {
 }
 
 impl Buffer {
-    /// Maps `len` bytes, places them on `location` and registers them with `access`.
+    /// Maps `len` bytes, places them on `location`, faults them in (registered memory is
+    /// meant to be hot) and registers them with `access`.
     pub(crate) fn allocate(
         registry: &Arc<Registry>,
         len: usize,
@@ -56,6 +57,7 @@ impl Buffer {
             }
             Location::Any => SharedMapping::create("any", len).map_err(fail)?,
         };
+        mapping.populate();
         let spec = RegionSpec {
             addr: mapping.as_ptr() as u64,
             len: len as u64,
