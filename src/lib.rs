@@ -40,5 +40,10 @@ pub use engine::{BatchId, BatchState, Engine, EngineConfig, Error, Op, PeerId, R
 pub use memory::{Access, AddrRange, Buffer, Location, MemoryError};
 pub use transport::{OpKind, TransportInfo, TransportKind};
 
+/// Compiles and runs the Rust snippet of README.md as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// The crate version, also returned by `kvx_version()`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
