@@ -25,7 +25,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         Location::Any
     };
-    println!("kvxfer {} demo: in-process KV page transfer", kvxfer::VERSION);
+    println!(
+        "kvxfer {} demo: in-process KV page transfer",
+        kvxfer::VERSION
+    );
     for t in engine.transports() {
         println!("  transport {}: {}", t.kind, t.detail);
     }
@@ -97,7 +100,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if bad > 0 {
         return Err(format!("{bad} of {} pages differ after the transfer", ops.len()).into());
     }
-    println!("  verified: all {} pages identical at their destination slots", ops.len());
+    println!(
+        "  verified: all {} pages identical at their destination slots",
+        ops.len()
+    );
     Ok(())
 }
 
@@ -112,7 +118,8 @@ fn parse_args() -> Result<(usize, usize), String> {
     while let Some(arg) = args.next() {
         let mut value = |name: &str| -> Result<usize, String> {
             let v = args.next().ok_or(format!("{name} needs a value"))?;
-            v.parse().map_err(|_| format!("{name} {v:?} is not a number"))
+            v.parse()
+                .map_err(|_| format!("{name} {v:?} is not a number"))
         };
         match arg.as_str() {
             "--pages" => pages = value("--pages")?,

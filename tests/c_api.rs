@@ -11,7 +11,10 @@ fn root() -> &'static Path {
 /// target/<profile>/, where cargo put libkvxfer.so for this test run.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
     assert!(
         dir.join("libkvxfer.so").exists(),
         "libkvxfer.so not found in {}; cargo builds the cdylib with the tests",
@@ -21,13 +24,19 @@ fn lib_dir() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{cmd:?} failed ({}):\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{text}",
+        out.status
+    );
     text
 }
 
@@ -52,7 +61,14 @@ fn c_program_registers_transfers_and_sees_every_error() {
 #[test]
 fn header_is_valid_cplusplus() {
     run(Command::new("c++")
-        .args(["-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-I"])
+        .args([
+            "-std=c++17",
+            "-fsyntax-only",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-I",
+        ])
         .arg(root().join("include"))
         .arg(root().join("tests/c/header_check.cpp")));
 }

@@ -6,7 +6,8 @@ use std::path::Path;
 #[test]
 fn checked_in_header_matches_a_fresh_generation() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config = cbindgen::Config::from_file(root.join("cbindgen.toml")).expect("cbindgen.toml parses");
+    let config =
+        cbindgen::Config::from_file(root.join("cbindgen.toml")).expect("cbindgen.toml parses");
     let mut fresh = Vec::new();
     cbindgen::Builder::new()
         .with_config(config)

@@ -82,7 +82,9 @@ impl Batch {
         if let Some(outcome) = self.outcome() {
             return Some(outcome);
         }
-        self.transport.progress(self);
+        if Instant::now() < until {
+            self.transport.progress(self, until);
+        }
         for _ in 0..SPINS_BEFORE_SLEEP {
             if let Some(outcome) = self.outcome() {
                 return Some(outcome);

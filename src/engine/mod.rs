@@ -248,6 +248,7 @@ impl Engine {
         ops: &[Op],
         deadline: Instant,
     ) -> Result<BatchId> {
+        let peer = self.peer(peer)?;
         let max = self.config.max_slices_per_batch;
         if ops.len() > max {
             return Err(Error::BatchTooLarge {
@@ -255,7 +256,7 @@ impl Engine {
                 max,
             });
         }
-        let peer = self.peer(peer)?;
+        let slice_size = self.config.slice_size as u64;
         let mut slices = Vec::with_capacity(ops.len());
         let mut pins = Pins::default();
         {
@@ -264,21 +265,21 @@ impl Engine {
                 Segment::Loopback => &*map,
             };
             for (i, op) in ops.iter().enumerate() {
-                slicing::slice_op(
-                    i,
-                    op,
-                    self.config.slice_size as u64,
-                    &*map,
-                    remote,
-                    &mut slices,
-                    &mut pins,
-                )?;
-                if slices.len() > max {
+                // Refuse before cutting: an op needs at least len / slice_size slices.
+                let at_least = (op.len.div_ceil(slice_size) as usize).saturating_add(slices.len());
+                if at_least > max {
                     return Err(Error::BatchTooLarge {
-                        slices: slices.len(),
+                        slices: at_least,
                         max,
                     });
                 }
+                slicing::slice_op(i, op, slice_size, &*map, remote, &mut slices, &mut pins)?;
+            }
+            if slices.len() > max {
+                return Err(Error::BatchTooLarge {
+                    slices: slices.len(),
+                    max,
+                });
             }
         }
         let transport = Arc::clone(&peer.transport);

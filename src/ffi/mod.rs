@@ -148,7 +148,10 @@ pub extern "C" fn kvx_config_init(config: *mut kvx_config) {
 /// Starts an engine with `config` (NULL = defaults; `KVX_*` environment variables
 /// override either) and stores it in `*out`.
 #[no_mangle]
-pub extern "C" fn kvx_engine_new(config: *const kvx_config, out: *mut *mut kvx_engine) -> kvx_status {
+pub extern "C" fn kvx_engine_new(
+    config: *const kvx_config,
+    out: *mut *mut kvx_engine,
+) -> kvx_status {
     guard(|| {
         let out = non_null(out, "out")?;
         let config = if config.is_null() {
@@ -203,7 +206,11 @@ pub extern "C" fn kvx_register(
 
 /// Registers `count` regions, all or none.
 #[no_mangle]
-pub extern "C" fn kvx_register_batch(engine: *const kvx_engine, regions: *const kvx_region, count: usize) -> kvx_status {
+pub extern "C" fn kvx_register_batch(
+    engine: *const kvx_engine,
+    regions: *const kvx_region,
+    count: usize,
+) -> kvx_status {
     guard(|| {
         let engine = engine_ref(engine)?;
         let regions = slice_from_c(regions, count, "regions")?;
@@ -359,7 +366,11 @@ pub extern "C" fn kvx_batch_status(engine: *const kvx_engine, batch: kvx_batch_i
 /// Waits up to `timeout_us` microseconds (`KVX_WAIT_FOREVER`: until the batch's
 /// deadline) and returns the batch's state as `kvx_batch_status` does.
 #[no_mangle]
-pub extern "C" fn kvx_wait(engine: *const kvx_engine, batch: kvx_batch_id, timeout_us: u64) -> kvx_status {
+pub extern "C" fn kvx_wait(
+    engine: *const kvx_engine,
+    batch: kvx_batch_id,
+    timeout_us: u64,
+) -> kvx_status {
     guard(|| {
         let timeout = match timeout_us {
             KVX_WAIT_FOREVER => Duration::MAX,
@@ -433,7 +444,9 @@ fn guard(f: impl FnOnce() -> Result<kvx_status, FfiError>) -> kvx_status {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            set_last_error(format!("internal error (a bug in kvxfer, please report): {what}"));
+            set_last_error(format!(
+                "internal error (a bug in kvxfer, please report): {what}"
+            ));
             KVX_ERR_INTERNAL
         }
     }
@@ -460,10 +473,17 @@ fn slice_from_c<'a, T>(ptr: *const T, count: usize, name: &str) -> Result<&'a [T
         return Ok(&[]);
     }
     if ptr.is_null() {
-        return Err(FfiError::Invalid(format!("{name} is NULL but count is {count}")));
+        return Err(FfiError::Invalid(format!(
+            "{name} is NULL but count is {count}"
+        )));
     }
-    if count.checked_mul(std::mem::size_of::<T>()).is_none_or(|bytes| bytes > isize::MAX as usize) {
-        return Err(FfiError::Invalid(format!("{name} count {count} is impossibly large")));
+    if count
+        .checked_mul(std::mem::size_of::<T>())
+        .is_none_or(|bytes| bytes > isize::MAX as usize)
+    {
+        return Err(FfiError::Invalid(format!(
+            "{name} count {count} is impossibly large"
+        )));
     }
     // SAFETY: non-NULL, size checked against isize::MAX; the caller promises `count`
     // initialised elements that stay unchanged during the call.
@@ -485,7 +505,10 @@ fn ops_from_c(ops: *const kvx_op, count: usize) -> Result<Vec<Op>, FfiError> {
                 }
             };
             if op.reserved != 0 {
-                return Err(FfiError::Invalid(format!("op {i}: reserved field is {} (must be 0)", op.reserved)));
+                return Err(FfiError::Invalid(format!(
+                    "op {i}: reserved field is {} (must be 0)",
+                    op.reserved
+                )));
             }
             Ok(Op {
                 kind,
@@ -512,15 +535,20 @@ fn location_from_c(location: *const c_char) -> Result<Option<Location>, FfiError
 }
 
 fn access_from_c(bits: u32) -> Result<Access, FfiError> {
-    Access::from_bits(bits)
-        .ok_or_else(|| FfiError::Invalid(format!("access {bits:#x} has bits outside KVX_ACCESS_ALL (0xf)")))
+    Access::from_bits(bits).ok_or_else(|| {
+        FfiError::Invalid(format!(
+            "access {bits:#x} has bits outside KVX_ACCESS_ALL (0xf)"
+        ))
+    })
 }
 
 fn config_from_c(c: &kvx_config) -> Result<EngineConfig, FfiError> {
     if c.reserved != 0 {
         return Err(FfiError::Invalid("config.reserved must be 0".into()));
     }
-    let size = |v: u64, name: &str| usize::try_from(v).map_err(|_| FfiError::Invalid(format!("config.{name} {v} is too large")));
+    let size = |v: u64, name: &str| {
+        usize::try_from(v).map_err(|_| FfiError::Invalid(format!("config.{name} {v} is too large")))
+    };
     Ok(EngineConfig::builder()
         .slice_size(size(c.slice_size, "slice_size")?)
         .copy_threads(c.copy_threads as usize)

@@ -153,7 +153,9 @@ mod tests {
         let mut names = std::collections::HashSet::new();
         for code in KVX_ERR_INTERNAL..=KVX_IN_PROGRESS {
             // SAFETY: kvx_status_name returns a static NUL-terminated string.
-            let name = unsafe { CStr::from_ptr(kvx_status_name(code)) }.to_str().unwrap();
+            let name = unsafe { CStr::from_ptr(kvx_status_name(code)) }
+                .to_str()
+                .unwrap();
             assert_ne!(name, "KVX_UNKNOWN_STATUS", "code {code} has no name");
             assert!(names.insert(name), "{name} used twice");
         }
@@ -172,9 +174,15 @@ mod tests {
         .join()
         .unwrap();
         // SAFETY: as above.
-        assert_eq!(unsafe { CStr::from_ptr(kvx_last_error()) }.to_bytes(), b"main thread error");
+        assert_eq!(
+            unsafe { CStr::from_ptr(kvx_last_error()) }.to_bytes(),
+            b"main thread error"
+        );
         set_last_error("cut\0here".into());
         // SAFETY: as above.
-        assert_eq!(unsafe { CStr::from_ptr(kvx_last_error()) }.to_bytes(), b"cut");
+        assert_eq!(
+            unsafe { CStr::from_ptr(kvx_last_error()) }.to_bytes(),
+            b"cut"
+        );
     }
 }

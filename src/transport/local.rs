@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle, ThreadId};
+use std::time::Instant;
 
 use super::{OpKind, Slice, SliceSource, Transport, TransportKind};
 
@@ -96,8 +97,8 @@ impl Transport for LocalTransport {
         }
     }
 
-    fn progress(&self, work: &dyn SliceSource) {
-        drain(work);
+    fn progress(&self, work: &dyn SliceSource, until: Instant) {
+        drain(work, Some(until));
     }
 }
 
@@ -147,18 +148,22 @@ impl Pool {
                         .unwrap_or_else(PoisonError::into_inner);
                 }
             };
-            drain(&*job);
+            drain(&*job, None);
         }
     }
 }
 
-/// Claims and copies slices of `work` until none are left to claim.
-fn drain(work: &dyn SliceSource) {
+/// Claims and copies slices of `work` until none are left to claim, or (for a helping
+/// caller) until `until` has passed.
+fn drain(work: &dyn SliceSource, until: Option<Instant>) {
     while let Some(range) = work.claim() {
         for slice in &work.slices()[range.clone()] {
             copy(slice);
         }
         work.complete(range, Ok(()));
+        if until.is_some_and(|until| Instant::now() >= until) {
+            return;
+        }
     }
 }
 

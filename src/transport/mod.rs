@@ -10,6 +10,7 @@
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub mod local;
 
@@ -68,9 +69,10 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// Hands the batch to the transport's own progress threads; returns at once.
     fn post(&self, work: Arc<dyn SliceSource>);
     /// Lets a waiting caller move slices of `work` itself instead of sleeping, where the
-    /// transport can (in-process copies). Returns when nothing is left to claim.
-    fn progress(&self, work: &dyn SliceSource) {
-        let _ = work;
+    /// transport can (in-process copies). Returns when nothing is left to claim or, between
+    /// two claimed ranges, once `until` has passed.
+    fn progress(&self, work: &dyn SliceSource, until: Instant) {
+        let _ = (work, until);
     }
 }
 
