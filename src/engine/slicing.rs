@@ -188,12 +188,14 @@ impl SideCheck {
         at: u64,
     ) -> Result<&'a Arc<Region>, Error> {
         let range = AddrRange::new(self.addr, op.len);
-        let region = lookup.region_at(at).ok_or(Error::NotRegistered {
-            op: index,
-            side: self.side,
-            range,
-            at,
-        })?;
+        let Some(region) = lookup.region_at(at) else {
+            return Err(Error::NotRegistered {
+                op: index,
+                side: self.side,
+                range,
+                at,
+            });
+        };
         if !region.access().contains(self.need) {
             return Err(Error::AccessDenied {
                 op: index,

@@ -164,25 +164,22 @@ mod tests {
         assert_eq!(unknown.to_str().unwrap(), "KVX_UNKNOWN_STATUS");
     }
 
+    fn last_error_text() -> Vec<u8> {
+        // SAFETY: kvx_last_error returns a valid NUL-terminated string that stays valid
+        // until the next error on this thread; we copy it at once.
+        unsafe { CStr::from_ptr(kvx_last_error()) }
+            .to_bytes()
+            .to_vec()
+    }
+
     #[test]
     fn last_error_is_per_thread() {
         set_last_error("main thread error".into());
-        std::thread::spawn(|| {
-            // SAFETY: kvx_last_error returns a valid NUL-terminated string.
-            assert_eq!(unsafe { CStr::from_ptr(kvx_last_error()) }.to_bytes(), b"");
-        })
-        .join()
-        .unwrap();
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { CStr::from_ptr(kvx_last_error()) }.to_bytes(),
-            b"main thread error"
-        );
+        std::thread::spawn(|| assert_eq!(last_error_text(), b""))
+            .join()
+            .unwrap();
+        assert_eq!(last_error_text(), b"main thread error");
         set_last_error("cut\0here".into());
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { CStr::from_ptr(kvx_last_error()) }.to_bytes(),
-            b"cut"
-        );
+        assert_eq!(last_error_text(), b"cut");
     }
 }
