@@ -8,13 +8,11 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// target/<profile>/, where cargo put libkvxfer.so for this test run.
+/// target/<profile>/deps/, where `cargo test` leaves the cdylib it built for this run
+/// (only `cargo build` copies it up to target/<profile>/).
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
+    let dir = exe.parent().expect("target/<profile>/deps/<test>");
     assert!(
         dir.join("libkvxfer.so").exists(),
         "libkvxfer.so not found in {}; cargo builds the cdylib with the tests",
