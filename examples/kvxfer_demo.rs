@@ -104,6 +104,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  verified: all {} pages identical at their destination slots",
         ops.len()
     );
+    let stats = engine.stats();
+    println!(
+        "  engine counters: {} batch submitted, {} completed, {} bytes moved",
+        stats.batches_submitted, stats.batches_completed, stats.bytes_moved
+    );
     Ok(())
 }
 

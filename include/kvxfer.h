@@ -97,6 +97,24 @@ typedef struct kvx_op {
 // Names a batch; 0 is never a valid id.
 typedef uint64_t kvx_batch_id;
 
+// Counters of an engine since it started (see `kvx_engine_stats`).
+typedef struct kvx_stats {
+  // Batches accepted by `kvx_submit`.
+  uint64_t batches_submitted;
+  // Submissions refused (bad op, unknown peer, limits): nothing moved for them.
+  uint64_t submits_refused;
+  // Batches that moved every byte.
+  uint64_t batches_completed;
+  // Batches that ended with a failed slice.
+  uint64_t batches_failed;
+  // Batches cancelled before every byte moved.
+  uint64_t batches_cancelled;
+  // Batches stopped at their deadline.
+  uint64_t batches_timed_out;
+  // Bytes moved by slices that completed, whatever their batch's outcome.
+  uint64_t bytes_moved;
+} kvx_stats;
+
 // Success (for a batch: every byte moved).
 #define KVX_OK 0
 
@@ -242,6 +260,9 @@ kvx_status kvx_cancel(const struct kvx_engine *engine, kvx_batch_id batch);
 // Frees an ended batch; its id becomes invalid. `KVX_ERR_BATCH_IN_PROGRESS` if it has
 // not ended.
 kvx_status kvx_free_batch(const struct kvx_engine *engine, kvx_batch_id batch);
+
+// Copies the engine's counters into `*out`.
+kvx_status kvx_engine_stats(const struct kvx_engine *engine, struct kvx_stats *out);
 
 // Submits, waits for the end and frees: `KVX_OK` when every byte moved.
 kvx_status kvx_transfer_sync(const struct kvx_engine *engine, kvx_peer_id peer, const struct kvx_op *ops, size_t count);

@@ -36,7 +36,9 @@ pub mod memory;
 pub mod sys;
 pub mod transport;
 
-pub use engine::{BatchId, BatchState, Engine, EngineConfig, Error, Op, PeerId, Result, Side};
+pub use engine::{
+    BatchId, BatchState, Engine, EngineConfig, EngineStats, Error, Op, PeerId, Result, Side,
+};
 pub use memory::{Access, AddrRange, Buffer, Location, MemoryError};
 pub use transport::{OpKind, TransportInfo, TransportKind};
 

@@ -51,7 +51,9 @@ fn c_program_registers_transfers_and_sees_every_error() {
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .args(["-lkvxfer", "-o"])
         .arg(&exe));
-    let output = run(&mut Command::new(&exe));
+    // cargo's LD_LIBRARY_PATH lists target/<profile>/ too, where an older `cargo build`
+    // may have left a stale libkvxfer.so that would win over the rpath.
+    let output = run(Command::new(&exe).env_remove("LD_LIBRARY_PATH"));
     println!("{output}");
     assert!(output.contains("all C ABI checks passed"), "{output}");
 }

@@ -1426,8 +1426,7 @@ fn allocate_refusals() {
     assert!(
         matches!(
             err,
-            Error::Memory(MemoryError::AllocationFailed {
-                len: PAGE,
+            Error::Memory(MemoryError::UnsupportedLocation {
                 location: Location::Cpu(5000),
                 ..
             })
@@ -1435,6 +1434,7 @@ fn allocate_refusals() {
         "{err:?}"
     );
     assert!(err.to_string().contains("cpu:5000"), "{err}");
+    assert!(err.to_string().contains("no such NUMA node"), "{err}");
 }
 
 /// allocate on NUMA node 0 (where the kernel has one) records the location; the region is
@@ -1519,4 +1519,48 @@ fn local_peer_and_config() {
     let err = Engine::new(bad).unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err:?}");
     assert!(err.to_string().contains("slice_size 100"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Counters
+// ---------------------------------------------------------------------------------------
+
+/// stats() counts accepted and refused submissions, each outcome, and the bytes of
+/// completed slices only.
+#[test]
+fn stats_count_outcomes_and_bytes() {
+    let engine = engine_with(PAGE, 2);
+    let src = engine.allocate(64 * PAGE, Location::Any).unwrap();
+    let dst = engine.allocate(64 * PAGE, Location::Any).unwrap();
+    let peer = engine.local_peer();
+    assert_eq!(engine.stats(), kvxfer::EngineStats::default());
+
+    let whole = Op::write(src.addr(), dst.addr(), 64 * P);
+    engine.transfer_sync(peer, &[whole]).unwrap();
+    engine
+        .transfer_sync(peer, &[Op::read(dst.addr(), src.addr(), 3 * P)])
+        .unwrap();
+    let id = engine.submit(peer, &[]).unwrap();
+    engine.free(id).unwrap();
+    assert!(engine.submit(peer, &[Op::write(src.addr(), 8, P)]).is_err());
+    let late = engine
+        .submit_with_deadline(peer, &[whole], Instant::now() - Duration::from_millis(1))
+        .unwrap();
+    assert!(matches!(
+        engine.wait(late, LONG).unwrap(),
+        BatchState::TimedOut
+    ));
+    engine.free(late).unwrap();
+
+    let stats = engine.stats();
+    assert_eq!(stats.batches_submitted, 4, "{stats:?}");
+    assert_eq!(stats.submits_refused, 1, "{stats:?}");
+    assert_eq!(stats.batches_completed, 3, "{stats:?}");
+    assert_eq!(stats.batches_timed_out, 1, "{stats:?}");
+    assert_eq!(
+        stats.batches_failed + stats.batches_cancelled,
+        0,
+        "{stats:?}"
+    );
+    assert_eq!(stats.bytes_moved, 67 * P, "{stats:?}");
 }

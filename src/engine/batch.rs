@@ -2,11 +2,13 @@
 //! waiting machinery around the pure [`Progress`] state machine.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use super::progress::{Outcome, Progress, StopReason};
 use super::slicing::Pins;
+use super::stats::Counters;
 use super::Error;
 use crate::transport::{Slice, SliceSource, Transport, TransportError};
 
@@ -29,6 +31,9 @@ pub(crate) struct Batch {
     lock: Mutex<()>,
     ended: Condvar,
     pub(crate) transport: Arc<dyn Transport>,
+    /// Bytes of completed slices.
+    moved: AtomicU64,
+    counters: Arc<Counters>,
 }
 
 impl Batch {
@@ -38,6 +43,7 @@ impl Batch {
         deadline: Instant,
         transport: Arc<dyn Transport>,
         workers: usize,
+        counters: Arc<Counters>,
     ) -> Self {
         // Hand slices out in chunks so claimers do not fight over the counter for every
         // small slice, while keeping about four chunks per worker for balance.
@@ -52,6 +58,8 @@ impl Batch {
             lock: Mutex::new(()),
             ended: Condvar::new(),
             transport,
+            moved: AtomicU64::new(0),
+            counters,
         };
         if batch.progress.outcome().is_some() {
             batch.release_pins();
@@ -112,6 +120,8 @@ impl Batch {
     /// outcome visible (so a caller who sees it can unregister at once), then wake waiters.
     fn end(&self, outcome: Outcome) {
         self.release_pins();
+        self.counters
+            .ended(outcome, self.moved.load(Ordering::Acquire));
         self.progress.publish(outcome);
         // Taking the lock orders this notify after any waiter's check of the outcome.
         let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
@@ -141,7 +151,14 @@ impl SliceSource for Batch {
 
     fn complete(&self, range: Range<usize>, result: Result<(), TransportError>) {
         let failed = match result {
-            Ok(()) => false,
+            Ok(()) => {
+                let bytes: u64 = self.slices[range.clone()]
+                    .iter()
+                    .map(|s| u64::from(s.len))
+                    .sum();
+                self.moved.fetch_add(bytes, Ordering::AcqRel);
+                false
+            }
             Err(source) => {
                 let op = self.slices[range.start].op as usize;
                 let _ = self.error.set(Error::Transport { op, source });

@@ -6,6 +6,7 @@ mod error;
 mod progress;
 mod slab;
 mod slicing;
+mod stats;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -14,11 +15,13 @@ pub use config::{EngineConfig, EngineConfigBuilder, SLICE_SIZE_RANGE};
 pub use error::{Error, Result, Side};
 pub use progress::Outcome;
 pub use slicing::Op;
+pub use stats::EngineStats;
 
 use batch::{far_future, Batch};
 use progress::StopReason;
 use slab::GenSlab;
 use slicing::Pins;
+use stats::Counters;
 
 use crate::memory::{Access, Buffer, Location, Region, RegionSpec, Registry};
 use crate::transport::local::LocalTransport;
@@ -120,6 +123,7 @@ pub struct Engine {
     peers: RwLock<GenSlab<Arc<Peer>>>,
     loopback: PeerId,
     batches: Mutex<GenSlab<Arc<Batch>>>,
+    counters: Arc<Counters>,
 }
 
 impl Engine {
@@ -146,6 +150,7 @@ impl Engine {
             peers: RwLock::new(peers),
             loopback,
             batches: Mutex::new(GenSlab::default()),
+            counters: Arc::default(),
         })
     }
 
@@ -248,6 +253,14 @@ impl Engine {
         ops: &[Op],
         deadline: Instant,
     ) -> Result<BatchId> {
+        let submitted = self.try_submit(peer, ops, deadline);
+        if submitted.is_err() {
+            self.counters.refused();
+        }
+        submitted
+    }
+
+    fn try_submit(&self, peer: PeerId, ops: &[Op], deadline: Instant) -> Result<BatchId> {
         let peer = self.peer(peer)?;
         let max = self.config.max_slices_per_batch;
         if ops.len() > max {
@@ -289,6 +302,7 @@ impl Engine {
             deadline,
             transport,
             self.local.threads(),
+            Arc::clone(&self.counters),
         ));
         let id = {
             let mut batches = self.batches();
@@ -299,6 +313,11 @@ impl Engine {
             }
             batches.insert(Arc::clone(&batch))
         };
+        self.counters.submitted();
+        if batch.outcome().is_some() {
+            // A batch of no ops ends at creation, before anyone could count it.
+            self.counters.ended(Outcome::Completed, 0);
+        }
         if batch.outcome().is_none() {
             peer.transport.post(batch);
         }
@@ -352,6 +371,11 @@ impl Engine {
         let state = self.wait(id, Duration::MAX)?;
         self.free(id)?;
         state.into_result().map(drop)
+    }
+
+    /// What the engine has done since it started.
+    pub fn stats(&self) -> EngineStats {
+        self.counters.snapshot()
     }
 
     /// Number of batches submitted and not freed.

@@ -112,6 +112,26 @@ pub struct kvx_op {
     pub len: u64,
 }
 
+/// Counters of an engine since it started (see `kvx_engine_stats`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct kvx_stats {
+    /// Batches accepted by `kvx_submit`.
+    pub batches_submitted: u64,
+    /// Submissions refused (bad op, unknown peer, limits): nothing moved for them.
+    pub submits_refused: u64,
+    /// Batches that moved every byte.
+    pub batches_completed: u64,
+    /// Batches that ended with a failed slice.
+    pub batches_failed: u64,
+    /// Batches cancelled before every byte moved.
+    pub batches_cancelled: u64,
+    /// Batches stopped at their deadline.
+    pub batches_timed_out: u64,
+    /// Bytes moved by slices that completed, whatever their batch's outcome.
+    pub bytes_moved: u64,
+}
+
 /// The library version, e.g. "0.1.0" (static string).
 #[no_mangle]
 pub extern "C" fn kvx_version() -> *const c_char {
@@ -393,6 +413,28 @@ pub extern "C" fn kvx_cancel(engine: *const kvx_engine, batch: kvx_batch_id) -> 
 pub extern "C" fn kvx_free_batch(engine: *const kvx_engine, batch: kvx_batch_id) -> kvx_status {
     guard(|| {
         engine_ref(engine)?.free(BatchId::from_raw(batch))?;
+        Ok(KVX_OK)
+    })
+}
+
+/// Copies the engine's counters into `*out`.
+#[no_mangle]
+pub extern "C" fn kvx_engine_stats(engine: *const kvx_engine, out: *mut kvx_stats) -> kvx_status {
+    guard(|| {
+        let engine = engine_ref(engine)?;
+        let out = non_null(out, "out")?;
+        let s = engine.stats();
+        let stats = kvx_stats {
+            batches_submitted: s.batches_submitted,
+            submits_refused: s.submits_refused,
+            batches_completed: s.batches_completed,
+            batches_failed: s.batches_failed,
+            batches_cancelled: s.batches_cancelled,
+            batches_timed_out: s.batches_timed_out,
+            bytes_moved: s.bytes_moved,
+        };
+        // SAFETY: `out` is non-NULL and the caller promises it is writable.
+        unsafe { out.write(stats) };
         Ok(KVX_OK)
     })
 }

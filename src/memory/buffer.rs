@@ -51,6 +51,12 @@ impl Buffer {
                             "kernel has no NUMA support; {location} allocation is not bound"
                         );
                     }
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        return Err(MemoryError::UnsupportedLocation {
+                            location,
+                            reason: "this machine has no such NUMA node",
+                        })
+                    }
                     Err(e) => return Err(fail(e)),
                 }
                 mapping

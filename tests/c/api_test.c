@@ -128,6 +128,14 @@ int main(void) {
     config.slice_size = 1;
     expect(kvx_engine_new(&config, &other), KVX_ERR_CONFIG, "slice_size 1", "bad slice size");
 
+    /* Counters: 1 submitted batch + 2 transfer_sync, 4 refused submits, every byte counted. */
+    kvx_stats stats;
+    expect(kvx_engine_stats(engine, &stats), KVX_OK, NULL, "engine_stats");
+    CHECK(stats.batches_submitted == 3 && stats.batches_completed == 3, "batches %llu/%llu",
+          (unsigned long long)stats.batches_submitted, (unsigned long long)stats.batches_completed);
+    CHECK(stats.submits_refused == 3, "refused %llu", (unsigned long long)stats.submits_refused);
+    CHECK(stats.bytes_moved == 3 * (uint64_t)bytes, "bytes_moved %llu", (unsigned long long)stats.bytes_moved);
+
     /* Nothing was left pinned by the failed submits: every region unregisters. */
     expect(kvx_unregister(engine, prefill), KVX_OK, NULL, "unregister prefill");
     expect(kvx_unregister(engine, decode), KVX_OK, NULL, "unregister decode");
