@@ -9,6 +9,10 @@
 //! * `copy_128MiB/{engine,memcpy}`: 128 ops × 1 MiB through the engine vs. 128
 //!   `copy_from_slice` of 1 MiB, reported as bytes per second.
 //!
+//! * `cpu_time/{submit_wait,memcpy}/4KiB/1024`: the 4 KiB × 1024 pair again, measured in
+//!   CPU time of every thread of the process instead of wall-clock time, so the engine is
+//!   charged for all of its copy threads: the difference is its CPU overhead per op.
+//!
 //! The engine runs with its default configuration: its copy threads (CPU count, at most 4)
 //! and the waiting caller all copy, so on several cores it can beat the single-threaded
 //! baseline. The difference is therefore the wall-clock cost of going through the engine,
@@ -20,7 +24,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::measurement::WallTime;
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_main, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 use kvxfer::{Buffer, Engine, EngineConfig, Location, Op};
 
@@ -39,7 +43,7 @@ const MAX_BATCH: usize = BATCHES[BATCHES.len() - 1];
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Modest times, so that the whole bench runs in a minute or two on two cores.
-fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
+fn configure<M: Measurement>(group: &mut BenchmarkGroup<'_, M>) {
     group.sample_size(20);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
@@ -228,6 +232,71 @@ fn memcpy_1mib(src: &[u8], dst: &mut [u8]) {
     }
 }
 
+/// CPU time consumed by every thread of this process: the sum of the run times the
+/// scheduler reports in `/proc/self/task/*/schedstat` (nanoseconds).
+struct ProcessCpuTime;
+
+fn process_cpu_ns() -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task is readable")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+impl Measurement for ProcessCpuTime {
+    type Intermediate = u64;
+    type Value = Duration;
+
+    fn start(&self) -> u64 {
+        process_cpu_ns()
+    }
+
+    fn end(&self, start: u64) -> Duration {
+        Duration::from_nanos(process_cpu_ns().saturating_sub(start))
+    }
+
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    fn to_f64(&self, value: &Duration) -> f64 {
+        value.as_nanos() as f64
+    }
+
+    fn formatter(&self) -> &dyn ValueFormatter {
+        // Values are nanoseconds, as wall time's are, so its formatter prints them right.
+        static WALL: WallTime = WallTime;
+        WALL.formatter()
+    }
+}
+
+/// The 4 KiB × 1024 pair in CPU time of all threads.
+fn cpu_time(c: &mut Criterion<ProcessCpuTime>) {
+    const SIZE: usize = 4 * KIB;
+    const BATCH: usize = 1024;
+    let mut group = c.benchmark_group("cpu_time");
+    configure(&mut group);
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let engine = engine();
+    let (src, dst) = engine_buffers(&engine, SIZE * BATCH, SIZE);
+    let batch_ops = ops(&src, &dst, SIZE, BATCH);
+    submit_wait_free(&engine, &batch_ops);
+    check_layout(&src.to_vec(), &dst.to_vec(), SIZE, BATCH);
+    group.bench_function("submit_wait/4KiB/1024", |b| {
+        b.iter(|| submit_wait_free(&engine, &batch_ops))
+    });
+    let (vsrc, mut vdst) = vec_buffers(SIZE * BATCH, SIZE);
+    group.bench_function("memcpy/4KiB/1024", |b| {
+        b.iter(|| memcpy_pages(black_box(&vsrc), black_box(&mut vdst), SIZE, BATCH))
+    });
+    group.finish();
+}
+
 /// `criterion_group!` makes an undocumented `pub fn`; a private module keeps it internal.
 mod group {
     criterion::criterion_group!(
@@ -236,5 +305,10 @@ mod group {
         super::memcpy_baseline,
         super::copy_128mib
     );
+    criterion::criterion_group! {
+        name = cpu;
+        config = criterion::Criterion::default().with_measurement(super::ProcessCpuTime);
+        targets = super::cpu_time
+    }
 }
-criterion_main!(group::benches);
+criterion_main!(group::benches, group::cpu);
