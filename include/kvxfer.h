@@ -181,6 +181,12 @@ typedef struct kvx_stats {
 // The engine could not start (threads, sockets).
 #define KVX_ERR_START (0 - 20)
 
+// An op's source and destination overlap in one process.
+#define KVX_ERR_OVERLAPPING_OP (0 - 22)
+
+// The region belongs to a `kvx_buffer`: free the buffer instead of unregistering it.
+#define KVX_ERR_OWNED_BY_BUFFER (0 - 23)
+
 // A bug in kvxfer was caught at the boundary (a panic); the call had no effect beyond
 // what its text says.
 #define KVX_ERR_INTERNAL (0 - 21)

@@ -1564,3 +1564,93 @@ fn stats_count_outcomes_and_bytes() {
     );
     assert_eq!(stats.bytes_moved, 67 * P, "{stats:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Refusals found in review
+// ---------------------------------------------------------------------------------------
+
+/// An allocation larger than the machine can give is refused, not faulted in until the
+/// kernel kills the process.
+#[test]
+fn allocation_beyond_available_memory_is_refused() {
+    let engine = engine_with(PAGE, 1);
+    let err = engine.allocate(1 << 50, Location::Any).unwrap_err();
+    assert!(
+        matches!(err, Error::Memory(MemoryError::AllocationFailed { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("available"), "{err}");
+}
+
+/// Engine-owned memory is released by dropping its buffer, not by unregister.
+#[test]
+fn unregister_of_an_engine_buffer_is_refused() {
+    let engine = engine_with(PAGE, 1);
+    let buf = engine.allocate(PAGE, Location::Any).unwrap();
+    let err = engine.unregister(buf.addr()).unwrap_err();
+    assert!(
+        matches!(err, Error::Memory(MemoryError::OwnedByBuffer { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("drop the buffer"), "{err}");
+    assert!(engine.region(buf.addr()).is_some(), "still registered");
+    let addr = buf.addr();
+    drop(buf);
+    assert!(
+        engine.region(addr).is_none(),
+        "dropping the buffer unregisters it"
+    );
+}
+
+/// Address 0 is never memory.
+#[test]
+fn registering_null_is_refused() {
+    let engine = engine_with(PAGE, 1);
+    // SAFETY: the call is refused before anything could use the (invalid) range.
+    let err = unsafe { engine.register(0, 4096, None, Access::ALL) }.unwrap_err();
+    assert!(
+        matches!(err, Error::Memory(MemoryError::NullAddress { len: 4096 })),
+        "{err:?}"
+    );
+}
+
+/// On the loopback peer an op whose source and destination overlap cannot be copied in
+/// parallel slices; it is refused and nothing moves.
+#[test]
+fn self_overlapping_op_is_refused_and_moves_nothing() {
+    let engine = engine_with(PAGE, 2);
+    let buf = engine.allocate(64 * PAGE, Location::Any).unwrap();
+    stamp_buffer(&buf, 0x31);
+    let before = buf.to_vec();
+    let op = Op::write(buf.addr(), buf.addr() + P, 32 * P);
+    let err = engine.submit(engine.local_peer(), &[op]).unwrap_err();
+    assert!(matches!(err, Error::OverlappingOp { op: 0, .. }), "{err:?}");
+    assert_eq!(buf.to_vec(), before);
+}
+
+/// status() stops a batch past its deadline without anyone waiting: a batch queued behind
+/// a big one reports TimedOut at once instead of after the big one.
+#[test]
+fn status_times_out_a_queued_batch_past_its_deadline() {
+    let engine = engine_with(PAGE, 1);
+    let big_src = engine.allocate(BIG_PAGES * PAGE, Location::Any).unwrap();
+    let big_dst = engine.allocate(BIG_PAGES * PAGE, Location::Any).unwrap();
+    let small = engine.allocate(64 * PAGE, Location::Any).unwrap();
+    let peer = engine.local_peer();
+    let len = big_src.len() as u64;
+    let far = Instant::now() + LONG;
+    let a = engine
+        .submit_with_deadline(peer, &[Op::write(big_src.addr(), big_dst.addr(), len)], far)
+        .unwrap();
+    let past = Instant::now() - Duration::from_millis(1);
+    let half = Op::write(small.addr(), small.addr() + 32 * P, 32 * P);
+    let b = engine.submit_with_deadline(peer, &[half], past).unwrap();
+    assert!(matches!(engine.status(b).unwrap(), BatchState::TimedOut));
+    assert_eq!(
+        buffer_page(&small, 32),
+        vec![0; PAGE],
+        "a timed-out batch moved bytes"
+    );
+    engine.free(b).unwrap();
+    assert!(engine.cancel(a).unwrap().is_finished());
+}

@@ -1,5 +1,6 @@
 //! `Engine::submit` on arbitrary batches against a few engine buffers (one of them
-//! read-only to peers): a batch is accepted exactly when every op is non-empty and every
+//! read-only to peers): a batch is accepted exactly when every op is non-empty, its two
+//! ranges do not partly overlap (one address space: the loopback peer), and every
 //! byte of both its ranges lies in registered memory with the rights its direction needs;
 //! an accepted batch completes, and when no op's destination overlaps another op's bytes
 //! the buffers then hold what a sequential reference copy predicts. A refused batch moves
@@ -147,7 +148,13 @@ fn op_is_valid(world: &World, op: &Op) -> bool {
         OpKind::Write => (Access::LOCAL_READ, Access::REMOTE_WRITE),
         OpKind::Read => (Access::LOCAL_WRITE, Access::REMOTE_READ),
     };
+    // The loopback peer shares one address space: ranges that partly overlap are refused
+    // (identical ranges copy onto themselves and are fine).
+    let partial_overlap = op.local_addr != op.remote_addr
+        && op.local_addr < op.remote_addr.saturating_add(op.len)
+        && op.remote_addr < op.local_addr.saturating_add(op.len);
     op.len > 0
+        && !partial_overlap
         && covered(world, op.local_addr, op.len, local)
         && covered(world, op.remote_addr, op.len, remote)
 }

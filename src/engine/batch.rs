@@ -16,6 +16,9 @@ use crate::transport::{Slice, SliceSource, Transport, TransportError};
 /// enough to catch the tail of an in-process batch, short enough not to steal a core.
 const SPINS_BEFORE_SLEEP: u32 = 256;
 
+/// Bytes a claimer takes at once, at most (unless one slice is larger).
+const CHUNK_BYTES: usize = 2 << 20;
+
 /// How far in the future "no limit" is.
 pub(crate) fn far_future() -> Instant {
     Instant::now() + std::time::Duration::from_secs(100 * 365 * 24 * 3600)
@@ -43,11 +46,16 @@ impl Batch {
         deadline: Instant,
         transport: Arc<dyn Transport>,
         workers: usize,
+        slice_size: usize,
         counters: Arc<Counters>,
     ) -> Self {
         // Hand slices out in chunks so claimers do not fight over the counter for every
-        // small slice, while keeping about four chunks per worker for balance.
-        let chunk = (slices.len() / (4 * (workers + 1))).clamp(1, 32);
+        // small slice, while keeping about four chunks per worker for balance and a chunk
+        // small enough (about 2 MiB) that a helping waiter soon checks its timeout again.
+        let by_bytes = (CHUNK_BYTES / slice_size.max(1)).max(1);
+        let chunk = (slices.len() / (4 * (workers + 1)))
+            .clamp(1, 32)
+            .min(by_bytes);
         let progress = Progress::new(slices.len(), chunk);
         let batch = Batch {
             progress,

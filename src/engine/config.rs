@@ -67,8 +67,10 @@ impl EngineConfig {
                 "max_slices_per_batch and max_batches must be > 0".into(),
             ));
         }
-        if self.max_batches > u32::MAX as usize {
-            return Err(Error::Config("max_batches must fit in 32 bits".into()));
+        if self.max_batches > u32::MAX as usize || self.max_slices_per_batch > u32::MAX as usize {
+            return Err(Error::Config(
+                "max_batches and max_slices_per_batch must fit in 32 bits".into(),
+            ));
         }
         Ok(())
     }

@@ -50,6 +50,16 @@ pub enum Error {
         /// Length given.
         len: u64,
     },
+    /// An op's source and destination overlap in the same address space.
+    #[error("op {op}: local range {local} and remote range {remote} overlap in this process; an op is copied in parallel pieces, so its ranges must be disjoint")]
+    OverlappingOp {
+        /// Index of the op in the batch.
+        op: usize,
+        /// The op's local range.
+        local: AddrRange,
+        /// The op's remote range.
+        remote: AddrRange,
+    },
     /// Part of an op's range is not registered.
     #[error("op {op}: {side} range {range} is not registered (no region holds {at:#x})")]
     NotRegistered {

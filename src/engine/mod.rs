@@ -20,7 +20,7 @@ pub use stats::EngineStats;
 use batch::{far_future, Batch};
 use progress::StopReason;
 use slab::GenSlab;
-use slicing::Pins;
+use slicing::{AddressSpaces, Pins};
 use stats::Counters;
 
 use crate::memory::{Access, Buffer, Location, Region, RegionSpec, Registry};
@@ -274,8 +274,8 @@ impl Engine {
         let mut pins = Pins::default();
         {
             let map = self.registry.read();
-            let remote = match peer.segment {
-                Segment::Loopback => &*map,
+            let (remote, spaces) = match peer.segment {
+                Segment::Loopback => (&*map, AddressSpaces::Same),
             };
             for (i, op) in ops.iter().enumerate() {
                 // Refuse before cutting: an op needs at least len / slice_size slices.
@@ -286,7 +286,16 @@ impl Engine {
                         max,
                     });
                 }
-                slicing::slice_op(i, op, slice_size, &*map, remote, &mut slices, &mut pins)?;
+                slicing::slice_op(
+                    i,
+                    op,
+                    slice_size,
+                    &*map,
+                    remote,
+                    spaces,
+                    &mut slices,
+                    &mut pins,
+                )?;
             }
             if slices.len() > max {
                 return Err(Error::BatchTooLarge {
@@ -294,7 +303,9 @@ impl Engine {
                     max,
                 });
             }
+            pins.pin_all();
         }
+        let empty = slices.is_empty();
         let transport = Arc::clone(&peer.transport);
         let batch = Arc::new(Batch::new(
             slices,
@@ -302,6 +313,7 @@ impl Engine {
             deadline,
             transport,
             self.local.threads(),
+            self.config.slice_size,
             Arc::clone(&self.counters),
         ));
         let id = {
@@ -314,7 +326,7 @@ impl Engine {
             batches.insert(Arc::clone(&batch))
         };
         self.counters.submitted();
-        if batch.outcome().is_some() {
+        if empty {
             // A batch of no ops ends at creation, before anyone could count it.
             self.counters.ended(Outcome::Completed, 0);
         }
@@ -324,9 +336,13 @@ impl Engine {
         Ok(BatchId(id))
     }
 
-    /// The state of a batch, in O(1).
+    /// The state of a batch, in O(1). A batch past its deadline is stopped here (without
+    /// blocking): it reports `TimedOut` as soon as slices already being moved finish.
     pub fn status(&self, batch: BatchId) -> Result<BatchState> {
         let batch = self.batch(batch)?;
+        if batch.outcome().is_none() && Instant::now() >= batch.deadline {
+            batch.stop(StopReason::TimedOut);
+        }
         Ok(state_of(&batch))
     }
 
@@ -402,13 +418,17 @@ impl Engine {
 
 impl Drop for Engine {
     /// Cancels every unfinished batch and waits until none can touch memory, so that
-    /// dropping the engine never leaves a copy running into freed buffers.
+    /// dropping the engine never leaves a copy running into freed buffers; then joins the
+    /// copy threads.
     fn drop(&mut self) {
         let live: Vec<Arc<Batch>> = self.batches().values().cloned().collect();
         for batch in live {
             batch.stop(StopReason::Cancelled);
             batch.wait_until(far_future());
         }
+        // No batch can touch memory any more; stop the copy threads now rather than when
+        // the last batch handle goes, so none outlives the engine.
+        self.local.shutdown();
     }
 }
 

@@ -56,6 +56,10 @@ pub const KVX_ERR_TRANSPORT: kvx_status = 0 - 18;
 pub const KVX_ERR_CONFIG: kvx_status = 0 - 19;
 /// The engine could not start (threads, sockets).
 pub const KVX_ERR_START: kvx_status = 0 - 20;
+/// An op's source and destination overlap in one process.
+pub const KVX_ERR_OVERLAPPING_OP: kvx_status = 0 - 22;
+/// The region belongs to a `kvx_buffer`: free the buffer instead of unregistering it.
+pub const KVX_ERR_OWNED_BY_BUFFER: kvx_status = 0 - 23;
 /// A bug in kvxfer was caught at the boundary (a panic); the call had no effect beyond
 /// what its text says.
 pub const KVX_ERR_INTERNAL: kvx_status = 0 - 21;
@@ -65,7 +69,9 @@ pub(crate) fn status_of(error: &Error) -> kvx_status {
     match error {
         Error::Memory(m) => match m {
             MemoryError::ZeroLength { .. } => KVX_ERR_ZERO_LENGTH,
+            MemoryError::NullAddress { .. } => KVX_ERR_INVALID_ARGUMENT,
             MemoryError::AddressOverflow { .. } => KVX_ERR_ADDRESS_OVERFLOW,
+            MemoryError::OwnedByBuffer { .. } => KVX_ERR_OWNED_BY_BUFFER,
             MemoryError::Overlap { .. } => KVX_ERR_OVERLAP,
             MemoryError::NotRegistered { .. } => KVX_ERR_NOT_REGISTERED,
             MemoryError::Busy { .. } => KVX_ERR_BUSY,
@@ -77,6 +83,7 @@ pub(crate) fn status_of(error: &Error) -> kvx_status {
         Error::AddressOverflow { .. } => KVX_ERR_ADDRESS_OVERFLOW,
         Error::NotRegistered { .. } => KVX_ERR_NOT_REGISTERED,
         Error::AccessDenied { .. } => KVX_ERR_ACCESS_DENIED,
+        Error::OverlappingOp { .. } => KVX_ERR_OVERLAPPING_OP,
         Error::BatchTooLarge { .. } => KVX_ERR_BATCH_TOO_LARGE,
         Error::TooManyBatches { .. } => KVX_ERR_TOO_MANY_BATCHES,
         Error::UnknownBatch(_) => KVX_ERR_UNKNOWN_BATCH,
@@ -117,6 +124,8 @@ pub extern "C" fn kvx_status_name(status: kvx_status) -> *const c_char {
         KVX_ERR_TRANSPORT => "KVX_ERR_TRANSPORT\0",
         KVX_ERR_CONFIG => "KVX_ERR_CONFIG\0",
         KVX_ERR_START => "KVX_ERR_START\0",
+        KVX_ERR_OVERLAPPING_OP => "KVX_ERR_OVERLAPPING_OP\0",
+        KVX_ERR_OWNED_BY_BUFFER => "KVX_ERR_OWNED_BY_BUFFER\0",
         KVX_ERR_INTERNAL => "KVX_ERR_INTERNAL\0",
         _ => "KVX_UNKNOWN_STATUS\0",
     };
@@ -133,14 +142,18 @@ pub(crate) fn set_last_error(text: String) {
         let cut = e.nul_position();
         CString::new(&e.into_vec()[..cut]).unwrap_or_default()
     });
-    LAST_ERROR.with(|slot| *slot.borrow_mut() = text);
+    // try_with: during thread teardown (a C++ thread_local destructor calling us) the slot
+    // may be gone; losing the text then is better than a panic.
+    let _ = LAST_ERROR.try_with(|slot| *slot.borrow_mut() = text);
 }
 
 /// The text of the last error returned on this thread ("" if none yet). Valid until the
 /// next kvxfer call on this thread returns an error; copy it to keep it.
 #[no_mangle]
 pub extern "C" fn kvx_last_error() -> *const c_char {
-    LAST_ERROR.with(|slot| slot.borrow().as_ptr())
+    LAST_ERROR
+        .try_with(|slot| slot.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
 }
 
 #[cfg(test)]
@@ -151,7 +164,7 @@ mod tests {
     #[test]
     fn every_status_has_a_distinct_name() {
         let mut names = std::collections::HashSet::new();
-        for code in KVX_ERR_INTERNAL..=KVX_IN_PROGRESS {
+        for code in KVX_ERR_OWNED_BY_BUFFER..=KVX_IN_PROGRESS {
             // SAFETY: kvx_status_name returns a static NUL-terminated string.
             let name = unsafe { CStr::from_ptr(kvx_status_name(code)) }
                 .to_str()

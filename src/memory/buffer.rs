@@ -34,6 +34,19 @@ impl Buffer {
                 range: super::AddrRange::new(0, 0),
             });
         }
+        // Faulting in more than the machine (or our cgroup) has would get the whole server
+        // OOM-killed; refuse up front instead. (A racing allocation elsewhere can still
+        // take the memory first: this catches the mistakes, not every race.)
+        if let Some(available) = crate::sys::meminfo::available_bytes() {
+            if len as u64 > available {
+                return Err(fail(std::io::Error::new(
+                    std::io::ErrorKind::OutOfMemory,
+                    format!(
+                        "only {available} bytes are available (MemAvailable, cgroup memory.max)"
+                    ),
+                )));
+            }
+        }
         let mapping = match location {
             Location::Cuda(_) => {
                 return Err(MemoryError::UnsupportedLocation {
@@ -54,7 +67,7 @@ impl Buffer {
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                         return Err(MemoryError::UnsupportedLocation {
                             location,
-                            reason: "this machine has no such NUMA node",
+                            reason: "this machine has no such NUMA node, or the node has no memory",
                         })
                     }
                     Err(e) => return Err(fail(e)),
@@ -63,7 +76,7 @@ impl Buffer {
             }
             Location::Any => SharedMapping::create("any", len).map_err(fail)?,
         };
-        mapping.populate();
+        mapping.populate().map_err(fail)?;
         let spec = RegionSpec {
             addr: mapping.as_ptr() as u64,
             len: len as u64,

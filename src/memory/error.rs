@@ -7,11 +7,17 @@ use super::{AddrRange, Location, LocationParseError};
 /// What went wrong registering, unregistering or allocating memory.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// A region of zero bytes was asked for.
-    #[error("cannot register {range}: zero length")]
+    /// A region (or buffer) of zero bytes was asked for.
+    #[error("cannot register or allocate {range}: zero length")]
     ZeroLength {
         /// The empty range.
         range: AddrRange,
+    },
+    /// Address 0 (NULL) was given.
+    #[error("cannot register {len} bytes at address 0 (NULL)")]
+    NullAddress {
+        /// Length given.
+        len: u64,
     },
     /// `addr + len` does not fit in the address space.
     #[error("cannot register {len} bytes at {addr:#x}: the range wraps past the end of the address space")]
@@ -34,6 +40,12 @@ pub enum MemoryError {
     NotRegistered {
         /// The address given.
         addr: u64,
+    },
+    /// The region was made by `Engine::allocate`; it goes away when its buffer is dropped.
+    #[error("cannot unregister {range}: it is an engine-allocated buffer; drop the buffer (kvx_buffer_free) instead")]
+    OwnedByBuffer {
+        /// The buffer's range.
+        range: AddrRange,
     },
     /// The region is still used by unfinished batches.
     #[error("cannot unregister {range}: {batches} unfinished batch(es) still use it; wait for or cancel them first")]

@@ -62,15 +62,19 @@ impl Registry {
         Self::default()
     }
 
-    /// Registers every spec, or none of them: the first invalid one (zero length,
-    /// overflow, overlap with a registered region or with an earlier spec) fails the call
-    /// and nothing is added.
+    /// Registers every spec, or none of them: the first invalid one (zero length, address
+    /// 0, overflow, overlap with a registered region or with another spec) fails the call
+    /// and nothing is added. O(n log n) in the number of specs; the write lock is held
+    /// only for the checks against what is registered and the inserts.
     pub fn register(&self, specs: Vec<RegionSpec>) -> Result<Vec<Arc<Region>>, MemoryError> {
         let mut regions = Vec::with_capacity(specs.len());
         for spec in specs {
             let range = AddrRange::new(spec.addr, spec.len);
             if spec.len == 0 {
                 return Err(MemoryError::ZeroLength { range });
+            }
+            if spec.addr == 0 {
+                return Err(MemoryError::NullAddress { len: spec.len });
             }
             if range.checked_end().is_none() {
                 return Err(MemoryError::AddressOverflow {
@@ -86,17 +90,19 @@ impl Registry {
                 spec.backing,
             )));
         }
+        let mut by_start: Vec<AddrRange> = regions.iter().map(|r| r.range()).collect();
+        by_start.sort_unstable_by_key(|r| r.start);
+        if let Some(pair) = by_start.windows(2).find(|w| w[0].overlaps(&w[1])) {
+            return Err(MemoryError::Overlap {
+                range: pair[1],
+                existing: pair[0],
+            });
+        }
         let mut map = self.write();
-        for (i, region) in regions.iter().enumerate() {
+        for region in &regions {
             let range = region.range();
             if let Some(existing) = overlapping(&map, &range) {
                 return Err(MemoryError::Overlap { range, existing });
-            }
-            if let Some(earlier) = regions[..i].iter().find(|r| r.range().overlaps(&range)) {
-                return Err(MemoryError::Overlap {
-                    range,
-                    existing: earlier.range(),
-                });
             }
         }
         for region in &regions {
@@ -106,11 +112,16 @@ impl Registry {
     }
 
     /// Removes the region starting at `addr`. Fails with `Busy` while an unfinished batch
-    /// uses it (the caller's memory must not be freed yet) and `NotRegistered` when no
-    /// region starts there.
+    /// uses it (the caller's memory must not be freed yet), `NotRegistered` when no region
+    /// starts there, and `OwnedByBuffer` for engine-allocated memory (drop the buffer).
     pub fn unregister(&self, addr: u64) -> Result<Arc<Region>, MemoryError> {
         let mut map = self.write();
         let region = map.get(&addr).ok_or(MemoryError::NotRegistered { addr })?;
+        if matches!(region.backing, Backing::Owned(_)) {
+            return Err(MemoryError::OwnedByBuffer {
+                range: region.range(),
+            });
+        }
         let pins = region.pins();
         if pins > 0 {
             return Err(MemoryError::Busy {
@@ -196,6 +207,10 @@ mod tests {
             Err(MemoryError::ZeroLength { .. })
         ));
         assert!(matches!(
+            reg.register(vec![spec(0, 64)]),
+            Err(MemoryError::NullAddress { len: 64 })
+        ));
+        assert!(matches!(
             reg.register(vec![spec(u64::MAX - 1, 4)]),
             Err(MemoryError::AddressOverflow { .. })
         ));
@@ -276,7 +291,7 @@ mod tests {
                 match step {
                     Step::Register(addr, len) => {
                         let range = AddrRange::new(addr, len);
-                        let expect_ok = len > 0 && !model.iter().any(|r| r.overlaps(&range));
+                        let expect_ok = len > 0 && addr != 0 && !model.iter().any(|r| r.overlaps(&range));
                         let got = reg.register(vec![spec(addr, len)]);
                         prop_assert_eq!(got.is_ok(), expect_ok, "register {}", range);
                         if expect_ok {

@@ -3,6 +3,7 @@
 //!
 //! Later issues add `verbs` (libibverbs via `dlopen`) and `cuda` (driver API via `dlopen`).
 
+pub mod meminfo;
 pub mod numa;
 pub mod shm;
 

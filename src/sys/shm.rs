@@ -88,20 +88,27 @@ impl SharedMapping {
     }
 
     /// Faults every page in now (after any NUMA binding), so that transfers into fresh
-    /// memory do not pay a page fault per 4 KiB. Uses `MADV_POPULATE_WRITE` (Linux 5.14+)
-    /// and falls back to writing one byte of zero per page.
-    pub fn populate(&self) {
+    /// memory do not pay a page fault per 4 KiB. Uses `MADV_POPULATE_WRITE` (Linux 5.14+);
+    /// on older kernels (EINVAL) it writes one zero byte per page instead. Fails when the
+    /// kernel cannot provide the pages (ENOMEM, EFAULT).
+    pub fn populate(&self) -> io::Result<()> {
         const MADV_POPULATE_WRITE: libc::c_int = 23;
         // SAFETY: the range is exactly our live mapping; the advice only faults pages in
         // and leaves their (zero) contents unchanged.
         let rc = unsafe { libc::madvise(self.ptr.cast(), self.mapped_len(), MADV_POPULATE_WRITE) };
-        if rc != 0 {
-            for offset in (0..self.mapped_len()).step_by(super::page_size()) {
-                // SAFETY: offset < mapped_len, inside the live writable mapping; pages of
-                // a fresh memfd are zero, so writing zero changes nothing but residency.
-                unsafe { self.ptr.add(offset).write_volatile(0) };
-            }
+        if rc == 0 {
+            return Ok(());
         }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(err);
+        }
+        for offset in (0..self.mapped_len()).step_by(super::page_size()) {
+            // SAFETY: offset < mapped_len, inside the live writable mapping; pages of a
+            // fresh memfd are zero, so writing zero changes nothing but residency.
+            unsafe { self.ptr.add(offset).write_volatile(0) };
+        }
+        Ok(())
     }
 
     /// Copies `buf.len()` bytes starting at `offset` out of the mapping; false when the

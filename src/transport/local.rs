@@ -1,21 +1,23 @@
 //! In-process transport: the engine is its own peer, so a slice is one `memmove` between
 //! two registered ranges, done by a small pool of copy threads (and by waiting callers,
-//! which help instead of sleeping).
+//! which help instead of sleeping). Batches of at most 64 KiB are copied at once by the
+//! submitting thread: waking a copy thread would cost more than the copy.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle, ThreadId};
 use std::time::Instant;
 
-use super::{OpKind, Slice, SliceSource, Transport, TransportKind};
+use super::{OpKind, Slice, SliceSource, Transport, TransportError, TransportKind};
 
-/// Batches of at most this many bytes are copied by the submitting thread inside `post`:
-/// waking a copy thread costs microseconds, more than copying them.
+/// Batches of at most this many bytes are copied by the submitting thread inside `post`.
 const INLINE_BYTES: u64 = 64 << 10;
 
-fn is_small(slices: &[Slice]) -> bool {
-    slices.len() <= 16 && slices.iter().map(|s| u64::from(s.len)).sum::<u64>() <= INLINE_BYTES
-}
+/// A copy thread working on one batch lets other queued batches have a turn after this
+/// many chunks, so a small batch is not stuck behind a huge one.
+const TURN_CHUNKS: usize = 8;
 
 /// The in-process copy transport.
 #[derive(Debug)]
@@ -58,7 +60,7 @@ impl LocalTransport {
             match handle {
                 Ok(handle) => handles.push(handle),
                 Err(e) => {
-                    stop_pool(&pool, &mut handles, None);
+                    pool.stop(&mut handles, None);
                     return Err(e);
                 }
             }
@@ -74,6 +76,17 @@ impl LocalTransport {
     /// Number of copy threads.
     pub fn threads(&self) -> usize {
         self.thread_ids.len()
+    }
+
+    /// Stops and joins the copy threads (idempotent). The engine calls this once every
+    /// batch has ended, so no copy thread outlives it.
+    pub fn shutdown(&self) {
+        let mut threads = std::mem::take(&mut *lock(&self.threads));
+        // The last reference to the transport can be dropped by a copy thread (through the
+        // batch it just finished); that thread must not join itself.
+        let me = thread::current().id();
+        let own = self.thread_ids.contains(&me).then_some(me);
+        self.pool.stop(&mut threads, own);
     }
 }
 
@@ -92,14 +105,7 @@ impl Transport for LocalTransport {
             return;
         }
         let helpers = self.threads().min(work.slices().len());
-        if helpers == 0 {
-            return;
-        }
-        let mut queue = self
-            .pool
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut queue = lock(&self.pool.queue);
         for _ in 0..helpers {
             queue.jobs.push_back(Arc::clone(&work));
         }
@@ -116,67 +122,98 @@ impl Transport for LocalTransport {
 
 impl Drop for LocalTransport {
     fn drop(&mut self) {
-        let mut threads =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
-        // The last reference to the transport can be dropped by a copy thread (through the
-        // batch it just finished); that thread must not join itself.
-        let me = thread::current().id();
-        let own = self.thread_ids.contains(&me).then_some(me);
-        stop_pool(&self.pool, &mut threads, own);
-    }
-}
-
-fn stop_pool(pool: &Pool, threads: &mut Vec<JoinHandle<()>>, skip: Option<ThreadId>) {
-    {
-        let mut queue = pool.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        queue.shutdown = true;
-        queue.jobs.clear();
-    }
-    pool.ready.notify_all();
-    for handle in threads.drain(..) {
-        if Some(handle.thread().id()) != skip {
-            // A copy thread cannot panic (it runs no user code), so join only fails if
-            // something is badly wrong; there is nothing better to do than go on.
-            let _ = handle.join();
-        }
+        self.shutdown();
     }
 }
 
 impl Pool {
     fn run_worker(&self) {
-        loop {
-            let job = {
-                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                loop {
-                    if queue.shutdown {
-                        return;
-                    }
-                    if let Some(job) = queue.jobs.pop_front() {
-                        break job;
-                    }
-                    queue = self
-                        .ready
-                        .wait(queue)
-                        .unwrap_or_else(PoisonError::into_inner);
+        while let Some(job) = self.next_job() {
+            let mut chunks = 0;
+            while let Some(range) = job.claim() {
+                copy_range(&*job, range);
+                chunks += 1;
+                if chunks % TURN_CHUNKS == 0 && self.requeue_if_others_wait(&job) {
+                    break;
                 }
-            };
-            drain(&*job, None);
+            }
         }
     }
+
+    /// The next job, or `None` once the pool is shut down.
+    fn next_job(&self) -> Option<Arc<dyn SliceSource>> {
+        let mut queue = lock(&self.queue);
+        loop {
+            if queue.shutdown {
+                return None;
+            }
+            if let Some(job) = queue.jobs.pop_front() {
+                return Some(job);
+            }
+            queue = self
+                .ready
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Puts `job` back at the end of the queue if other jobs are waiting; true if it did.
+    fn requeue_if_others_wait(&self, job: &Arc<dyn SliceSource>) -> bool {
+        let mut queue = lock(&self.queue);
+        if queue.jobs.is_empty() {
+            return false;
+        }
+        queue.jobs.push_back(Arc::clone(job));
+        true
+    }
+
+    fn stop(&self, threads: &mut Vec<JoinHandle<()>>, skip: Option<ThreadId>) {
+        {
+            let mut queue = lock(&self.queue);
+            queue.shutdown = true;
+            queue.jobs.clear();
+        }
+        self.ready.notify_all();
+        for handle in threads.drain(..) {
+            if Some(handle.thread().id()) != skip {
+                // Copy threads catch panics per chunk, so join cannot fail in practice;
+                // if it does there is nothing better to do than go on.
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn is_small(slices: &[Slice]) -> bool {
+    slices.len() <= 16 && slices.iter().map(|s| u64::from(s.len)).sum::<u64>() <= INLINE_BYTES
 }
 
 /// Claims and copies slices of `work` until none are left to claim, or (for a helping
 /// caller) until `until` has passed.
 fn drain(work: &dyn SliceSource, until: Option<Instant>) {
     while let Some(range) = work.claim() {
-        for slice in &work.slices()[range.clone()] {
-            copy(slice);
-        }
-        work.complete(range, Ok(()));
+        copy_range(work, range);
         if until.is_some_and(|until| Instant::now() >= until) {
             return;
         }
     }
+}
+
+/// Copies a claimed range and reports it. A panic (a bug: copying cannot fail) fails the
+/// range instead of leaving it claimed forever, so the batch still ends.
+fn copy_range(work: &dyn SliceSource, range: Range<usize>) {
+    let copied = catch_unwind(AssertUnwindSafe(|| {
+        work.slices()[range.clone()].iter().for_each(copy);
+    }));
+    let result = copied.map_err(|_| TransportError {
+        transport: TransportKind::Local,
+        reason: "a copy thread panicked (a bug in kvxfer; please report it)".into(),
+    });
+    work.complete(range, result);
 }
 
 fn copy(slice: &Slice) {
@@ -188,7 +225,8 @@ fn copy(slice: &Slice) {
     // registered regions with the rights this direction needs, and pinned those regions
     // for the life of the batch: caller memory cannot be unregistered (Busy) and engine
     // memory stays mapped while the batch holds it, so both ranges are valid for `len`
-    // bytes until `complete` is called for this slice. `copy` (memmove) allows the two
-    // ranges to overlap, which a caller may legitimately ask for within one region.
+    // bytes until `complete` is called for this slice. The engine refuses ops whose two
+    // ranges overlap in one process; `copy` (memmove) is used anyway so that even such a
+    // slice could not be undefined behaviour.
     unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, slice.len as usize) };
 }

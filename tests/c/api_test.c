@@ -99,6 +99,7 @@ int main(void) {
     expect(kvx_transfer_sync(engine, self, &to_buffer, 1), KVX_OK, NULL, "transfer_sync into buffer");
     CHECK(kvx_buffer_len(buffer) == bytes, "buffer length %zu", kvx_buffer_len(buffer));
     CHECK(memcmp(kvx_buffer_addr(buffer), prefill, bytes) == 0, "buffer bytes differ");
+    expect(kvx_unregister(engine, kvx_buffer_addr(buffer)), KVX_ERR_OWNED_BY_BUFFER, "kvx_buffer_free", "unregister a buffer");
     kvx_buffer_free(buffer);
 
     /* Error paths: each a distinct status and a message naming what was wrong. */
@@ -109,11 +110,14 @@ int main(void) {
     expect(kvx_register(engine, spare, PAGE, "gpu:1", KVX_ACCESS_ALL), KVX_ERR_BAD_LOCATION, "gpu:1", "bad location");
     expect(kvx_register(engine, spare, PAGE, NULL, 0x100), KVX_ERR_INVALID_ARGUMENT, "0x100", "bad access bits");
     expect(kvx_unregister(engine, spare), KVX_ERR_NOT_REGISTERED, "no registered region", "unregister unknown");
+    expect(kvx_register(engine, NULL, PAGE, NULL, KVX_ACCESS_ALL), KVX_ERR_INVALID_ARGUMENT, "NULL", "register NULL");
 
     kvx_op stray = {KVX_OP_WRITE, 0, (uint64_t)(uintptr_t)prefill, (uint64_t)(uintptr_t)spare, PAGE};
     expect(kvx_submit(engine, self, &stray, 1, &batch), KVX_ERR_NOT_REGISTERED, "op 0: remote range", "write to unregistered memory");
     kvx_op denied = {KVX_OP_WRITE, 0, (uint64_t)(uintptr_t)prefill, (uint64_t)(uintptr_t)readback, PAGE};
     expect(kvx_submit(engine, self, &denied, 1, &batch), KVX_ERR_ACCESS_DENIED, "REMOTE_WRITE", "write without REMOTE_WRITE");
+    kvx_op overlapping = {KVX_OP_WRITE, 0, (uint64_t)(uintptr_t)decode, (uint64_t)(uintptr_t)(decode + 64), PAGE};
+    expect(kvx_submit(engine, self, &overlapping, 1, &batch), KVX_ERR_OVERLAPPING_OP, "overlap", "self-overlapping op");
     kvx_op bad_kind = {7, 0, (uint64_t)(uintptr_t)prefill, (uint64_t)(uintptr_t)decode, PAGE};
     expect(kvx_submit(engine, self, &bad_kind, 1, &batch), KVX_ERR_INVALID_ARGUMENT, "kind 7", "bad op kind");
     expect(kvx_submit(engine, self, NULL, 3, &batch), KVX_ERR_INVALID_ARGUMENT, "ops is NULL", "NULL ops");
@@ -128,12 +132,13 @@ int main(void) {
     config.slice_size = 1;
     expect(kvx_engine_new(&config, &other), KVX_ERR_CONFIG, "slice_size 1", "bad slice size");
 
-    /* Counters: 1 submitted batch + 2 transfer_sync, 4 refused submits, every byte counted. */
+    /* Counters: 1 submitted batch + 2 transfer_sync; 4 submits refused by the engine (the
+     * bad kind and NULL ops are refused at the C boundary, before the engine); every byte. */
     kvx_stats stats;
     expect(kvx_engine_stats(engine, &stats), KVX_OK, NULL, "engine_stats");
     CHECK(stats.batches_submitted == 3 && stats.batches_completed == 3, "batches %llu/%llu",
           (unsigned long long)stats.batches_submitted, (unsigned long long)stats.batches_completed);
-    CHECK(stats.submits_refused == 3, "refused %llu", (unsigned long long)stats.submits_refused);
+    CHECK(stats.submits_refused == 4, "refused %llu", (unsigned long long)stats.submits_refused);
     CHECK(stats.bytes_moved == 3 * (uint64_t)bytes, "bytes_moved %llu", (unsigned long long)stats.bytes_moved);
 
     /* Nothing was left pinned by the failed submits: every region unregisters. */
