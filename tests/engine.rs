@@ -988,14 +988,14 @@ fn unregister_of_a_region_in_use_is_busy() {
 
 /// free() of a batch that has not ended is refused with BatchInProgress. Batch B waits
 /// behind a 256 MiB batch A on a single copy thread, so it has normally not started when
-/// freed; if it had already ended, free succeeds and B's id is gone. B is 32 pages, more
-/// than the in-process transport copies inline at submit (64 KiB), so it is queued.
+/// freed; if it had already ended, free succeeds and B's id is gone. B is 4 MiB, far more
+/// than the in-process transport copies inline at submit (256 KiB), so it is queued.
 #[test]
 fn free_of_an_unfinished_batch_is_refused() {
     let engine = engine_with(PAGE, 1);
     let big_src = engine.allocate(BIG_PAGES * PAGE, Location::Any).unwrap();
     let big_dst = engine.allocate(BIG_PAGES * PAGE, Location::Any).unwrap();
-    const HALF: usize = 32;
+    const HALF: usize = 1024;
     let small = engine.allocate(2 * HALF * PAGE, Location::Any).unwrap();
     stamp_buffer(&small, 0x15);
     let far = Instant::now() + LONG;

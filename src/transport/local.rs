@@ -1,6 +1,6 @@
 //! In-process transport: the engine is its own peer, so a slice is one `memmove` between
 //! two registered ranges, done by a small pool of copy threads (and by waiting callers,
-//! which help instead of sleeping). Batches of at most 64 KiB are copied at once by the
+//! which help instead of sleeping). Batches of at most 256 KiB are copied at once by the
 //! submitting thread: waking a copy thread would cost more than the copy.
 
 use std::collections::VecDeque;
@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::{OpKind, Slice, SliceSource, Transport, TransportError, TransportKind};
 
 /// Batches of at most this many bytes are copied by the submitting thread inside `post`.
-const INLINE_BYTES: u64 = 64 << 10;
+const INLINE_BYTES: u64 = 256 << 10;
 
 /// A copy thread working on one batch lets other queued batches have a turn after this
 /// many chunks, so a small batch is not stuck behind a huge one.
@@ -189,7 +189,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn is_small(slices: &[Slice]) -> bool {
-    slices.len() <= 16 && slices.iter().map(|s| u64::from(s.len)).sum::<u64>() <= INLINE_BYTES
+    slices.len() <= 64 && slices.iter().map(|s| u64::from(s.len)).sum::<u64>() <= INLINE_BYTES
 }
 
 /// Claims and copies slices of `work` until none are left to claim, or (for a helping
