@@ -247,6 +247,11 @@ impl Engine {
     /// Submits `ops` to `peer`; the batch times out at `deadline`. Every op is checked
     /// against both sides' registered regions first: on any violation nothing moves and
     /// the error names the op.
+    ///
+    /// The ops of a batch move in parallel pieces and in no set order (as RDMA work
+    /// requests do): if one op's destination overlaps bytes another op of the same batch
+    /// reads or writes, the result there is unspecified. Put dependent copies in separate
+    /// batches. On the local peer an op whose own two ranges partly overlap is refused.
     pub fn submit_with_deadline(
         &self,
         peer: PeerId,
