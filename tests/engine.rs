@@ -868,9 +868,9 @@ fn registration_errors() {
         assert!(
             matches!(
                 err,
-                Error::Memory(MemoryError::Overlap { range, existing })
+                Error::Memory(MemoryError::OverlapInRequest { range, other })
                     if range == AddrRange::new(base + 7 * P, P)
-                        && existing == AddrRange::new(base + 6 * P, 2 * P)
+                        && other == AddrRange::new(base + 6 * P, 2 * P)
             ),
             "{err:?}"
         );
@@ -1629,26 +1629,32 @@ fn self_overlapping_op_is_refused_and_moves_nothing() {
 }
 
 /// status() stops a batch past its deadline without anyone waiting: a batch queued behind
-/// a big one reports TimedOut at once instead of after the big one.
+/// a big one reports TimedOut at once instead of after the big one. One copy thread with
+/// 64 MiB slices is busy for milliseconds per slice, and B (512 KiB, above the inline
+/// limit) is queued behind A, so only status() can end B this early.
 #[test]
 fn status_times_out_a_queued_batch_past_its_deadline() {
-    let engine = engine_with(PAGE, 1);
-    let big_src = engine.allocate(BIG_PAGES * PAGE, Location::Any).unwrap();
-    let big_dst = engine.allocate(BIG_PAGES * PAGE, Location::Any).unwrap();
-    let small = engine.allocate(64 * PAGE, Location::Any).unwrap();
+    const BIG: usize = 256 << 20;
+    let engine = engine_with(64 << 20, 1);
+    let big_src = engine.allocate(BIG, Location::Any).unwrap();
+    let big_dst = engine.allocate(BIG, Location::Any).unwrap();
+    let small = engine.allocate(1 << 20, Location::Any).unwrap();
     let peer = engine.local_peer();
-    let len = big_src.len() as u64;
     let far = Instant::now() + LONG;
     let a = engine
-        .submit_with_deadline(peer, &[Op::write(big_src.addr(), big_dst.addr(), len)], far)
+        .submit_with_deadline(
+            peer,
+            &[Op::write(big_src.addr(), big_dst.addr(), BIG as u64)],
+            far,
+        )
         .unwrap();
     let past = Instant::now() - Duration::from_millis(1);
-    let half = Op::write(small.addr(), small.addr() + 32 * P, 32 * P);
+    let half = Op::write(small.addr(), small.addr() + (512 << 10), 512 << 10);
     let b = engine.submit_with_deadline(peer, &[half], past).unwrap();
     assert!(matches!(engine.status(b).unwrap(), BatchState::TimedOut));
     assert_eq!(
-        buffer_page(&small, 32),
-        vec![0; PAGE],
+        small.to_vec()[512 << 10..],
+        vec![0; 512 << 10],
         "a timed-out batch moved bytes"
     );
     engine.free(b).unwrap();

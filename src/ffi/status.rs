@@ -72,7 +72,7 @@ pub(crate) fn status_of(error: &Error) -> kvx_status {
             MemoryError::NullAddress { .. } => KVX_ERR_INVALID_ARGUMENT,
             MemoryError::AddressOverflow { .. } => KVX_ERR_ADDRESS_OVERFLOW,
             MemoryError::OwnedByBuffer { .. } => KVX_ERR_OWNED_BY_BUFFER,
-            MemoryError::Overlap { .. } => KVX_ERR_OVERLAP,
+            MemoryError::Overlap { .. } | MemoryError::OverlapInRequest { .. } => KVX_ERR_OVERLAP,
             MemoryError::NotRegistered { .. } => KVX_ERR_NOT_REGISTERED,
             MemoryError::Busy { .. } => KVX_ERR_BUSY,
             MemoryError::BadLocation(_) => KVX_ERR_BAD_LOCATION,

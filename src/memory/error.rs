@@ -35,6 +35,14 @@ pub enum MemoryError {
         /// The region already there.
         existing: AddrRange,
     },
+    /// Two regions of one registration call overlap each other.
+    #[error("cannot register {range}: it overlaps {other}, another region of the same call")]
+    OverlapInRequest {
+        /// One of the two.
+        range: AddrRange,
+        /// The other.
+        other: AddrRange,
+    },
     /// Unregister was given an address that starts no registered region.
     #[error("cannot unregister {addr:#x}: no registered region starts there")]
     NotRegistered {

@@ -62,9 +62,9 @@ impl Registry {
         Self::default()
     }
 
-    /// Registers every spec, or none of them: the first invalid one (zero length, address
-    /// 0, overflow, overlap with a registered region or with another spec) fails the call
-    /// and nothing is added. O(n log n) in the number of specs; the write lock is held
+    /// Registers every spec, or none of them: an invalid one (zero length, address 0,
+    /// overflow, overlap with another spec or with a registered region) fails the call and
+    /// nothing is added. O(n log n) in the number of specs; the write lock is held
     /// only for the checks against what is registered and the inserts.
     pub fn register(&self, specs: Vec<RegionSpec>) -> Result<Vec<Arc<Region>>, MemoryError> {
         let mut regions = Vec::with_capacity(specs.len());
@@ -93,9 +93,9 @@ impl Registry {
         let mut by_start: Vec<AddrRange> = regions.iter().map(|r| r.range()).collect();
         by_start.sort_unstable_by_key(|r| r.start);
         if let Some(pair) = by_start.windows(2).find(|w| w[0].overlaps(&w[1])) {
-            return Err(MemoryError::Overlap {
+            return Err(MemoryError::OverlapInRequest {
                 range: pair[1],
-                existing: pair[0],
+                other: pair[0],
             });
         }
         let mut map = self.write();
@@ -243,7 +243,11 @@ mod tests {
                 spec(0x30ff, 0x10),
             ])
             .unwrap_err();
-        assert!(matches!(err, MemoryError::Overlap { .. }));
+        assert!(
+            matches!(err, MemoryError::OverlapInRequest { .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("same call"), "{err}");
         assert!(reg.is_empty(), "a failed batch must register nothing");
         reg.register(vec![spec(0x1000, 0x100), spec(0x1100, 0x100)])
             .unwrap();

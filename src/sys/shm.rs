@@ -89,9 +89,11 @@ impl SharedMapping {
 
     /// Faults every page in now (after any NUMA binding), so that transfers into fresh
     /// memory do not pay a page fault per 4 KiB. Uses `MADV_POPULATE_WRITE` (Linux 5.14+);
-    /// on older kernels (EINVAL) it writes one zero byte per page instead. Fails when the
-    /// kernel cannot provide the pages (ENOMEM, EFAULT).
+    /// where the kernel or a seccomp filter does not offer it (EINVAL, ENOSYS, EPERM) it
+    /// writes one zero byte per page instead. Fails when the kernel cannot provide the
+    /// pages (ENOMEM, EFAULT).
     pub fn populate(&self) -> io::Result<()> {
+        // The asm-generic value, the same on x86_64 and aarch64 (not in our libc yet).
         const MADV_POPULATE_WRITE: libc::c_int = 23;
         // SAFETY: the range is exactly our live mapping; the advice only faults pages in
         // and leaves their (zero) contents unchanged.
@@ -100,7 +102,10 @@ impl SharedMapping {
             return Ok(());
         }
         let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINVAL) {
+        if !matches!(
+            err.raw_os_error(),
+            Some(libc::EINVAL | libc::ENOSYS | libc::EPERM)
+        ) {
             return Err(err);
         }
         for offset in (0..self.mapped_len()).step_by(super::page_size()) {

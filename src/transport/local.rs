@@ -15,9 +15,9 @@ use super::{OpKind, Slice, SliceSource, Transport, TransportError, TransportKind
 /// Batches of at most this many bytes are copied by the submitting thread inside `post`.
 const INLINE_BYTES: u64 = 256 << 10;
 
-/// A copy thread working on one batch lets other queued batches have a turn after this
-/// many chunks, so a small batch is not stuck behind a huge one.
-const TURN_CHUNKS: usize = 8;
+/// A copy thread working on one batch lets other queued batches have a turn after copying
+/// this many bytes of it, so a small batch is not stuck behind a huge one.
+const TURN_BYTES: u64 = 16 << 20;
 
 /// The in-process copy transport.
 #[derive(Debug)]
@@ -79,8 +79,8 @@ impl LocalTransport {
     }
 
     /// Stops and joins the copy threads (idempotent). The engine calls this once every
-    /// batch has ended, so no copy thread outlives it.
-    pub fn shutdown(&self) {
+    /// batch has ended, so no copy thread outlives it; nothing may be posted afterwards.
+    pub(crate) fn shutdown(&self) {
         let mut threads = std::mem::take(&mut *lock(&self.threads));
         // The last reference to the transport can be dropped by a copy thread (through the
         // batch it just finished); that thread must not join itself.
@@ -129,12 +129,14 @@ impl Drop for LocalTransport {
 impl Pool {
     fn run_worker(&self) {
         while let Some(job) = self.next_job() {
-            let mut chunks = 0;
+            let mut copied = 0;
             while let Some(range) = job.claim() {
-                copy_range(&*job, range);
-                chunks += 1;
-                if chunks % TURN_CHUNKS == 0 && self.requeue_if_others_wait(&job) {
-                    break;
+                copied += copy_range(&*job, range);
+                if copied >= TURN_BYTES {
+                    if self.requeue_if_others_wait(&job) {
+                        break;
+                    }
+                    copied = 0;
                 }
             }
         }
@@ -203,17 +205,19 @@ fn drain(work: &dyn SliceSource, until: Option<Instant>) {
     }
 }
 
-/// Copies a claimed range and reports it. A panic (a bug: copying cannot fail) fails the
-/// range instead of leaving it claimed forever, so the batch still ends.
-fn copy_range(work: &dyn SliceSource, range: Range<usize>) {
-    let copied = catch_unwind(AssertUnwindSafe(|| {
-        work.slices()[range.clone()].iter().for_each(copy);
-    }));
+/// Copies a claimed range and reports it; returns the bytes it covered. A panic (a bug:
+/// copying cannot fail) fails the range instead of leaving it claimed forever, so the
+/// batch still ends.
+fn copy_range(work: &dyn SliceSource, range: Range<usize>) -> u64 {
+    let slices = &work.slices()[range.clone()];
+    let bytes = slices.iter().map(|s| u64::from(s.len)).sum();
+    let copied = catch_unwind(AssertUnwindSafe(|| slices.iter().for_each(copy)));
     let result = copied.map_err(|_| TransportError {
         transport: TransportKind::Local,
         reason: "a copy thread panicked (a bug in kvxfer; please report it)".into(),
     });
     work.complete(range, result);
+    bytes
 }
 
 fn copy(slice: &Slice) {
