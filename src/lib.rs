@@ -26,7 +26,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Layers (see DESIGN.md): `sys` (OS calls) → `memory` → `transport` → `engine` → `ffi`.
+//! Layers (see DESIGN.md): `sys` (OS calls) → `memory` → `topology` → `transport` →
+//! `engine` → `ffi`.
 
 #![warn(missing_docs)]
 
@@ -34,6 +35,7 @@ pub mod engine;
 pub mod ffi;
 pub mod memory;
 pub mod sys;
+pub mod topology;
 pub mod transport;
 
 pub use engine::{

@@ -4,8 +4,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// The memory location of a registered region.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The memory location of a registered region. Ordered `cpu:*` < `cuda:*` < `*`, then by
+/// index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Location {
     /// Host memory on NUMA node N (`cpu:N`).
     Cpu(u32),
