@@ -388,8 +388,9 @@ fn parse_csv(text: &str) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
-/// Whether `name` can be an RDMA device name; `Err` says why not.
-fn check_name(name: &str) -> Result<(), String> {
+/// Whether `name` can be an RDMA device name; `Err` says why not. Shared with the
+/// priority matrix parser, so both accept the same names.
+pub(super) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("empty device name".to_owned());
     }

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
+use super::devices::check_name;
 use super::{pci_distance, DeviceList, Nic, Topology, TopologyError};
 use crate::memory::Location;
 
@@ -217,21 +218,13 @@ fn names_of(key: &str, list: &Value) -> Result<Vec<String>, TopologyError> {
     for item in items {
         let name = item
             .as_str()
-            .filter(|n| is_device_name(n))
             .ok_or_else(|| bad(format!("{key}: {item} is not a device name")))?;
+        check_name(name).map_err(|reason| bad(format!("{key}: {reason}")))?;
         if !names.iter().any(|n| n == name) {
             names.push(name.to_string());
         }
     }
     Ok(names)
-}
-
-/// Device names as the kernel makes them: ASCII letters, digits, `_ - .`, 1 to 64 chars.
-fn is_device_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
 }
 
 #[cfg(test)]
@@ -391,7 +384,7 @@ mod tests {
             (r#"{"cpu:0": "mlx5_0"}"#, "cpu:0: expected"),
             (r#"{"cpu:0": [[], [], []]}"#, "cpu:0: expected"),
             (r#"{"cpu:0": [[1]]}"#, "1 is not a device name"),
-            (r#"{"cpu:0": [["a b"]]}"#, "is not a device name"),
+            (r#"{"cpu:0": [["a b"]]}"#, "has ' ' at character 2"),
             (
                 r#"{"cpu:0": [["x"], ["x"]]}"#,
                 "both preferred and fallback",
