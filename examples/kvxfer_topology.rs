@@ -10,7 +10,28 @@ use std::process::ExitCode;
 
 use kvxfer::topology::{discover, DeviceList, PriorityMatrix};
 
+/// Prints kvxfer's warnings (a device skipped, and why) to stderr.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("{}: {}", record.level(), record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 fn main() -> ExitCode {
+    static LOGGER: StderrLog = StderrLog;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

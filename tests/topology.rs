@@ -134,3 +134,50 @@ fn a_host_without_nics_has_an_empty_matrix() {
         None
     );
 }
+
+#[test]
+fn without_its_switch_nic_a_gpu_prefers_its_own_socket() {
+    let topology = gpu8();
+    // mlx5_1 shares GPU 0's socket, mlx5_9 is on the other one: same socket wins.
+    let m = PriorityMatrix::build(&topology, &DeviceList::parse("mlx5_1,mlx5_9").unwrap());
+    assert_eq!(
+        m.for_location(Location::Cuda(0)).preferred,
+        names(&["mlx5_1"])
+    );
+    assert_eq!(
+        m.for_location(Location::Cuda(0)).fallback,
+        names(&["mlx5_9"])
+    );
+    // Every NIC but GPU 0's own: all node-0 NICs tie, none from node 1 is preferred.
+    let rest = "mlx5_1,mlx5_2,mlx5_3,mlx5_4,mlx5_5,mlx5_6,mlx5_7,mlx5_8,mlx5_9";
+    let m = PriorityMatrix::build(&topology, &DeviceList::parse(rest).unwrap());
+    assert_eq!(
+        m.for_location(Location::Cuda(0)).preferred,
+        names(&["mlx5_1", "mlx5_2", "mlx5_3", "mlx5_8"])
+    );
+}
+
+#[test]
+fn locations_the_matrix_does_not_list_follow_the_lists_default() {
+    let topology = gpu8();
+    let list = DeviceList::parse(r#"{"0": "mlx5_0", "default": "mlx5_3"}"#).unwrap();
+    let m = PriorityMatrix::build(&topology, &list);
+    assert_eq!(
+        m.for_location(Location::Cuda(0)).all().collect::<Vec<_>>(),
+        ["mlx5_0"]
+    );
+    // GPU 8 does not exist on this host, and `*` is any memory: both get the default.
+    for location in [Location::Cuda(8), Location::Any] {
+        assert_eq!(
+            m.for_location(location).preferred,
+            names(&["mlx5_3"]),
+            "{location}"
+        );
+    }
+    let t0 = Instant::now();
+    let selector = NicSelector::new(&m, PausePolicy::default(), t0);
+    for _ in 0..8 {
+        let nic = selector.choose(Location::Cuda(8), t0).unwrap();
+        assert_eq!(selector.name(nic), "mlx5_3");
+    }
+}

@@ -186,6 +186,31 @@ impl DeviceList {
     /// NICs with no ACTIVE port are left out, each with one `warn` log line saying why.
     /// The result may be empty; the caller decides what that means.
     pub fn allowed_for(&self, topology: &Topology, location: Location) -> Vec<String> {
+        self.allowed(topology, location, true)
+    }
+
+    /// [`DeviceList::allowed_for`] without the log lines, for callers that ask for many
+    /// locations and log once themselves ([`DeviceList::log_down`]).
+    pub(super) fn allowed_quietly(&self, topology: &Topology, location: Location) -> Vec<String> {
+        self.allowed(topology, location, false)
+    }
+
+    /// Logs, once each, the devices this list would use somewhere but whose ports are all
+    /// down.
+    pub(super) fn log_down(&self, topology: &Topology) {
+        let named = self.names();
+        let mentioned =
+            |name: &str| matches!(self, DeviceList::Auto) || named.iter().any(|n| n == name);
+        for nic in topology
+            .nics
+            .iter()
+            .filter(|n| !n.is_up() && mentioned(&n.name))
+        {
+            log::warn!("RDMA device {} skipped: {}", nic.name, down_reason(nic));
+        }
+    }
+
+    fn allowed(&self, topology: &Topology, location: Location, log_down: bool) -> Vec<String> {
         let allowed: Option<HashSet<&str>> = match self {
             DeviceList::Auto => None,
             DeviceList::Names(names) => Some(name_set([names])),
@@ -209,7 +234,7 @@ impl DeviceList {
             }
             if nic.is_up() {
                 out.push(nic.name.clone());
-            } else {
+            } else if log_down {
                 log::warn!("RDMA device {name} skipped: {}", down_reason(nic));
             }
         }
@@ -553,7 +578,7 @@ fn kind(value: &Value) -> &'static str {
 
 /// The keys of the outermost object of `json` (valid JSON), in document order, duplicates
 /// included.
-fn top_level_keys(json: &str) -> Vec<String> {
+pub(super) fn top_level_keys(json: &str) -> Vec<String> {
     let bytes = json.as_bytes();
     let mut keys = Vec::new();
     let mut depth = 0usize;

@@ -11,12 +11,16 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::devices::check_name;
-use super::{pci_distance, DeviceList, Nic, Topology, TopologyError};
+use super::devices::{check_name, top_level_keys};
+use super::sysfs::natural_cmp;
+use super::{pci_distance, DeviceList, Gpu, Nic, Topology, TopologyError};
 use crate::memory::Location;
 
 /// Largest topology JSON accepted.
 const MAX_JSON_BYTES: usize = 1 << 20;
+
+/// Most devices in one list of a topology JSON (hosts have tens).
+const MAX_NICS_PER_LIST: usize = 1024;
 
 /// Preferred and fallback NICs of one memory location.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,47 +45,46 @@ pub struct PriorityMatrix {
 }
 
 impl PriorityMatrix {
-    /// The matrix of `topology` restricted to `devices`: for `cuda:N`, the allowed NICs
-    /// at the smallest PCI distance from GPU N (ties kept); for `cpu:N`, the allowed NICs
-    /// on NUMA node N. Everything else allowed is fallback. A host without NUMA
-    /// information gets one `cpu:0` entry preferring every NIC.
+    /// The matrix of `topology` restricted to `devices`:
+    /// - `cuda:N` prefers the allowed NICs closest to GPU N, ranked as `nvidia-smi topo`
+    ///   does: under the same root complex by PCI hops (same switch first); then on the
+    ///   GPU's NUMA node; then the rest (ties kept at every rank);
+    /// - `cpu:N` prefers the allowed NICs on NUMA node N (every allowed NIC when none has
+    ///   a known node);
+    /// - `*` (memory at a location the matrix does not list) allows what the device list
+    ///   allows there, all preferred.
+    ///
+    /// Everything else allowed is fallback. Devices the list allows but whose ports are
+    /// all down are skipped, with one log line each.
     pub fn build(topology: &Topology, devices: &DeviceList) -> Self {
         let nic = |name: &String| topology.nics.iter().find(|n| &n.name == name);
+        devices.log_down(topology);
+        let allowed = |location| devices.allowed_quietly(topology, location);
         let mut entries = BTreeMap::new();
         let nodes: Vec<u32> = if topology.numa_nodes.is_empty() {
             vec![0]
         } else {
             topology.numa_nodes.clone()
         };
-        let single_node = nodes.len() == 1;
         for node in nodes {
             let location = Location::Cpu(node);
-            let allowed = devices.allowed_for(topology, location);
-            let on_node = |name: &String| {
-                nic(name).is_some_and(|n| {
-                    n.numa_node == Some(node) || (single_node && n.numa_node.is_none())
-                })
-            };
+            let allowed = allowed(location);
+            let any_known = allowed
+                .iter()
+                .any(|n| nic(n).is_some_and(|n| n.numa_node.is_some()));
+            let on_node =
+                |name: &String| nic(name).is_some_and(|n| n.numa_node == Some(node) || !any_known);
             entries.insert(location, split(allowed, on_node));
         }
         for gpu in &topology.gpus {
             let location = Location::Cuda(gpu.index);
-            let allowed = devices.allowed_for(topology, location);
-            let distance = |n: &Nic| {
-                (!n.pci_path.is_empty() && !gpu.pci_path.is_empty())
-                    .then(|| pci_distance(&gpu.pci_path, &n.pci_path))
-            };
-            let nearest = allowed
-                .iter()
-                .filter_map(|name| nic(name).and_then(distance))
-                .min();
-            let preferred = |name: &String| match nearest {
-                Some(best) => nic(name).and_then(distance) == Some(best),
-                // No PCI paths to compare (virtual devices): the GPU's NUMA node decides.
-                None => nic(name).is_some_and(|n| n.numa_node == gpu.numa_node),
-            };
-            entries.insert(location, split(allowed, preferred));
+            let allowed = allowed(location);
+            let rank = |name: &String| nic(name).map(|n| gpu_to_nic_rank(gpu, n));
+            let best = allowed.iter().filter_map(rank).min();
+            entries.insert(location, split(allowed, |name| rank(name) == best));
         }
+        let anywhere = allowed(Location::Any);
+        entries.insert(Location::Any, split(anywhere, |_| true));
         PriorityMatrix { entries }
     }
 
@@ -96,6 +99,13 @@ impl PriorityMatrix {
             )));
         }
         let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        // serde_json keeps the last of duplicate keys silently; a file that says two things
+        // about one location is a mistake worth naming.
+        let mut keys = top_level_keys(text);
+        keys.sort();
+        if let Some(pair) = keys.windows(2).find(|w| w[0] == w[1]) {
+            return Err(bad(format!("location {:?} appears twice", cut(&pair[0]))));
+        }
         let Value::Object(map) = value else {
             return Err(bad(
                 "expected an object from location to [[preferred], [fallback]]".into(),
@@ -115,7 +125,8 @@ impl PriorityMatrix {
             let mut names = lists.iter().map(|list| names_of(&key, list));
             let preferred = names.next().unwrap_or(Ok(Vec::new()))?;
             let fallback = names.next().unwrap_or(Ok(Vec::new()))?;
-            if let Some(both) = preferred.iter().find(|n| fallback.contains(n)) {
+            let in_preferred: std::collections::HashSet<&String> = preferred.iter().collect();
+            if let Some(both) = fallback.iter().find(|n| in_preferred.contains(n)) {
                 return Err(bad(format!("{key}: {both} is both preferred and fallback")));
             }
             entries.insert(
@@ -153,9 +164,13 @@ impl PriorityMatrix {
     }
 
     /// The priorities for memory at `location`: its own entry; for a location the matrix
-    /// does not list (or `*`), every NIC of the matrix, preferred in no particular place.
+    /// does not list, the `*` entry; without one, every NIC of the matrix, preferred.
     pub fn for_location(&self, location: Location) -> Priorities {
-        if let Some(p) = self.entries.get(&location) {
+        if let Some(p) = self
+            .entries
+            .get(&location)
+            .or_else(|| self.entries.get(&Location::Any))
+        {
             return p.clone();
         }
         Priorities {
@@ -169,14 +184,15 @@ impl PriorityMatrix {
         self.entries.iter().map(|(l, p)| (*l, p))
     }
 
-    /// Every NIC named anywhere, sorted, once.
+    /// Every NIC named anywhere, once, in natural order (`mlx5_2` before `mlx5_10`, as
+    /// discovery orders them).
     pub fn nics(&self) -> Vec<String> {
         let mut all: Vec<String> = self
             .entries
             .values()
             .flat_map(|p| p.all().cloned())
             .collect();
-        all.sort();
+        all.sort_by(|a, b| natural_cmp(a, b));
         all.dedup();
         all
     }
@@ -197,6 +213,29 @@ impl PriorityMatrix {
     }
 }
 
+/// At most 64 characters of `text`, for error messages.
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+/// How close NIC `n` is to GPU `g`, smaller first: (0, hops) under the same root complex;
+/// (1, 0) on the GPU's NUMA node; (2, 0) anywhere else. Without PCI paths only the NUMA
+/// node can tell.
+fn gpu_to_nic_rank(g: &Gpu, n: &Nic) -> (u8, u32) {
+    let same_root =
+        !g.pci_path.is_empty() && !n.pci_path.is_empty() && g.pci_path[0] == n.pci_path[0];
+    if same_root {
+        (0, pci_distance(&g.pci_path, &n.pci_path))
+    } else if g.numa_node.is_some() && g.numa_node == n.numa_node {
+        (1, 0)
+    } else {
+        (2, 0)
+    }
+}
+
 /// Splits `allowed` (in order) into preferred and fallback.
 fn split(allowed: Vec<String>, preferred: impl Fn(&String) -> bool) -> Priorities {
     let (preferred, fallback) = allowed.into_iter().partition(|n| preferred(n));
@@ -211,16 +250,27 @@ fn names_of(key: &str, list: &Value) -> Result<Vec<String>, TopologyError> {
     let bad = |reason: String| TopologyError::BadMatrix { reason };
     let Value::Array(items) = list else {
         return Err(bad(format!(
-            "{key}: expected a list of device names, got {list}"
+            "{key}: expected a list of device names, got {}",
+            cut(&list.to_string())
         )));
     };
+    if items.len() > MAX_NICS_PER_LIST {
+        return Err(bad(format!(
+            "{key}: {} devices in one list, more than the {MAX_NICS_PER_LIST} accepted",
+            items.len()
+        )));
+    }
     let mut names: Vec<String> = Vec::with_capacity(items.len());
+    let mut seen = std::collections::HashSet::new();
     for item in items {
-        let name = item
-            .as_str()
-            .ok_or_else(|| bad(format!("{key}: {item} is not a device name")))?;
+        let name = item.as_str().ok_or_else(|| {
+            bad(format!(
+                "{key}: {} is not a device name",
+                cut(&item.to_string())
+            ))
+        })?;
         check_name(name).map_err(|reason| bad(format!("{key}: {reason}")))?;
-        if !names.iter().any(|n| n == name) {
+        if seen.insert(name) {
             names.push(name.to_string());
         }
     }
@@ -339,6 +389,17 @@ mod tests {
     }
 
     #[test]
+    fn nics_without_a_numa_node_are_preferred_when_no_nic_has_one() {
+        let mut topology = host();
+        topology.nics.iter_mut().for_each(|n| n.numa_node = None);
+        let m = PriorityMatrix::build(&topology, &DeviceList::Auto);
+        for node in [0, 1] {
+            let p = m.for_location(Location::Cpu(node));
+            assert_eq!(p.preferred.len(), 4, "cpu:{node}: {p:?}");
+        }
+    }
+
+    #[test]
     fn a_device_list_restricts_every_entry() {
         let m = PriorityMatrix::build(&host(), &DeviceList::Names(names(&["mlx5_2", "mlx5_3"])));
         for (location, p) in m.entries() {
@@ -385,6 +446,7 @@ mod tests {
             (r#"{"cpu:0": [[], [], []]}"#, "cpu:0: expected"),
             (r#"{"cpu:0": [[1]]}"#, "1 is not a device name"),
             (r#"{"cpu:0": [["a b"]]}"#, "has ' ' at character 2"),
+            (r#"{"cpu:0": [["a"]], "cpu:0": [["b"]]}"#, "appears twice"),
             (
                 r#"{"cpu:0": [["x"], ["x"]]}"#,
                 "both preferred and fallback",

@@ -74,6 +74,8 @@ pub enum LinkLayer {
     InfiniBand,
     /// RoCE.
     Ethernet,
+    /// The driver does not say (`Unknown`, e.g. AWS EFA).
+    Unspecified,
 }
 
 /// An NVIDIA GPU (PCI vendor 0x10de, display class: VGA 0x0300 or 3D 0x0302).
@@ -106,6 +108,7 @@ impl fmt::Display for LinkLayer {
         f.write_str(match self {
             LinkLayer::InfiniBand => "InfiniBand",
             LinkLayer::Ethernet => "Ethernet",
+            LinkLayer::Unspecified => "Unknown",
         })
     }
 }

@@ -18,7 +18,8 @@ pub type NicId = usize;
 /// When a failing NIC is taken out of use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PausePolicy {
-    /// Failures (N) within `window` that pause a NIC.
+    /// Failures (N) within `window` that pause a NIC (0 behaves as 1: every failure
+    /// pauses).
     pub failures: u32,
     /// The window (T).
     pub window: Duration,
@@ -36,11 +37,13 @@ impl Default for PausePolicy {
     }
 }
 
-/// NIC ids for one location.
+/// NIC ids for one location, with its own round-robin turn (a turn shared by every
+/// location would let two alternating locations always start at the same NIC).
 #[derive(Debug, Default)]
 struct Plan {
     preferred: Vec<NicId>,
     fallback: Vec<NicId>,
+    turn: AtomicUsize,
 }
 
 /// Chooses NICs for slices, balancing bytes in flight.
@@ -54,7 +57,6 @@ pub struct NicSelector {
     /// Nanoseconds after `epoch` until which the NIC is paused (0 = not paused).
     paused_until: Vec<AtomicU64>,
     failures: Vec<Mutex<VecDeque<Instant>>>,
-    turn: AtomicUsize,
     policy: PausePolicy,
     epoch: Instant,
 }
@@ -64,20 +66,23 @@ impl NicSelector {
     /// not later than the `now` values that will be passed in.
     pub fn new(matrix: &PriorityMatrix, policy: PausePolicy, epoch: Instant) -> Self {
         let names = matrix.nics();
-        let id = |name: &String| names.iter().position(|n| n == name);
+        let ids: std::collections::HashMap<&String, NicId> =
+            names.iter().enumerate().map(|(i, n)| (n, i)).collect();
+        let id = |name: &String| ids.get(name).copied();
         let plans = matrix
             .entries()
             .map(|(location, p)| {
                 let plan = Plan {
                     preferred: p.preferred.iter().filter_map(id).collect(),
                     fallback: p.fallback.iter().filter_map(id).collect(),
+                    turn: AtomicUsize::new(0),
                 };
                 (location, plan)
             })
             .collect();
         let everything = Plan {
             preferred: (0..names.len()).collect(),
-            fallback: Vec::new(),
+            ..Plan::default()
         };
         let per_nic = |_| AtomicU64::new(0);
         NicSelector {
@@ -89,7 +94,6 @@ impl NicSelector {
             names,
             plans,
             everything,
-            turn: AtomicUsize::new(0),
             policy,
             epoch,
         }
@@ -131,10 +135,14 @@ impl NicSelector {
         tried: &[NicId],
         now: Instant,
     ) -> Option<NicId> {
-        let plan = self.plans.get(&location).unwrap_or(&self.everything);
+        let plan = self
+            .plans
+            .get(&location)
+            .or_else(|| self.plans.get(&Location::Any))
+            .unwrap_or(&self.everything);
         let usable = |nic: &NicId| !tried.contains(nic) && !self.is_paused(*nic, now);
-        self.least_loaded(&plan.preferred, usable)
-            .or_else(|| self.least_loaded(&plan.fallback, usable))
+        self.least_loaded(&plan.preferred, &plan.turn, usable)
+            .or_else(|| self.least_loaded(&plan.fallback, &plan.turn, usable))
             .or_else(|| {
                 // Everything left is paused: the pause that ends first.
                 let untried = plan
@@ -181,7 +189,10 @@ impl NicSelector {
             return false;
         }
         recent.clear();
-        let until = self.nanos(now + self.policy.pause);
+        // A pause too long for the clock ("never retry") saturates instead of panicking.
+        let until = now
+            .checked_add(self.policy.pause)
+            .map_or(u64::MAX, |t| self.nanos(t));
         self.paused_until[nic].store(until, Ordering::Relaxed);
         log::warn!(
             "NIC {} failed {} times within {:?}: paused for {:?}",
@@ -205,11 +216,16 @@ impl NicSelector {
     }
 
     /// The candidate with the fewest bytes in flight; ties go round-robin.
-    fn least_loaded(&self, candidates: &[NicId], usable: impl Fn(&NicId) -> bool) -> Option<NicId> {
+    fn least_loaded(
+        &self,
+        candidates: &[NicId],
+        turn: &AtomicUsize,
+        usable: impl Fn(&NicId) -> bool,
+    ) -> Option<NicId> {
         if candidates.is_empty() {
             return None;
         }
-        let start = self.turn.fetch_add(1, Ordering::Relaxed);
+        let start = turn.fetch_add(1, Ordering::Relaxed);
         let rotated = (0..candidates.len()).map(|i| candidates[(start + i) % candidates.len()]);
         rotated
             .filter(|n| usable(n))
@@ -339,6 +355,40 @@ mod tests {
         assert!(s.choose(Location::Cuda(7), t0).is_some());
         let (empty, t0) = selector("{}", PausePolicy::default());
         assert_eq!(empty.choose(Location::Cpu(0), t0), None);
+    }
+
+    #[test]
+    fn alternating_locations_each_spread_over_their_own_nics() {
+        let (s, t0) = selector(
+            r#"{"cpu:0": [["a", "b"]], "cpu:1": [["c", "d"]]}"#,
+            PausePolicy::default(),
+        );
+        let mut used = std::collections::BTreeMap::new();
+        for i in 0..1000 {
+            let nic = s.choose(Location::Cpu(i % 2), t0).unwrap();
+            // Each slice finishes before the next: every choice is a tie.
+            s.begin(nic, 10);
+            s.end(nic, 10);
+            *used.entry(s.name(nic).to_string()).or_insert(0) += 1;
+        }
+        assert_eq!(
+            used.values().copied().collect::<Vec<_>>(),
+            vec![250; 4],
+            "{used:?}"
+        );
+    }
+
+    #[test]
+    fn a_pause_longer_than_the_clock_is_forever_not_a_panic() {
+        let policy = PausePolicy {
+            failures: 1,
+            window: Duration::from_secs(1),
+            pause: Duration::MAX,
+        };
+        let (s, t0) = selector(r#"{"cpu:0": [["a", "b"]]}"#, policy);
+        let a = s.id("a").unwrap();
+        assert!(s.report_failure(a, t0));
+        assert!(s.is_paused(a, t0 + Duration::from_secs(1_000_000)));
     }
 
     #[test]

@@ -25,10 +25,8 @@ use super::{Gpu, LinkLayer, Nic, Port, PortState, Topology, TopologyError};
 
 /// PCI vendor id of NVIDIA.
 const NVIDIA_VENDOR: u32 = 0x10de;
-/// PCI base class + subclass of VGA-compatible display controllers.
-const CLASS_VGA: u32 = 0x0300;
-/// PCI base class + subclass of 3D controllers (data-center GPUs).
-const CLASS_3D: u32 = 0x0302;
+/// PCI base class of display controllers (VGA 0x0300, 3D 0x0302, other 0x0380).
+const DISPLAY_CLASS: u32 = 0x03;
 /// Longest attribute file read; sysfs attributes are at most a page.
 const MAX_ATTR_BYTES: u64 = 4096;
 /// Longest content quoted in an error message.
@@ -194,7 +192,8 @@ impl Sysfs {
 
         let mtu = match link_layer {
             LinkLayer::Ethernet => self.port_mtu(number, dir, device, &gids)?,
-            LinkLayer::InfiniBand => None,
+            // The IPoIB MTU is not the RDMA path MTU; EFA and others do not say.
+            LinkLayer::InfiniBand | LinkLayer::Unspecified => None,
         };
         Ok(Port {
             number,
@@ -267,7 +266,8 @@ impl Sysfs {
                 continue;
             }
             let class = parse_file(&entry.join("class"), |t| parse_hex(t, 0xff_ffff))?;
-            if !matches!(class >> 8, CLASS_VGA | CLASS_3D) {
+            // Any display controller (0x03xxxx): VGA, 3D, and "other display" (0x0380).
+            if class >> 16 != DISPLAY_CLASS {
                 continue;
             }
             let Some(key) = pci_address_key(&name) else {
@@ -350,6 +350,17 @@ fn quote(text: &str) -> String {
 /// The content of an attribute file, trimmed, or the I/O error. At most
 /// [`MAX_ATTR_BYTES`]; longer or non-UTF-8 content is malformed.
 fn read_attr(path: &Path) -> Result<Result<String, io::Error>, TopologyError> {
+    // Opening a FIFO (or a device) planted in a damaged tree would block or worse.
+    match fs::metadata(path) {
+        Err(e) => return Ok(Err(e)),
+        Ok(meta) if !meta.is_file() => {
+            return Err(malformed(
+                path,
+                "not a regular file, not a sysfs attribute".into(),
+            ))
+        }
+        Ok(_) => {}
+    }
     let mut bytes = Vec::new();
     let read =
         fs::File::open(path).and_then(|f| f.take(MAX_ATTR_BYTES + 1).read_to_end(&mut bytes));
@@ -474,8 +485,10 @@ fn parse_link_layer(text: &str) -> Result<LinkLayer, String> {
     match text {
         "InfiniBand" => Ok(LinkLayer::InfiniBand),
         "Ethernet" => Ok(LinkLayer::Ethernet),
+        // What the kernel writes for IB_LINK_LAYER_UNSPECIFIED (EFA, for one).
+        "Unknown" => Ok(LinkLayer::Unspecified),
         _ => Err(format!(
-            "{} is not a link layer this library can use (InfiniBand or Ethernet)",
+            "{} is not a link layer (InfiniBand, Ethernet or Unknown)",
             quote(text)
         )),
     }
@@ -580,7 +593,7 @@ fn is_netdev_name(name: &str) -> bool {
 }
 
 /// Orders names with their digit runs compared as numbers: `mlx5_2` < `mlx5_10`.
-fn natural_cmp(a: &str, b: &str) -> Ordering {
+pub(super) fn natural_cmp(a: &str, b: &str) -> Ordering {
     let (mut x, mut y) = (a, b);
     loop {
         match (x.chars().next(), y.chars().next()) {
@@ -696,7 +709,7 @@ mod tests {
     fn link_layers() {
         assert_eq!(parse_link_layer("InfiniBand"), Ok(LinkLayer::InfiniBand));
         assert_eq!(parse_link_layer("Ethernet"), Ok(LinkLayer::Ethernet));
-        assert!(parse_link_layer("Unknown").is_err());
+        assert_eq!(parse_link_layer("Unknown"), Ok(LinkLayer::Unspecified));
         assert!(parse_link_layer("ethernet").is_err());
     }
 
