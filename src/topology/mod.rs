@@ -17,4 +17,4 @@ pub use error::TopologyError;
 pub use matrix::{Priorities, PriorityMatrix};
 pub use model::{Gpu, LinkLayer, Nic, Port, PortState, Topology};
 pub use select::{remote_nic, NicId, NicSelector, PausePolicy};
-pub use sysfs::{discover, pci_distance};
+pub use sysfs::{discover, fuzz_attribute_parsers, pci_distance};

@@ -621,6 +621,44 @@ pub(super) fn natural_cmp(a: &str, b: &str) -> Ordering {
 }
 
 /// Splits the leading ASCII digits off `s`.
+/// Runs every attribute parser of this module on `text` and checks what each promises:
+/// no panic, and what parses is what was given. For the `sysfs_attributes` fuzz target
+/// (discovery itself is exercised on damaged trees by the tests); not API.
+#[doc(hidden)]
+pub fn fuzz_attribute_parsers(text: &str, other: &str) {
+    if let Ok(state) = parse_port_state(text) {
+        let number = text.split(':').next().unwrap_or_default().trim();
+        assert!(
+            matches!(number, "0" | "1" | "2" | "3" | "4" | "5"),
+            "{text:?} gave {state}"
+        );
+    }
+    if let Ok(layer) = parse_link_layer(text) {
+        assert!(layer.to_string() == text, "{text:?} gave {layer}");
+    }
+    if let Ok(Some(gid)) = parse_gid(text) {
+        assert_eq!(gid.split(':').count(), 8, "{text:?} gave {gid}");
+    }
+    if let Ok(Some(node)) = parse_numa_node(text) {
+        // Lenient on form ("00", "+1"), exact on value.
+        assert_eq!(
+            text.trim_start_matches('+').parse::<u64>(),
+            Ok(u64::from(node))
+        );
+    }
+    let _ = parse_mtu(text);
+    if let Ok(value) = parse_hex(text, 0xff_ffff) {
+        assert!(value <= 0xff_ffff);
+    }
+    if let Some((_, bus, dev, func)) = pci_address_key(text) {
+        assert!(dev < 32 && func < 8, "{text:?} gave {bus:x}:{dev:x}.{func}");
+    }
+    let _ = (is_pci_root(text), is_netdev_name(text));
+    // natural_cmp is a total order: antisymmetric and consistent with equality.
+    assert_eq!(natural_cmp(text, other), natural_cmp(other, text).reverse());
+    assert_eq!(natural_cmp(text, text), Ordering::Equal);
+}
+
 fn split_digits(s: &str) -> (&str, &str) {
     let end = s
         .bytes()
