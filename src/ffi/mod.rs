@@ -601,11 +601,6 @@ fn config_from_c(c: &kvx_config) -> Result<EngineConfig, FfiError> {
 }
 
 fn batch_state(state: BatchState) -> Result<kvx_status, FfiError> {
-    match state {
-        BatchState::InProgress => Ok(KVX_IN_PROGRESS),
-        BatchState::Completed => Ok(KVX_OK),
-        BatchState::Failed(e) => Err(e.into()),
-        BatchState::Cancelled => Err(crate::Error::Cancelled.into()),
-        BatchState::TimedOut => Err(crate::Error::TimedOut.into()),
-    }
+    let finished = state.into_result()?;
+    Ok(if finished { KVX_OK } else { KVX_IN_PROGRESS })
 }
