@@ -31,6 +31,7 @@
 
 #![warn(missing_docs)]
 
+pub mod control;
 pub mod engine;
 pub mod ffi;
 pub mod memory;
