@@ -177,4 +177,11 @@ impl SliceSource for Batch {
             self.end(outcome);
         }
     }
+
+    fn is_stopped(&self) -> bool {
+        if !self.progress.is_stopped() && Instant::now() >= self.deadline {
+            self.stop(StopReason::TimedOut);
+        }
+        self.progress.is_stopped()
+    }
 }

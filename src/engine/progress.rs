@@ -102,6 +102,12 @@ impl Progress {
         self.account(skipped)
     }
 
+    /// Whether the batch was stopped (cancel, timeout or a failure): nothing more is
+    /// handed out, though claimed slices may still be moving.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire) != RUNNING
+    }
+
     /// The outcome once published; `None` while the batch runs.
     pub fn outcome(&self) -> Option<Outcome> {
         match self.outcome.load(Ordering::Acquire) {

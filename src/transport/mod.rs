@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub mod local;
+pub mod tcp;
 
 /// Direction of an op, seen from the initiator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,6 +59,10 @@ pub trait SliceSource: Send + Sync {
     /// Reports a claimed range as moved (`Ok`) or failed. Called exactly once per claimed
     /// slice; after it returns the transport must not touch those slices' memory.
     fn complete(&self, range: Range<usize>, result: Result<(), TransportError>);
+    /// Whether the batch was stopped (cancelled, failed, or past its deadline, which this
+    /// call enforces). Transports that cannot interrupt a slice in flight (a network
+    /// request) poll this to decide when to abandon a connection.
+    fn is_stopped(&self) -> bool;
 }
 
 /// A way of moving slices.
@@ -82,12 +87,15 @@ pub trait Transport: Send + Sync + fmt::Debug {
 pub enum TransportKind {
     /// In-process copies (the engine is its own peer).
     Local,
+    /// TCP connections driven by io_uring.
+    Tcp,
 }
 
 impl fmt::Display for TransportKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             TransportKind::Local => "local",
+            TransportKind::Tcp => "tcp",
         })
     }
 }

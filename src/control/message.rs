@@ -1,0 +1,890 @@
+//! Control messages and their bodies.
+//!
+//! Encoding (little endian): integers fixed-size; a string is a `u32` byte count and that
+//! many UTF-8 bytes; a vector is a `u32` item count and the items. A body holds exactly one
+//! message: trailing bytes are an error. Decoding checks every count against the bytes
+//! left (and the bounds below) before it allocates, and never panics.
+//!
+//! A segment descriptor is encoded as `engine_id u64, session str, host str, epoch u64,
+//! version u64, regions vec<addr u64, len u64, location str, access u32>,
+//! transports vec<kind str, params vec<key str, value str>>`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::error::ControlError;
+use crate::memory::{Access, Location};
+
+/// Message kind numbers (the `kind` field of the frame header).
+pub mod kind {
+    /// [`Message::Handshake`](super::Message::Handshake).
+    pub const HANDSHAKE: u16 = 1;
+    /// [`Message::HandshakeReply`](super::Message::HandshakeReply).
+    pub const HANDSHAKE_REPLY: u16 = 2;
+    /// [`Message::DescriptorRequest`](super::Message::DescriptorRequest).
+    pub const DESCRIPTOR_REQUEST: u16 = 3;
+    /// [`Message::Refresh`](super::Message::Refresh).
+    pub const REFRESH: u16 = 4;
+    /// [`Message::Probe`](super::Message::Probe).
+    pub const PROBE: u16 = 5;
+    /// [`Message::ProbeReply`](super::Message::ProbeReply).
+    pub const PROBE_REPLY: u16 = 6;
+    /// [`Message::Notify`](super::Message::Notify).
+    pub const NOTIFY: u16 = 7;
+    /// [`Message::NotifyAck`](super::Message::NotifyAck).
+    pub const NOTIFY_ACK: u16 = 8;
+    /// [`Message::Error`](super::Message::Error).
+    pub const ERROR: u16 = 9;
+
+    /// Whether this build knows the kind.
+    pub fn is_known(kind: u16) -> bool {
+        (HANDSHAKE..=ERROR).contains(&kind)
+    }
+}
+
+/// Codes of [`Message::Error`].
+pub mod error_code {
+    /// The frame's protocol version is not spoken here; the connection is closed.
+    pub const UNSUPPORTED_VERSION: u16 = 1;
+    /// The frame's message kind is unknown here; the body was skipped, the connection
+    /// stays usable.
+    pub const UNKNOWN_KIND: u16 = 2;
+    /// The frame or its body does not decode; the connection is closed.
+    pub const MALFORMED: u16 = 3;
+    /// A valid message at the wrong time (e.g. anything but Handshake first).
+    pub const UNEXPECTED: u16 = 4;
+    /// The serving side failed (e.g. its own descriptor is invalid).
+    pub const INTERNAL: u16 = 5;
+
+    /// The name of a code (`"UNKNOWN"` for codes this build does not know).
+    pub fn name(code: u16) -> &'static str {
+        match code {
+            UNSUPPORTED_VERSION => "UNSUPPORTED_VERSION",
+            UNKNOWN_KIND => "UNKNOWN_KIND",
+            MALFORMED => "MALFORMED",
+            UNEXPECTED => "UNEXPECTED",
+            INTERNAL => "INTERNAL",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+/// Largest notification payload (1 MiB).
+pub const MAX_NOTIFY: usize = 1 << 20;
+/// Most regions in one descriptor.
+pub const MAX_REGIONS: usize = 1 << 20;
+/// Most transport offers in one descriptor.
+pub const MAX_TRANSPORTS: usize = 64;
+/// Most parameters of one transport offer.
+pub const MAX_PARAMS: usize = 64;
+/// Longest string (in bytes) in a message.
+pub const MAX_STRING: usize = 4096;
+
+/// The name of a message kind (`"unknown"` for kinds this build does not know).
+pub fn kind_name(kind: u16) -> &'static str {
+    match kind {
+        kind::HANDSHAKE => "Handshake",
+        kind::HANDSHAKE_REPLY => "HandshakeReply",
+        kind::DESCRIPTOR_REQUEST => "DescriptorRequest",
+        kind::REFRESH => "Refresh",
+        kind::PROBE => "Probe",
+        kind::PROBE_REPLY => "ProbeReply",
+        kind::NOTIFY => "Notify",
+        kind::NOTIFY_ACK => "NotifyAck",
+        kind::ERROR => "Error",
+        _ => "unknown",
+    }
+}
+
+/// One registered region as a peer sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Start address (in the owner's address space).
+    pub addr: u64,
+    /// Length in bytes (> 0).
+    pub len: u64,
+    /// Where the bytes live.
+    pub location: Location,
+    /// What peers and the owner may do with it.
+    pub access: Access,
+}
+
+/// A transport the engine offers to peers, with its parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportOffer {
+    /// Transport name, e.g. `"tcp"`.
+    pub kind: String,
+    /// Parameters, e.g. `[("port", "4242"), ("lanes", "2")]`.
+    pub params: Vec<(String, String)>,
+}
+
+impl TransportOffer {
+    /// The value of the first parameter named `key`.
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What an engine tells peers about itself: who it is, its registered regions and the
+/// transports it offers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentDescriptor {
+    /// Random per engine instance.
+    pub engine_id: u64,
+    /// `"host:port"` the engine's control server listens on.
+    pub session: String,
+    /// Host identity (hostname + boot id), used to detect same-host peers.
+    pub host: String,
+    /// Changes when a process restarts under the same session.
+    pub epoch: u64,
+    /// Bumped on each registry change.
+    pub version: u64,
+    /// Registered regions, sorted by address and disjoint.
+    pub regions: Vec<RegionInfo>,
+    /// Transports offered.
+    pub transports: Vec<TransportOffer>,
+}
+
+impl SegmentDescriptor {
+    /// Checks what decoding checks: the bounds ([`MAX_REGIONS`], [`MAX_TRANSPORTS`],
+    /// [`MAX_PARAMS`], [`MAX_STRING`]) and that regions are non-empty, do not wrap past
+    /// the end of the address space, and are sorted by address without overlapping.
+    ///
+    /// Errors: [`ControlError::InvalidDescriptor`] naming the first problem.
+    pub fn validate(&self) -> Result<(), ControlError> {
+        self.check()
+            .map_err(|reason| ControlError::InvalidDescriptor { reason })
+    }
+
+    fn check(&self) -> Result<(), String> {
+        check_string("session", &self.session)?;
+        check_string("host", &self.host)?;
+        if self.regions.len() > MAX_REGIONS {
+            return Err(format!(
+                "{} regions, more than the limit of {MAX_REGIONS}",
+                self.regions.len()
+            ));
+        }
+        let mut prev: Option<(usize, u64)> = None; // (index, end) of the previous region
+        for (i, region) in self.regions.iter().enumerate() {
+            if region.len == 0 {
+                return Err(format!("region {i} at {:#x} has length 0", region.addr));
+            }
+            let end = region.addr.checked_add(region.len).ok_or_else(|| {
+                format!(
+                    "region {i} ({} bytes at {:#x}) wraps past the end of the address space",
+                    region.len, region.addr
+                )
+            })?;
+            if let Some((p, prev_end)) = prev {
+                if region.addr < prev_end {
+                    return Err(format!(
+                        "region {i} at {:#x} is not after region {p} (which ends at {prev_end:#x}): \
+                         regions must be sorted by address and must not overlap",
+                        region.addr
+                    ));
+                }
+            }
+            prev = Some((i, end));
+        }
+        if self.transports.len() > MAX_TRANSPORTS {
+            return Err(format!(
+                "{} transports, more than the limit of {MAX_TRANSPORTS}",
+                self.transports.len()
+            ));
+        }
+        for (i, offer) in self.transports.iter().enumerate() {
+            check_string("transport kind", &offer.kind)?;
+            if offer.params.len() > MAX_PARAMS {
+                return Err(format!(
+                    "transport {i} ({:?}) has {} parameters, more than the limit of {MAX_PARAMS}",
+                    offer.kind,
+                    offer.params.len()
+                ));
+            }
+            for (key, value) in &offer.params {
+                check_string("transport parameter name", key)?;
+                check_string("transport parameter value", value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_string(what: &str, s: &str) -> Result<(), String> {
+    if s.len() > MAX_STRING {
+        Err(format!(
+            "{what} of {} bytes exceeds the limit of {MAX_STRING} bytes",
+            s.len()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A control message. Each has a fixed kind number (see [`kind`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Initiator → target, first message of a connection: the initiator's descriptor.
+    Handshake(SegmentDescriptor),
+    /// Target → initiator: the target's descriptor.
+    HandshakeReply(SegmentDescriptor),
+    /// Asks for the current descriptor; the reply is [`Message::Refresh`].
+    DescriptorRequest,
+    /// The target's descriptor: pushed (request id 0) when its registered memory changes,
+    /// or the reply to a [`Message::DescriptorRequest`].
+    Refresh(SegmentDescriptor),
+    /// Liveness / latency probe.
+    Probe {
+        /// Echoed in the reply.
+        nonce: u64,
+    },
+    /// Reply to [`Message::Probe`].
+    ProbeReply {
+        /// The probe's nonce.
+        nonce: u64,
+    },
+    /// A notification for the target (at most [`MAX_NOTIFY`] bytes).
+    Notify {
+        /// The payload.
+        bytes: Vec<u8>,
+    },
+    /// The notification was queued at the target.
+    NotifyAck,
+    /// A request (or frame) was refused.
+    Error {
+        /// See [`error_code`].
+        code: u16,
+        /// Explanation (at most [`MAX_STRING`] bytes).
+        message: String,
+    },
+}
+
+impl Message {
+    /// An Error message; `message` is cut to [`MAX_STRING`] bytes (at a character
+    /// boundary).
+    pub fn error(code: u16, message: impl Into<String>) -> Message {
+        let mut message = message.into();
+        if message.len() > MAX_STRING {
+            let mut cut = MAX_STRING;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Message::Error { code, message }
+    }
+
+    /// This message's kind number.
+    pub fn kind(&self) -> u16 {
+        match self {
+            Message::Handshake(_) => kind::HANDSHAKE,
+            Message::HandshakeReply(_) => kind::HANDSHAKE_REPLY,
+            Message::DescriptorRequest => kind::DESCRIPTOR_REQUEST,
+            Message::Refresh(_) => kind::REFRESH,
+            Message::Probe { .. } => kind::PROBE,
+            Message::ProbeReply { .. } => kind::PROBE_REPLY,
+            Message::Notify { .. } => kind::NOTIFY,
+            Message::NotifyAck => kind::NOTIFY_ACK,
+            Message::Error { .. } => kind::ERROR,
+        }
+    }
+
+    /// The kind number and body bytes of this message.
+    ///
+    /// Encoding does not check bounds: a message that breaks one (see
+    /// [`SegmentDescriptor::validate`], [`MAX_NOTIFY`]) encodes, and is refused by the
+    /// decoder.
+    pub fn encode(&self) -> (u16, Vec<u8>) {
+        let mut w = Writer::default();
+        match self {
+            Message::Handshake(d) | Message::HandshakeReply(d) | Message::Refresh(d) => {
+                w.descriptor(d)
+            }
+            Message::DescriptorRequest | Message::NotifyAck => {}
+            Message::Probe { nonce } | Message::ProbeReply { nonce } => w.u64(*nonce),
+            Message::Notify { bytes } => w.bytes(bytes),
+            Message::Error { code, message } => {
+                w.u16(*code);
+                w.bytes(message.as_bytes());
+            }
+        }
+        (self.kind(), w.0)
+    }
+
+    /// Decodes the body of a message of kind `kind`.
+    ///
+    /// Errors: [`ControlError::UnknownKind`] for kinds this build does not know,
+    /// [`ControlError::Malformed`] naming what is wrong for everything else.
+    pub fn decode(kind: u16, body: &[u8]) -> Result<Message, ControlError> {
+        if !kind::is_known(kind) {
+            return Err(ControlError::UnknownKind { kind });
+        }
+        let malformed = |reason: String| ControlError::Malformed { kind, reason };
+        let mut r = Reader { buf: body, pos: 0 };
+        let message = match kind {
+            kind::HANDSHAKE => Message::Handshake(r.descriptor().map_err(malformed)?),
+            kind::HANDSHAKE_REPLY => Message::HandshakeReply(r.descriptor().map_err(malformed)?),
+            kind::DESCRIPTOR_REQUEST => Message::DescriptorRequest,
+            kind::REFRESH => Message::Refresh(r.descriptor().map_err(malformed)?),
+            kind::PROBE => Message::Probe {
+                nonce: r.u64("nonce").map_err(malformed)?,
+            },
+            kind::PROBE_REPLY => Message::ProbeReply {
+                nonce: r.u64("nonce").map_err(malformed)?,
+            },
+            kind::NOTIFY => Message::Notify {
+                bytes: r
+                    .bytes("notification", MAX_NOTIFY)
+                    .map_err(malformed)?
+                    .to_vec(),
+            },
+            kind::NOTIFY_ACK => Message::NotifyAck,
+            _ => {
+                // kind::ERROR, the only one left.
+                let code = r.u16("error code").map_err(malformed)?;
+                let message = r.string("error message").map_err(malformed)?;
+                Message::Error { code, message }
+            }
+        };
+        let left = body.len() - r.pos;
+        if left != 0 {
+            return Err(malformed(format!(
+                "{left} trailing bytes after the message"
+            )));
+        }
+        Ok(message)
+    }
+}
+
+impl fmt::Display for Message {
+    /// The kind name and the gist (descriptor versions, nonces, sizes, error codes).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = kind_name(self.kind());
+        match self {
+            Message::Handshake(d) | Message::HandshakeReply(d) | Message::Refresh(d) => write!(
+                f,
+                "{name}({}, engine {:#x}, epoch {}, version {}, {} regions)",
+                d.session,
+                d.engine_id,
+                d.epoch,
+                d.version,
+                d.regions.len()
+            ),
+            Message::Probe { nonce } | Message::ProbeReply { nonce } => {
+                write!(f, "{name}({nonce:#x})")
+            }
+            Message::Notify { bytes } => write!(f, "{name}({} bytes)", bytes.len()),
+            Message::Error { code, message } => write!(
+                f,
+                "{name}({} {code}: {message})",
+                error_code::name(*code)
+            ),
+            Message::DescriptorRequest | Message::NotifyAck => f.write_str(name),
+        }
+    }
+}
+
+/// Appends little-endian fields.
+#[derive(Default)]
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    /// A count. Counts beyond u32 cannot be decoded anyway; they are written saturated so
+    /// that the decoder refuses the message.
+    fn count(&mut self, n: usize) {
+        self.u32(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.count(b.len());
+        self.0.extend_from_slice(b);
+    }
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+    fn descriptor(&mut self, d: &SegmentDescriptor) {
+        self.u64(d.engine_id);
+        self.str(&d.session);
+        self.str(&d.host);
+        self.u64(d.epoch);
+        self.u64(d.version);
+        self.count(d.regions.len());
+        for region in &d.regions {
+            self.u64(region.addr);
+            self.u64(region.len);
+            self.str(&region.location.to_string());
+            self.u32(region.access.bits());
+        }
+        self.count(d.transports.len());
+        for offer in &d.transports {
+            self.str(&offer.kind);
+            self.count(offer.params.len());
+            for (key, value) in &offer.params {
+                self.str(key);
+                self.str(value);
+            }
+        }
+    }
+}
+
+/// Smallest encoding of a region: addr, len, a location of one byte, access.
+const MIN_REGION_BYTES: usize = 8 + 8 + 4 + 1 + 4;
+/// Smallest encoding of a transport offer: an empty kind and no parameters.
+const MIN_TRANSPORT_BYTES: usize = 4 + 4;
+/// Smallest encoding of a parameter: two empty strings.
+const MIN_PARAM_BYTES: usize = 4 + 4;
+
+/// Reads little-endian fields from a body; every failure is a reason string.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+        if n > self.left() {
+            return Err(format!(
+                "body ends inside {what} (needs {n} bytes, {} left)",
+                self.left()
+            ));
+        }
+        let out = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], String> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+
+    fn u16(&mut self, what: &str) -> Result<u16, String> {
+        self.array(what).map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, String> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, String> {
+        self.array(what).map(u64::from_le_bytes)
+    }
+
+    /// A count of items of at least `min_bytes` each, at most `max`, that fit in the
+    /// bytes left.
+    fn count(&mut self, what: &str, max: usize, min_bytes: usize) -> Result<usize, String> {
+        let n = self.u32(what)? as usize;
+        if n > max {
+            return Err(format!("{n} {what}, more than the limit of {max}"));
+        }
+        if n.saturating_mul(min_bytes) > self.left() {
+            return Err(format!(
+                "{n} {what} cannot fit in the {} bytes left",
+                self.left()
+            ));
+        }
+        Ok(n)
+    }
+
+    fn bytes(&mut self, what: &str, max: usize) -> Result<&'a [u8], String> {
+        let n = self.u32(what)? as usize;
+        if n > max {
+            return Err(format!(
+                "{what} of {n} bytes exceeds the limit of {max} bytes"
+            ));
+        }
+        self.take(n, what)
+    }
+
+    fn str(&mut self, what: &str) -> Result<&'a str, String> {
+        let bytes = self.bytes(what, MAX_STRING)?;
+        std::str::from_utf8(bytes).map_err(|e| format!("{what} is not valid UTF-8: {e}"))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, String> {
+        self.str(what).map(str::to_owned)
+    }
+
+    fn descriptor(&mut self) -> Result<SegmentDescriptor, String> {
+        let engine_id = self.u64("engine id")?;
+        let session = self.string("session")?;
+        let host = self.string("host")?;
+        let epoch = self.u64("epoch")?;
+        let version = self.u64("version")?;
+        let n = self.count("regions", MAX_REGIONS, MIN_REGION_BYTES)?;
+        let mut regions = Vec::with_capacity(n);
+        for i in 0..n {
+            let addr = self.u64("region address")?;
+            let len = self.u64("region length")?;
+            let text = self.str("region location")?;
+            let location = Location::from_str(text).map_err(|e| format!("region {i}: {e}"))?;
+            let bits = self.u32("region access")?;
+            let access = Access::from_bits(bits).ok_or_else(|| {
+                format!("region {i}: access bits {bits:#x} include unknown flags")
+            })?;
+            regions.push(RegionInfo {
+                addr,
+                len,
+                location,
+                access,
+            });
+        }
+        let n = self.count("transports", MAX_TRANSPORTS, MIN_TRANSPORT_BYTES)?;
+        let mut transports = Vec::with_capacity(n);
+        for _ in 0..n {
+            let kind = self.string("transport kind")?;
+            let n = self.count("transport parameters", MAX_PARAMS, MIN_PARAM_BYTES)?;
+            let mut params = Vec::with_capacity(n);
+            for _ in 0..n {
+                let key = self.string("transport parameter name")?;
+                let value = self.string("transport parameter value")?;
+                params.push((key, value));
+            }
+            transports.push(TransportOffer { kind, params });
+        }
+        let descriptor = SegmentDescriptor {
+            engine_id,
+            session,
+            host,
+            epoch,
+            version,
+            regions,
+            transports,
+        };
+        descriptor.check()?;
+        Ok(descriptor)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    pub(crate) fn descriptor(version: u64) -> SegmentDescriptor {
+        SegmentDescriptor {
+            engine_id: 0xfeed,
+            session: "127.0.0.1:4242".into(),
+            host: "node1/boot-1".into(),
+            epoch: 3,
+            version,
+            regions: vec![
+                RegionInfo {
+                    addr: 0x1000,
+                    len: 0x1000,
+                    location: Location::Cpu(0),
+                    access: Access::ALL,
+                },
+                RegionInfo {
+                    addr: 0x2000,
+                    len: 0x10,
+                    location: Location::Cuda(1),
+                    access: Access::REMOTE_READ,
+                },
+            ],
+            transports: vec![TransportOffer {
+                kind: "tcp".into(),
+                params: vec![("port".into(), "4242".into()), ("lanes".into(), "2".into())],
+            }],
+        }
+    }
+
+    fn any_location() -> impl Strategy<Value = Location> {
+        prop_oneof![
+            any::<u32>().prop_map(Location::Cpu),
+            any::<u32>().prop_map(Location::Cuda),
+            Just(Location::Any),
+        ]
+    }
+
+    /// Valid regions: sorted, disjoint, non-empty, not wrapping.
+    fn any_regions() -> impl Strategy<Value = Vec<RegionInfo>> {
+        vec(
+            (
+                0u64..1 << 40,
+                1u64..1 << 40,
+                any_location(),
+                0u32..16,
+            ),
+            0..8,
+        )
+        .prop_map(|items| {
+            let mut next = 0u64;
+            items
+                .into_iter()
+                .map(|(gap, len, location, bits)| {
+                    let addr = next + gap;
+                    next = addr + len;
+                    RegionInfo {
+                        addr,
+                        len,
+                        location,
+                        access: Access::from_bits_truncate(bits),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    fn any_transports() -> impl Strategy<Value = Vec<TransportOffer>> {
+        vec(
+            (
+                "\\PC{0,8}",
+                vec(("\\PC{0,8}", "\\PC{0,8}"), 0..4),
+            )
+                .prop_map(|(kind, params)| TransportOffer { kind, params }),
+            0..4,
+        )
+    }
+
+    pub(crate) fn any_descriptor() -> impl Strategy<Value = SegmentDescriptor> {
+        (
+            any::<u64>(),
+            "\\PC{0,24}",
+            "\\PC{0,24}",
+            any::<u64>(),
+            any::<u64>(),
+            any_regions(),
+            any_transports(),
+        )
+            .prop_map(
+                |(engine_id, session, host, epoch, version, regions, transports)| {
+                    SegmentDescriptor {
+                        engine_id,
+                        session,
+                        host,
+                        epoch,
+                        version,
+                        regions,
+                        transports,
+                    }
+                },
+            )
+    }
+
+    fn any_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            any_descriptor().prop_map(Message::Handshake),
+            any_descriptor().prop_map(Message::HandshakeReply),
+            Just(Message::DescriptorRequest),
+            any_descriptor().prop_map(Message::Refresh),
+            any::<u64>().prop_map(|nonce| Message::Probe { nonce }),
+            any::<u64>().prop_map(|nonce| Message::ProbeReply { nonce }),
+            vec(any::<u8>(), 0..64).prop_map(|bytes| Message::Notify { bytes }),
+            Just(Message::NotifyAck),
+            (any::<u16>(), "\\PC{0,32}").prop_map(|(code, message)| Message::Error { code, message }),
+        ]
+    }
+
+    #[test]
+    fn descriptor_round_trips_and_param_finds_values() {
+        let d = descriptor(7);
+        let (kind, body) = Message::Refresh(d.clone()).encode();
+        assert_eq!(kind, kind::REFRESH);
+        assert_eq!(Message::decode(kind, &body).unwrap(), Message::Refresh(d.clone()));
+        assert_eq!(d.transports[0].param("lanes"), Some("2"));
+        assert_eq!(d.transports[0].param("nope"), None);
+    }
+
+    fn refused(d: &SegmentDescriptor) -> String {
+        assert!(d.validate().is_err());
+        let (kind, body) = Message::Handshake(d.clone()).encode();
+        match Message::decode(kind, &body) {
+            Err(ControlError::Malformed { kind: 1, reason }) => reason,
+            other => panic!("{d:?} decoded as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_regions_are_refused() {
+        let mut d = descriptor(1);
+        d.regions[1].len = 0;
+        assert!(refused(&d).contains("length 0"));
+
+        let mut d = descriptor(1);
+        d.regions[1].addr = u64::MAX - 4;
+        assert!(refused(&d).contains("wraps"));
+
+        let mut d = descriptor(1);
+        d.regions[1].addr = 0x1fff; // overlaps region 0
+        assert!(refused(&d).contains("sorted"));
+
+        let mut d = descriptor(1);
+        d.regions.swap(0, 1); // unsorted
+        assert!(refused(&d).contains("sorted"));
+
+        // Adjacent regions are fine; a region may end exactly at u64::MAX.
+        let mut d = descriptor(1);
+        d.regions[1].addr = u64::MAX - 0x10;
+        assert!(d.validate().is_ok());
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        let mut d = descriptor(1);
+        d.host = "h".repeat(MAX_STRING + 1);
+        assert!(refused(&d).contains("host"));
+
+        let mut d = descriptor(1);
+        d.host = "h".repeat(MAX_STRING);
+        assert!(d.validate().is_ok());
+
+        let mut d = descriptor(1);
+        d.transports = vec![d.transports[0].clone(); MAX_TRANSPORTS + 1];
+        assert!(refused(&d).contains("transports"));
+
+        let mut d = descriptor(1);
+        d.transports[0].params = vec![("k".into(), "v".into()); MAX_PARAMS + 1];
+        assert!(refused(&d).contains("parameters"));
+
+        let (kind, body) = Message::Notify {
+            bytes: vec![0; MAX_NOTIFY + 1],
+        }
+        .encode();
+        assert!(matches!(
+            Message::decode(kind, &body),
+            Err(ControlError::Malformed { kind: 7, .. })
+        ));
+        let (kind, body) = Message::Notify {
+            bytes: vec![0; MAX_NOTIFY],
+        }
+        .encode();
+        assert!(Message::decode(kind, &body).is_ok());
+    }
+
+    #[test]
+    fn counts_are_checked_before_allocating() {
+        // A Refresh claiming 1<<20 regions in a 60-byte body.
+        let mut body = Vec::new();
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        let err = Message::decode(kind::REFRESH, &body).unwrap_err();
+        assert!(err.to_string().contains("cannot fit"), "{err}");
+        body.truncate(body.len() - 4);
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        let err = Message::decode(kind::REFRESH, &body).unwrap_err();
+        assert!(err.to_string().contains("limit"), "{err}");
+    }
+
+    #[test]
+    fn bad_fields_are_refused() {
+        // Unknown access bits.
+        let mut d = descriptor(1);
+        d.transports.clear();
+        let (_, mut body) = Message::Refresh(d.clone()).encode();
+        // Without transports, the body ends with region 1's access and a zero count.
+        let pos = body.len() - 8;
+        assert_eq!(body[pos..pos + 4], Access::REMOTE_READ.bits().to_le_bytes());
+        body[pos..pos + 4].copy_from_slice(&0x100u32.to_le_bytes());
+        let err = Message::decode(kind::REFRESH, &body).unwrap_err();
+        assert!(err.to_string().contains("unknown flags"), "{err}");
+
+        // A bad location string.
+        let (_, body) = Message::Refresh(d).encode();
+        let pos = body
+            .windows(6)
+            .position(|w| w == b"cuda:1")
+            .expect("location of region 1");
+        let mut bad = body.clone();
+        bad[pos..pos + 6].copy_from_slice(b"gpus:1");
+        let err = Message::decode(kind::REFRESH, &bad).unwrap_err();
+        assert!(err.to_string().contains("invalid location"), "{err}");
+
+        // Invalid UTF-8.
+        let mut bad = body.clone();
+        bad[pos] = 0xff;
+        let err = Message::decode(kind::REFRESH, &bad).unwrap_err();
+        assert!(err.to_string().contains("UTF-8"), "{err}");
+
+        // Trailing bytes, and empty messages with a body.
+        let mut bad = body;
+        bad.push(0);
+        let err = Message::decode(kind::REFRESH, &bad).unwrap_err();
+        assert!(err.to_string().contains("1 trailing bytes"), "{err}");
+        assert!(Message::decode(kind::NOTIFY_ACK, &[0]).is_err());
+        assert!(Message::decode(kind::DESCRIPTOR_REQUEST, &[]).is_ok());
+
+        // Unknown kinds.
+        assert!(matches!(
+            Message::decode(0, &[]),
+            Err(ControlError::UnknownKind { kind: 0 })
+        ));
+        assert!(matches!(
+            Message::decode(10, &[]),
+            Err(ControlError::UnknownKind { kind: 10 })
+        ));
+    }
+
+    #[test]
+    fn error_messages_are_cut_at_a_char_boundary() {
+        let long = "é".repeat(MAX_STRING); // 2 bytes each
+        let Message::Error { message, .. } = Message::error(error_code::INTERNAL, long) else {
+            unreachable!()
+        };
+        assert_eq!(message.len(), MAX_STRING);
+        let (kind, body) = Message::error(5, "é".repeat(3000)).encode();
+        assert!(Message::decode(kind, &body).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(message in any_message()) {
+            let (kind, body) = message.encode();
+            prop_assert_eq!(kind, message.kind());
+            prop_assert_eq!(Message::decode(kind, &body).unwrap(), message);
+        }
+
+        #[test]
+        fn truncated_bodies_are_errors(message in any_message(), cut in any::<prop::sample::Index>()) {
+            let (kind, body) = message.encode();
+            if !body.is_empty() {
+                let cut = cut.index(body.len());
+                prop_assert!(Message::decode(kind, &body[..cut]).is_err());
+            }
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(kind in 0u16..12, body in vec(any::<u8>(), 0..256)) {
+            if let Ok(message) = Message::decode(kind, &body) {
+                let (again_kind, again) = message.encode();
+                prop_assert_eq!(again_kind, kind);
+                prop_assert_eq!(Message::decode(kind, &again).unwrap(), message);
+            }
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(message in any_message(), at in any::<prop::sample::Index>(), byte: u8) {
+            let (kind, mut body) = message.encode();
+            if !body.is_empty() {
+                let at = at.index(body.len());
+                body[at] = byte;
+                if let Ok(decoded) = Message::decode(kind, &body) {
+                    let (_, again) = decoded.encode();
+                    prop_assert_eq!(Message::decode(kind, &again).unwrap(), decoded);
+                }
+            }
+        }
+    }
+}

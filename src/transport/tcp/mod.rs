@@ -1,0 +1,201 @@
+//! TCP over io_uring: the transport that works between any two hosts.
+//!
+//! Every engine runs a data listener ([`TcpServer`]) whose connections are served by a
+//! fixed pool of I/O threads ([`IoPool`]); to reach a peer it opens a few connections
+//! ("lanes", [`TcpTransport`]) driven by the same threads. Requests carry the target
+//! addresses; the serving side checks each against its own registry before it moves a
+//! byte (see `serve`), and a WRITE completes only when the target has acknowledged that
+//! the bytes are in its memory.
+
+mod io;
+mod lane;
+mod serve;
+pub mod wire;
+
+use std::io as stdio;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub(crate) use io::IoPool;
+use io::Command;
+use lane::{fail_all, LaneShared, PeerLanes};
+
+use super::{SliceSource, Transport, TransportKind};
+use crate::memory::Registry;
+
+/// Lanes to one peer: a set of connections sharing the peer's batches.
+#[derive(Debug)]
+pub struct TcpTransport {
+    lanes: Vec<Arc<LaneShared>>,
+    peer: Arc<PeerLanes>,
+    remote: SocketAddr,
+    threads: usize,
+}
+
+impl TcpTransport {
+    /// Connects `lanes` connections to the data listener at `remote` (each within
+    /// `timeout`) and hands them to `pool`'s threads.
+    pub(crate) fn connect(
+        pool: &IoPool,
+        name: &str,
+        remote: SocketAddr,
+        lanes: usize,
+        timeout: Duration,
+    ) -> stdio::Result<TcpTransport> {
+        let peer = Arc::new(PeerLanes {
+            name: name.to_string(),
+            alive: AtomicUsize::new(0),
+            last_error: Mutex::new(None),
+        });
+        let mut streams = Vec::new();
+        for _ in 0..lanes.max(1) {
+            let stream = TcpStream::connect_timeout(&remote, timeout)?;
+            stream.set_nodelay(true)?;
+            streams.push(stream);
+        }
+        let mut shared = Vec::new();
+        for stream in streams {
+            let lane = Arc::new(LaneShared::new(pool.pick(), Arc::clone(&peer)));
+            peer.alive.fetch_add(1, Ordering::AcqRel);
+            lane.start(stream);
+            shared.push(lane);
+        }
+        Ok(TcpTransport {
+            lanes: shared,
+            peer,
+            remote,
+            threads: pool.len(),
+        })
+    }
+
+    /// Whether every lane has died (the peer went away); the engine then reconnects.
+    pub fn is_broken(&self) -> bool {
+        self.peer.alive.load(Ordering::Acquire) == 0
+    }
+
+    /// Why the last lane died, if one did.
+    pub fn last_error(&self) -> Option<String> {
+        self.peer
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        for lane in &self.lanes {
+            lane.request_close();
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "TCP over io_uring to {}: {} lanes on {} I/O threads",
+            self.remote,
+            self.lanes.len(),
+            self.threads
+        )
+    }
+
+    fn post(&self, work: Arc<dyn SliceSource>) {
+        let mut posted = 0;
+        for lane in &self.lanes {
+            if lane.post(&work) {
+                posted += 1;
+            }
+        }
+        if posted == 0 {
+            let why = self
+                .last_error()
+                .unwrap_or_else(|| format!("no connection to {} is open", self.peer.name));
+            fail_all(&*work, &why);
+        }
+    }
+}
+
+/// The data listener: accepts lanes and hands them to the I/O threads.
+#[derive(Debug)]
+pub struct TcpServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accept: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl TcpServer {
+    /// Listens on `listener`; every connection is served against `registry`.
+    pub(crate) fn start(
+        listener: TcpListener,
+        registry: Arc<Registry>,
+        pool: Arc<IoPool>,
+    ) -> stdio::Result<TcpServer> {
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let accept = std::thread::Builder::new()
+            .name("kvx-tcp-accept".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match stream {
+                        Ok(stream) => {
+                            let _ = stream.set_nodelay(true);
+                            pool.pick()
+                                .send(Command::Serve(stream, Arc::clone(&registry)));
+                        }
+                        Err(e) => log::warn!("kvxfer: accepting a data lane failed: {e}"),
+                    }
+                }
+            })?;
+        Ok(TcpServer {
+            addr,
+            stop,
+            accept: Mutex::new(Some(accept)),
+        })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting (connections already accepted are closed with the I/O pool).
+    pub(crate) fn shutdown(&self) {
+        let Some(join) = self
+            .accept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept with a connection of our own.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        if join.join().is_err() {
+            log::error!("kvxfer bug: the accept thread panicked");
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

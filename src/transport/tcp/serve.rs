@@ -1,0 +1,455 @@
+//! A served lane: requests from a peer, each checked against this engine's registry and
+//! access rights before a byte moves. WRITE payloads are received straight into the
+//! target region; READ payloads are sent straight from it. The regions a request uses are
+//! pinned until its bytes have moved, so `unregister` reports them busy meanwhile.
+
+use std::collections::VecDeque;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::io::{describe, token, Driven, IoVecs, Submit, OP_RECV, OP_SEND};
+use super::wire::{decode_entries, Code, Entry, Header, Kind, ENTRY_LEN, HEADER_LEN};
+use crate::memory::{Access, Region, RegionLookup, Registry};
+
+/// Responses queued before the connection stops reading requests (backpressure).
+const MAX_QUEUED: usize = 256;
+/// Scratch for discarding the payload of a refused WRITE.
+const SCRATCH: usize = 64 << 10;
+
+/// Regions pinned for one request; unpinned on drop.
+pub(super) struct Pinned(Vec<Arc<Region>>);
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.0.iter().for_each(|r| r.unpin());
+    }
+}
+
+/// Checks every entry against `registry`: inside one registered region that grants
+/// `need`. On success the regions are pinned (under the registry's read lock, like a
+/// batch), so they cannot be unregistered while the bytes move.
+pub(super) fn check(
+    registry: &Registry,
+    entries: &[Entry],
+    need: Access,
+) -> Result<Pinned, (Code, String)> {
+    let map = registry.read();
+    let mut regions: Vec<Arc<Region>> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let end = e.addr + u64::from(e.len);
+        let region = map
+            .region_at(e.addr)
+            .filter(|r| end <= r.range().end())
+            .ok_or_else(|| {
+                (
+                    Code::NotRegistered,
+                    format!(
+                        "entry {i}: [{:#x}, {end:#x}) is not inside one region registered here",
+                        e.addr
+                    ),
+                )
+            })?;
+        if !region.access().contains(need) {
+            return Err((
+                Code::AccessDenied,
+                format!(
+                    "entry {i}: region {} grants {} but the request needs {need}",
+                    region.range(),
+                    region.access()
+                ),
+            ));
+        }
+        if !regions.last().is_some_and(|r| Arc::ptr_eq(r, region)) {
+            regions.push(Arc::clone(region));
+        }
+    }
+    regions.sort_unstable_by_key(|r| Arc::as_ptr(r) as usize);
+    regions.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    regions.iter().for_each(|r| r.pin());
+    Ok(Pinned(regions))
+}
+
+enum Response {
+    Ack(u64),
+    ReadData {
+        id: u64,
+        entries: Vec<Entry>,
+        _pins: Pinned,
+    },
+    Error {
+        id: u64,
+        code: Code,
+        message: String,
+    },
+}
+
+enum Rx {
+    Header,
+    Entries(Header),
+    /// Receiving a WRITE's payload into the target (`refused: None`) or into scratch.
+    Payload {
+        id: u64,
+        pins: Option<Pinned>,
+        refused: Option<(Code, String)>,
+        discard_left: u64,
+    },
+}
+
+/// The I/O thread's state for one served connection.
+pub(super) struct ServerConn {
+    stream: TcpStream,
+    fd: i32,
+    registry: Arc<Registry>,
+    rx: Rx,
+    hdr: Box<[u8; HEADER_LEN]>,
+    entry_bytes: Vec<u8>,
+    entries: Vec<Entry>,
+    scratch: Vec<u8>,
+    recv: IoVecs,
+    recv_pending: bool,
+    out: VecDeque<Response>,
+    send: IoVecs,
+    send_bytes: Vec<u8>,
+    sending: Vec<Response>,
+    send_pending: bool,
+    /// A malformed frame was answered; close once the answer is out.
+    close_after_send: bool,
+    closing: Option<String>,
+    shut: bool,
+}
+
+impl ServerConn {
+    pub(super) fn new(stream: TcpStream, registry: Arc<Registry>) -> Self {
+        let fd = stream.as_raw_fd();
+        ServerConn {
+            stream,
+            fd,
+            registry,
+            rx: Rx::Header,
+            hdr: Box::new([0; HEADER_LEN]),
+            entry_bytes: Vec::new(),
+            entries: Vec::new(),
+            scratch: Vec::new(),
+            recv: IoVecs::new(),
+            recv_pending: false,
+            out: VecDeque::new(),
+            send: IoVecs::new(),
+            send_bytes: Vec::new(),
+            sending: Vec::new(),
+            send_pending: false,
+            close_after_send: false,
+            closing: None,
+            shut: false,
+        }
+    }
+
+    fn malformed(&mut self, id: u64, message: String) {
+        log::warn!("kvxfer: dropping a data lane that sent a malformed frame: {message}");
+        self.out.push_back(Response::Error {
+            id,
+            code: Code::Malformed,
+            message,
+        });
+        self.close_after_send = true;
+    }
+
+    fn on_received(&mut self) {
+        match std::mem::replace(&mut self.rx, Rx::Header) {
+            Rx::Header => match Header::decode(&self.hdr) {
+                Ok(h) if matches!(h.kind, Kind::Write | Kind::Read) => {
+                    self.entry_bytes.clear();
+                    self.entry_bytes.resize(h.count as usize * ENTRY_LEN, 0);
+                    self.recv.clear();
+                    self.recv
+                        .push(self.entry_bytes.as_ptr(), self.entry_bytes.len());
+                    self.rx = Rx::Entries(h);
+                }
+                Ok(h) => self.malformed(h.id, format!("a {} frame is not a request", h.kind)),
+                Err(e) => self.malformed(0, e.to_string()),
+            },
+            Rx::Entries(h) => {
+                let total = match decode_entries(&self.entry_bytes, &mut self.entries) {
+                    Ok(total) => total,
+                    Err(e) => return self.malformed(h.id, e.to_string()),
+                };
+                let need = match h.kind {
+                    Kind::Write => Access::REMOTE_WRITE,
+                    _ => Access::REMOTE_READ,
+                };
+                let checked = check(&self.registry, &self.entries, need);
+                if h.kind == Kind::Read {
+                    self.out.push_back(match checked {
+                        Ok(pins) => Response::ReadData {
+                            id: h.id,
+                            entries: self.entries.clone(),
+                            _pins: pins,
+                        },
+                        Err((code, message)) => Response::Error {
+                            id: h.id,
+                            code,
+                            message,
+                        },
+                    });
+                    return;
+                }
+                let rx = match checked {
+                    Ok(pins) => {
+                        self.recv.clear();
+                        for e in &self.entries {
+                            self.recv.push(e.addr as *const u8, e.len as usize);
+                        }
+                        Rx::Payload {
+                            id: h.id,
+                            pins: Some(pins),
+                            refused: None,
+                            discard_left: 0,
+                        }
+                    }
+                    Err(refusal) => {
+                        log::debug!("kvxfer: refusing a WRITE: {}", refusal.1);
+                        Rx::Payload {
+                            id: h.id,
+                            pins: None,
+                            refused: Some(refusal),
+                            discard_left: total,
+                        }
+                    }
+                };
+                self.rx = rx;
+                self.discard_next();
+            }
+            Rx::Payload {
+                id,
+                pins,
+                refused,
+                discard_left,
+            } => {
+                if discard_left > 0 {
+                    self.rx = Rx::Payload {
+                        id,
+                        pins,
+                        refused,
+                        discard_left,
+                    };
+                    self.discard_next();
+                    return;
+                }
+                // The bytes are in the target's memory: release the pins, then answer.
+                drop(pins);
+                self.out.push_back(match refused {
+                    None => Response::Ack(id),
+                    Some((code, message)) => Response::Error { id, code, message },
+                });
+            }
+        }
+    }
+
+    /// For a refused WRITE, points the receive at scratch for the next piece to discard.
+    fn discard_next(&mut self) {
+        if let Rx::Payload {
+            refused: Some(_),
+            discard_left,
+            ..
+        } = &mut self.rx
+        {
+            if self.scratch.is_empty() {
+                self.scratch.resize(SCRATCH, 0);
+            }
+            let n = (*discard_left).min(SCRATCH as u64) as usize;
+            *discard_left -= n as u64;
+            self.recv.clear();
+            self.recv.push(self.scratch.as_ptr(), n);
+        }
+    }
+
+    fn build_send(&mut self) {
+        self.send_bytes.clear();
+        self.sending.clear();
+        let mut pieces: Vec<(bool, usize, usize)> = Vec::new();
+        while let Some(r) = self.out.front() {
+            let extra = match r {
+                Response::ReadData { entries, .. } => entries.len(),
+                _ => 0,
+            };
+            if !self.sending.is_empty() && pieces.len() + 1 + extra > 1024 {
+                break;
+            }
+            let r = self.out.pop_front().expect("front exists");
+            let start = self.send_bytes.len();
+            match &r {
+                Response::Ack(id) => {
+                    self.send_bytes.extend_from_slice(&header(Kind::Ack, 0, 0, *id));
+                }
+                Response::ReadData { id, entries, .. } => {
+                    self.send_bytes
+                        .extend_from_slice(&header(Kind::ReadData, 0, 0, *id));
+                    pieces.push((true, start, HEADER_LEN));
+                    for e in entries {
+                        pieces.push((false, e.addr as usize, e.len as usize));
+                    }
+                }
+                Response::Error { id, code, message } => {
+                    let text = &message.as_bytes()[..message.len().min(4096)];
+                    self.send_bytes.extend_from_slice(&header(
+                        Kind::Error,
+                        text.len() as u32,
+                        *code as u32,
+                        *id,
+                    ));
+                    self.send_bytes.extend_from_slice(text);
+                }
+            }
+            if !matches!(r, Response::ReadData { .. }) {
+                pieces.push((true, start, self.send_bytes.len() - start));
+            }
+            self.sending.push(r);
+        }
+        self.send.clear();
+        let base = self.send_bytes.as_ptr();
+        for (own, at, len) in pieces {
+            let ptr = if own { base.wrapping_add(at) } else { at as *const u8 };
+            self.send.push(ptr, len);
+        }
+    }
+}
+
+fn header(kind: Kind, count: u32, status: u32, id: u64) -> [u8; HEADER_LEN] {
+    Header {
+        kind,
+        count,
+        status,
+        id,
+    }
+    .encode()
+}
+
+impl Driven for ServerConn {
+    fn pump(&mut self, slot: usize, sq: &mut Submit<'_>) {
+        if self.closing.is_some() {
+            if !self.shut {
+                self.shut = true;
+                let _ = self.stream.shutdown(Shutdown::Both);
+            }
+            return;
+        }
+        if !self.send_pending && (self.send.left() > 0 || !self.out.is_empty()) {
+            if self.send.left() == 0 {
+                self.build_send();
+            }
+            let entry = self.send.send(self.fd, token(slot, OP_SEND));
+            // SAFETY: the iovecs point at `send_bytes` (untouched until this send
+            // completes) and at registered memory pinned by the responses in `sending`,
+            // which are kept until then.
+            unsafe { sq.push(&entry) };
+            self.send_pending = true;
+        } else if !self.send_pending && self.close_after_send {
+            self.close("sent a malformed frame".into());
+            return;
+        }
+        let backlog = self.out.len() + self.sending.len();
+        if !self.recv_pending && !self.close_after_send && backlog < MAX_QUEUED {
+            if self.recv.left() == 0 {
+                self.recv.clear();
+                self.recv.push(self.hdr.as_ptr(), HEADER_LEN);
+            }
+            let entry = self.recv.recv(self.fd, token(slot, OP_RECV));
+            // SAFETY: the iovecs point at the boxed header, `entry_bytes` or `scratch`
+            // (not resized while receiving) or at registered memory pinned by the
+            // request being received until this receive completes.
+            unsafe { sq.push(&entry) };
+            self.recv_pending = true;
+        }
+    }
+
+    fn on_complete(&mut self, op: u64, res: i32) {
+        if op == OP_SEND {
+            self.send_pending = false;
+        } else {
+            self.recv_pending = false;
+        }
+        if res == -libc::EAGAIN || res == -libc::EINTR {
+            return;
+        }
+        if res <= 0 {
+            if self.closing.is_none() {
+                self.close(describe(res));
+            }
+            return;
+        }
+        if self.closing.is_some() {
+            return;
+        }
+        if op == OP_SEND {
+            if self.send.advance(res as usize) {
+                // The bytes left: drop the responses (unpinning READ regions).
+                self.sending.clear();
+            }
+        } else if self.recv.advance(res as usize) {
+            self.on_received();
+        }
+    }
+
+    fn tick(&mut self, _now: Instant) {}
+
+    fn busy(&self) -> bool {
+        false
+    }
+
+    fn ops_in_flight(&self) -> usize {
+        usize::from(self.send_pending) + usize::from(self.recv_pending)
+    }
+
+    fn close(&mut self, reason: String) {
+        if self.closing.is_none() {
+            log::debug!("kvxfer: served lane closing: {reason}");
+            self.closing = Some(reason);
+        }
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.is_some()
+    }
+
+    fn finish(&mut self) {
+        self.out.clear();
+        self.sending.clear();
+        self.rx = Rx::Header;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{Location, RegionSpec};
+
+    #[test]
+    fn check_refuses_outside_and_wrong_rights() {
+        let registry = Registry::new();
+        registry
+            .register(vec![
+                RegionSpec::caller(0x1000, 0x1000, Some(Location::Any), Access::REMOTE_READ),
+                RegionSpec::caller(0x2000, 0x1000, Some(Location::Any), Access::ALL),
+            ])
+            .unwrap();
+        let e = |addr, len| Entry { addr, len };
+        let (code, _) = check(&registry, &[e(0x800, 16)], Access::REMOTE_WRITE)
+            .err()
+            .unwrap();
+        assert_eq!(code, Code::NotRegistered);
+        // Straddling two regions is refused even though every byte is registered.
+        let (code, _) = check(&registry, &[e(0x1ff0, 32)], Access::REMOTE_READ)
+            .err()
+            .unwrap();
+        assert_eq!(code, Code::NotRegistered);
+        let (code, msg) = check(&registry, &[e(0x1000, 16)], Access::REMOTE_WRITE)
+            .err()
+            .unwrap();
+        assert_eq!(code, Code::AccessDenied, "{msg}");
+        let pins = check(&registry, &[e(0x2000, 16), e(0x2100, 16)], Access::REMOTE_WRITE).unwrap();
+        assert_eq!(registry.lookup(0x2000).unwrap().pins(), 1);
+        drop(pins);
+        assert_eq!(registry.lookup(0x2000).unwrap().pins(), 0);
+    }
+}
