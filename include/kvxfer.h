@@ -9,6 +9,74 @@
 
 #define KVX_ABI_VERSION ((KVX_ABI_VERSION_MAJOR << 16) | KVX_ABI_VERSION_MINOR)
 
+// The magic number that starts every frame (`"KVXC"` as little-endian bytes).
+#define MAGIC 1129862731
+
+// Size of the frame header in bytes.
+#define HEADER_LEN 16
+
+// Largest body a frame may carry (16 MiB); a header announcing more is refused before
+// anything is allocated.
+#define MAX_BODY (16 << 20)
+
+// Largest notification payload (1 MiB).
+#define MAX_NOTIFY (1 << 20)
+
+// Most regions in one descriptor.
+#define MAX_REGIONS (1 << 20)
+
+// Most transport offers in one descriptor.
+#define MAX_TRANSPORTS 64
+
+// Most parameters of one transport offer.
+#define MAX_PARAMS 64
+
+// Longest string (in bytes) in a message.
+#define MAX_STRING 4096
+
+// [`Message::Handshake`](super::Message::Handshake).
+#define HANDSHAKE 1
+
+// [`Message::HandshakeReply`](super::Message::HandshakeReply).
+#define HANDSHAKE_REPLY 2
+
+// [`Message::DescriptorRequest`](super::Message::DescriptorRequest).
+#define DESCRIPTOR_REQUEST 3
+
+// [`Message::Refresh`](super::Message::Refresh).
+#define REFRESH 4
+
+// [`Message::Probe`](super::Message::Probe).
+#define PROBE 5
+
+// [`Message::ProbeReply`](super::Message::ProbeReply).
+#define PROBE_REPLY 6
+
+// [`Message::Notify`](super::Message::Notify).
+#define NOTIFY 7
+
+// [`Message::NotifyAck`](super::Message::NotifyAck).
+#define NOTIFY_ACK 8
+
+// [`Message::Error`](super::Message::Error).
+#define ERROR 9
+
+// The frame's protocol version is not spoken here; the connection is closed.
+#define UNSUPPORTED_VERSION 1
+
+// The frame's message kind is unknown here; the body was skipped, the connection
+// stays usable.
+#define UNKNOWN_KIND 2
+
+// The frame or its body does not decode; the connection is closed.
+#define MALFORMED 3
+
+// A valid message at the wrong time (e.g. anything but Handshake first).
+#define UNEXPECTED 4
+
+// The serving side failed (e.g. its own descriptor is invalid).
+#define INTERNAL 5
+
 // Major version of the C ABI: changes when an existing declaration changes incompatibly.
 #define KVX_ABI_VERSION_MAJOR 0
 
@@ -38,6 +106,18 @@
 
 // `kvx_wait` timeout meaning "until the batch's own deadline".
 #define KVX_WAIT_FOREVER UINT64_MAX
+
+// Bytes of one request entry.
+#define ENTRY_LEN 16
+
+// Entries one request may carry.
+#define MAX_ENTRIES 1024
+
+// Payload bytes one request may move (one slice of the largest slice size).
+#define MAX_GROUP_BYTES (1 << 30)
+
+// Bytes of an error message, at most.
+#define MAX_MESSAGE 4096
 
 // Engine-owned registered memory (opaque). Create with `kvx_allocate`, destroy with
 // `kvx_buffer_free`; it may outlive the engine that made it.
@@ -186,6 +266,12 @@ typedef struct kvx_stats {
 
 // The region belongs to a `kvx_buffer`: free the buffer instead of unregistering it.
 #define KVX_ERR_OWNED_BY_BUFFER (0 - 23)
+
+// A peer could not be reached, went away, or answered wrongly.
+#define KVX_ERR_PEER (0 - 24)
+
+// The bytes moved but the batch's notification was not delivered.
+#define KVX_ERR_NOTIFY (0 - 25)
 
 // A bug in kvxfer was caught at the boundary (a panic); the call had no effect beyond
 // what its text says.

@@ -39,8 +39,10 @@ pub mod sys;
 pub mod topology;
 pub mod transport;
 
+pub use control::RegionInfo;
 pub use engine::{
-    BatchId, BatchState, Engine, EngineConfig, EngineStats, Error, Op, PeerId, Result, Side,
+    BatchId, BatchState, Engine, EngineConfig, EngineStats, Error, Notification, Op, PeerId,
+    Result, Side,
 };
 pub use memory::{Access, AddrRange, Buffer, Location, MemoryError};
 pub use transport::{OpKind, TransportInfo, TransportKind};

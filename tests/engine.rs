@@ -1509,8 +1509,14 @@ fn local_peer_and_config() {
     assert_eq!(engine.peer_transport(me).unwrap(), TransportKind::Local);
     assert_eq!(engine.peer_name(me).unwrap(), "self");
     let transports = engine.transports();
-    assert_eq!(transports.len(), 1);
+    assert_eq!(transports.len(), 2);
     assert_eq!(transports[0].kind, TransportKind::Local);
+    assert_eq!(transports[1].kind, TransportKind::Tcp);
+    assert!(
+        transports[1].detail.contains(engine.session_id().unwrap()),
+        "{}",
+        transports[1].detail
+    );
 
     let bad = EngineConfig {
         slice_size: 100,

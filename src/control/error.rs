@@ -154,7 +154,9 @@ pub enum ControlError {
         message: String,
     },
     /// The peer answered with something that is not a valid reply to the request.
-    #[error("{session} sent a malformed reply: {reason}; the peer is broken or speaks another protocol")]
+    #[error(
+        "{session} sent a malformed reply: {reason}; the peer is broken or speaks another protocol"
+    )]
     MalformedReply {
         /// The session.
         session: String,

@@ -106,7 +106,11 @@ pub fn encode_frame(message: &Message, request_id: u32) -> Result<Vec<u8>, Contr
 }
 
 /// Header + body in one buffer, so that a frame is one `write` call.
-pub(crate) fn frame_bytes(kind: u16, request_id: u32, body: &[u8]) -> Result<Vec<u8>, ControlError> {
+pub(crate) fn frame_bytes(
+    kind: u16,
+    request_id: u32,
+    body: &[u8],
+) -> Result<Vec<u8>, ControlError> {
     let len = u32::try_from(body.len())
         .ok()
         .filter(|&len| len <= MAX_BODY)
@@ -243,7 +247,10 @@ mod tests {
                 got: 3
             })
         ));
-        assert_eq!(read_body(&mut &[1u8, 2, 3, 4][..], 3).unwrap(), vec![1, 2, 3]);
+        assert_eq!(
+            read_body(&mut &[1u8, 2, 3, 4][..], 3).unwrap(),
+            vec![1, 2, 3]
+        );
     }
 
     #[test]

@@ -378,11 +378,9 @@ impl fmt::Display for Message {
                 write!(f, "{name}({nonce:#x})")
             }
             Message::Notify { bytes } => write!(f, "{name}({} bytes)", bytes.len()),
-            Message::Error { code, message } => write!(
-                f,
-                "{name}({} {code}: {message})",
-                error_code::name(*code)
-            ),
+            Message::Error { code, message } => {
+                write!(f, "{name}({} {code}: {message})", error_code::name(*code))
+            }
             Message::DescriptorRequest | Message::NotifyAck => f.write_str(name),
         }
     }
@@ -618,12 +616,7 @@ pub(crate) mod tests {
     /// Valid regions: sorted, disjoint, non-empty, not wrapping.
     fn any_regions() -> impl Strategy<Value = Vec<RegionInfo>> {
         vec(
-            (
-                0u64..1 << 40,
-                1u64..1 << 40,
-                any_location(),
-                0u32..16,
-            ),
+            (0u64..1 << 40, 1u64..1 << 40, any_location(), 0u32..16),
             0..8,
         )
         .prop_map(|items| {
@@ -646,10 +639,7 @@ pub(crate) mod tests {
 
     fn any_transports() -> impl Strategy<Value = Vec<TransportOffer>> {
         vec(
-            (
-                "\\PC{0,8}",
-                vec(("\\PC{0,8}", "\\PC{0,8}"), 0..4),
-            )
+            ("\\PC{0,8}", vec(("\\PC{0,8}", "\\PC{0,8}"), 0..4))
                 .prop_map(|(kind, params)| TransportOffer { kind, params }),
             0..4,
         )
@@ -690,7 +680,8 @@ pub(crate) mod tests {
             any::<u64>().prop_map(|nonce| Message::ProbeReply { nonce }),
             vec(any::<u8>(), 0..64).prop_map(|bytes| Message::Notify { bytes }),
             Just(Message::NotifyAck),
-            (any::<u16>(), "\\PC{0,32}").prop_map(|(code, message)| Message::Error { code, message }),
+            (any::<u16>(), "\\PC{0,32}")
+                .prop_map(|(code, message)| Message::Error { code, message }),
         ]
     }
 
@@ -699,7 +690,10 @@ pub(crate) mod tests {
         let d = descriptor(7);
         let (kind, body) = Message::Refresh(d.clone()).encode();
         assert_eq!(kind, kind::REFRESH);
-        assert_eq!(Message::decode(kind, &body).unwrap(), Message::Refresh(d.clone()));
+        assert_eq!(
+            Message::decode(kind, &body).unwrap(),
+            Message::Refresh(d.clone())
+        );
         assert_eq!(d.transports[0].param("lanes"), Some("2"));
         assert_eq!(d.transports[0].param("nope"), None);
     }

@@ -50,8 +50,9 @@ struct Shared {
     stopping: AtomicBool,
     next_id: AtomicU64,
     conns: Mutex<Vec<ConnSlot>>,
-    /// The newest descriptor given to `publish`: (version, Refresh frame with request id 0).
-    latest: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// The newest descriptor given to `publish`: its (epoch, version) and its Refresh
+    /// frame (request id 0).
+    latest: Mutex<Option<(Stamp, Arc<Vec<u8>>)>>,
 }
 
 struct ConnSlot {
@@ -74,8 +75,17 @@ struct ConnWriter {
     stream: TcpStream,
     /// Set once the HandshakeReply is written: from then on `publish` pushes Refresh.
     handshaken: bool,
-    /// Newest descriptor version sent to this peer.
-    sent_version: u64,
+    /// (epoch, version) of the newest descriptor sent to this peer.
+    sent: Option<Stamp>,
+}
+
+/// A descriptor's (epoch, version).
+type Stamp = (u64, u64);
+
+/// Whether a descriptor stamped `new` should follow one stamped `sent`: it is of another
+/// epoch (the engine's state was reset), or a newer version.
+fn supersedes(new: Stamp, sent: Option<Stamp>) -> bool {
+    sent.is_none_or(|(epoch, version)| new.0 != epoch || new.1 > version)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -127,29 +137,40 @@ impl ControlServer {
     }
 
     /// Pushes `Refresh(descriptor)` to every connected peer that has handshaken and has
-    /// not yet been sent this version or a newer one. A peer whose write fails or times
-    /// out (1 s) is disconnected. Called from user threads on register/unregister.
+    /// not yet been sent this version or a newer one of the same epoch. A peer whose
+    /// write fails or times out (1 s) is disconnected. Called from user threads on
+    /// register/unregister; it blocks at most 1 s per stuck peer.
     ///
     /// A descriptor that does not validate is not sent (an error is logged). Peers that
     /// handshake concurrently get this descriptor right after their HandshakeReply if
     /// theirs was older.
     pub fn publish(&self, descriptor: &SegmentDescriptor) {
         if let Err(e) = descriptor.validate() {
-            log::error!("control server: not publishing descriptor version {}: {e}", descriptor.version);
+            log::error!(
+                "control server: not publishing descriptor version {}: {e}",
+                descriptor.version
+            );
             return;
         }
         let frame = match encode_frame(&Message::Refresh(descriptor.clone()), 0) {
             Ok(frame) => Arc::new(frame),
             Err(e) => {
-                log::error!("control server: not publishing descriptor version {}: {e}", descriptor.version);
+                log::error!(
+                    "control server: not publishing descriptor version {}: {e}",
+                    descriptor.version
+                );
                 return;
             }
         };
         let version = descriptor.version;
+        let stamp = (descriptor.epoch, version);
         {
             let mut latest = lock(&self.shared.latest);
-            if latest.as_ref().is_none_or(|(v, _)| *v <= version) {
-                *latest = Some((version, Arc::clone(&frame)));
+            if latest
+                .as_ref()
+                .is_none_or(|(sent, _)| *sent == stamp || supersedes(stamp, Some(*sent)))
+            {
+                *latest = Some((stamp, Arc::clone(&frame)));
             }
         }
         let conns: Vec<Arc<Conn>> = lock(&self.shared.conns)
@@ -161,11 +182,11 @@ impl ControlServer {
                 continue;
             }
             let mut w = lock(&conn.writer);
-            if !w.handshaken || w.sent_version >= version {
+            if !w.handshaken || !supersedes(stamp, w.sent) {
                 continue;
             }
             match w.stream.write_all(&frame) {
-                Ok(()) => w.sent_version = version,
+                Ok(()) => w.sent = Some(stamp),
                 Err(e) => {
                     drop(w);
                     log::warn!(
@@ -185,6 +206,15 @@ impl ControlServer {
             .iter()
             .filter(|slot| !slot.conn.finished.load(Ordering::Acquire))
             .count()
+    }
+}
+
+impl std::fmt::Debug for ControlServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlServer")
+            .field("local_addr", &self.local_addr)
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
     }
 }
 
@@ -293,7 +323,7 @@ fn spawn_connection(
         writer: Mutex::new(ConnWriter {
             stream: writer,
             handshaken: false,
-            sent_version: 0,
+            sent: None,
         }),
         control,
         finished: AtomicBool::new(false),
@@ -342,7 +372,11 @@ fn serve(shared: &Shared, conn: &Conn, stream: TcpStream) {
     let _guard = FinishGuard(conn);
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     match serve_frames(shared, conn, &mut reader) {
-        End::Closed => log::debug!("control server: connection {} from {} closed", conn.id, conn.peer),
+        End::Closed => log::debug!(
+            "control server: connection {} from {} closed",
+            conn.id,
+            conn.peer
+        ),
         End::Failed(e) => log_end(shared, conn, &e),
         End::FailedAndAnswered(e) => {
             log_end(shared, conn, &e);
@@ -353,7 +387,10 @@ fn serve(shared: &Shared, conn: &Conn, stream: TcpStream) {
 
 fn log_end(shared: &Shared, conn: &Conn, e: &ControlError) {
     if shared.stopping.load(Ordering::SeqCst) {
-        log::debug!("control server: connection {} ends with the server: {e}", conn.id);
+        log::debug!(
+            "control server: connection {} ends with the server: {e}",
+            conn.id
+        );
     } else {
         log::warn!(
             "control server: closing connection {} from {}: {e}",
@@ -377,9 +414,12 @@ fn linger(conn: &Conn, mut stream: TcpStream) {
 fn send(conn: &Conn, message: &Message, request_id: u32) -> Result<(), ControlError> {
     let frame = encode_frame(message, request_id)?;
     let mut w = lock(&conn.writer);
-    w.stream
-        .write_all(&frame)
-        .map_err(|e| ControlError::io(format!("writing {} to {}", kind_name(message.kind()), conn.peer), e))
+    w.stream.write_all(&frame).map_err(|e| {
+        ControlError::io(
+            format!("writing {} to {}", kind_name(message.kind()), conn.peer),
+            e,
+        )
+    })
 }
 
 /// Sends an Error frame; failure to send it is only logged (the connection is already in
@@ -388,7 +428,10 @@ fn send_error(conn: &Conn, request_id: u32, code: u16, message: String) -> bool 
     match send(conn, &Message::error(code, message), request_id) {
         Ok(()) => true,
         Err(e) => {
-            log::debug!("control server: connection {}: cannot send an Error frame: {e}", conn.id);
+            log::debug!(
+                "control server: connection {}: cannot send an Error frame: {e}",
+                conn.id
+            );
             false
         }
     }
@@ -436,7 +479,10 @@ fn serve_frames<R: Read>(shared: &Shared, conn: &Conn, reader: &mut R) -> End {
             Ok(message) => message,
             Err(e) => return fail_answered(conn, id, error_code::MALFORMED, e),
         };
-        log::trace!("control server: connection {} received {message} (request {id})", conn.id);
+        log::trace!(
+            "control server: connection {} received {message} (request {id})",
+            conn.id
+        );
         let result = match (&peer, message) {
             (None, Message::Handshake(descriptor)) => {
                 let own = shared.handler.descriptor();
@@ -512,22 +558,31 @@ fn send_descriptor(
     request_id: u32,
     shared: Option<&Shared>,
 ) -> Result<(), ControlError> {
-    let version = match &message {
-        Message::HandshakeReply(d) | Message::Refresh(d) => d.version,
-        _ => 0,
+    let stamp = match &message {
+        Message::HandshakeReply(d) | Message::Refresh(d) => Some((d.epoch, d.version)),
+        _ => None,
     };
     let frame = encode_frame(&message, request_id)?;
     let mut w = lock(&conn.writer);
-    let context = |e| ControlError::io(format!("writing {} to {}", kind_name(message.kind()), conn.peer), e);
+    let context = |e| {
+        ControlError::io(
+            format!("writing {} to {}", kind_name(message.kind()), conn.peer),
+            e,
+        )
+    };
     w.stream.write_all(&frame).map_err(context)?;
-    w.sent_version = w.sent_version.max(version);
+    if let Some(stamp) = stamp {
+        if supersedes(stamp, w.sent) {
+            w.sent = Some(stamp);
+        }
+    }
     if let Some(shared) = shared {
         w.handshaken = true;
         let latest = lock(&shared.latest).clone();
-        if let Some((latest_version, frame)) = latest {
-            if latest_version > w.sent_version {
+        if let Some((latest, frame)) = latest {
+            if supersedes(latest, w.sent) {
                 w.stream.write_all(&frame).map_err(context)?;
-                w.sent_version = latest_version;
+                w.sent = Some(latest);
             }
         }
     }

@@ -3,10 +3,12 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Instant;
 
+use super::net::{Inbox, Notification};
 use super::progress::{Outcome, Progress, StopReason};
+use super::remote::{Link, Notifier};
 use super::slicing::Pins;
 use super::stats::Counters;
 use super::Error;
@@ -24,8 +26,35 @@ pub(crate) fn far_future() -> Instant {
     Instant::now() + std::time::Duration::from_secs(100 * 365 * 24 * 3600)
 }
 
+/// A notification to deliver once every byte of the batch has moved.
+pub(crate) enum PendingNotify {
+    /// To this engine itself (the local peer).
+    Local {
+        inbox: Arc<Inbox>,
+        from: String,
+        bytes: Vec<u8>,
+    },
+    /// To a peer, through the notifier thread.
+    Remote {
+        notifier: Arc<Notifier>,
+        link: Arc<Link>,
+        bytes: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for PendingNotify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PendingNotify::Local { .. } => "PendingNotify::Local",
+            PendingNotify::Remote { .. } => "PendingNotify::Remote",
+        })
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Batch {
+    me: Weak<Batch>,
+    notify: Mutex<Option<PendingNotify>>,
     progress: Progress,
     slices: Vec<Slice>,
     pins: Mutex<Pins>,
@@ -40,7 +69,10 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        me: Weak<Batch>,
+        notify: Option<PendingNotify>,
         slices: Vec<Slice>,
         pins: Pins,
         deadline: Instant,
@@ -58,6 +90,8 @@ impl Batch {
             .min(by_bytes);
         let progress = Progress::new(slices.len(), chunk);
         let batch = Batch {
+            me,
+            notify: Mutex::new(notify),
             progress,
             slices,
             pins: Mutex::new(pins),
@@ -128,6 +162,51 @@ impl Batch {
     /// outcome visible (so a caller who sees it can unregister at once), then wake waiters.
     fn end(&self, outcome: Outcome) {
         self.release_pins();
+        if outcome == Outcome::Completed && self.deliver_notification() {
+            return;
+        }
+        self.publish(outcome);
+    }
+
+    /// Hands a pending notification on; true if its delivery will publish the outcome.
+    fn deliver_notification(&self) -> bool {
+        let pending = self
+            .notify
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match pending {
+            None => false,
+            Some(PendingNotify::Local { inbox, from, bytes }) => {
+                inbox.push(Notification { from, bytes });
+                false
+            }
+            Some(PendingNotify::Remote {
+                notifier,
+                link,
+                bytes,
+            }) => match self.me.upgrade() {
+                Some(me) => {
+                    notifier.send(me, link, bytes);
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// The notification of a completed batch was delivered (or not): publish the outcome.
+    pub(crate) fn notified(&self, result: Result<(), String>) {
+        match result {
+            Ok(()) => self.publish(Outcome::Completed),
+            Err(reason) => {
+                let _ = self.error.set(Error::Notify(reason));
+                self.publish(Outcome::Failed);
+            }
+        }
+    }
+
+    fn publish(&self, outcome: Outcome) {
         self.counters
             .ended(outcome, self.moved.load(Ordering::Acquire));
         self.progress.publish(outcome);

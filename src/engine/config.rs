@@ -18,6 +18,16 @@ pub struct EngineConfig {
     pub max_slices_per_batch: usize,
     /// Most batches alive (submitted and not freed) at once. Default 64 Ki.
     pub max_batches: usize,
+    /// `host:port` the control plane listens on; it is also this engine's session id
+    /// (port 0 picks a free port). `None`: no listener, only the local peer works.
+    /// Default `127.0.0.1:0`.
+    pub listen: Option<String>,
+    /// I/O threads serving TCP connections (each with its own io_uring). Default 1.
+    pub io_threads: usize,
+    /// TCP connections ("lanes") opened to each peer. Default 2.
+    pub tcp_lanes: usize,
+    /// How long opening a peer (connect and handshake) may take. Default 5 s.
+    pub connect_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -29,6 +39,10 @@ impl Default for EngineConfig {
             batch_timeout: Duration::from_secs(60),
             max_slices_per_batch: 1 << 20,
             max_batches: 1 << 16,
+            listen: Some("127.0.0.1:0".into()),
+            io_threads: 1,
+            tcp_lanes: 2,
+            connect_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -72,10 +86,29 @@ impl EngineConfig {
                 "max_batches and max_slices_per_batch must fit in 32 bits".into(),
             ));
         }
+        if !(1..=64).contains(&self.io_threads) {
+            return Err(Error::Config(format!(
+                "io_threads {} is outside 1..=64",
+                self.io_threads
+            )));
+        }
+        if !(1..=64).contains(&self.tcp_lanes) {
+            return Err(Error::Config(format!(
+                "tcp_lanes {} is outside 1..=64",
+                self.tcp_lanes
+            )));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::Config("connect_timeout is zero".into()));
+        }
+        if let Some(listen) = &self.listen {
+            super::net::split_host_port(listen).map_err(Error::Config)?;
+        }
         Ok(())
     }
 
-    /// Applies `KVX_SLICE_SIZE`, `KVX_COPY_THREADS` and `KVX_BATCH_TIMEOUT_MS` from
+    /// Applies `KVX_SLICE_SIZE`, `KVX_COPY_THREADS`, `KVX_BATCH_TIMEOUT_MS`, `KVX_LISTEN`
+    /// (`none` turns the listener off), `KVX_IO_THREADS` and `KVX_TCP_LANES` from
     /// `lookup` (the process environment when called by the engine). A variable that is set
     /// but unparsable is an error naming it.
     pub fn with_env_overrides(mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
@@ -93,6 +126,16 @@ impl EngineConfig {
         }
         if let Some(v) = lookup("KVX_BATCH_TIMEOUT_MS") {
             self.batch_timeout = Duration::from_millis(parse("KVX_BATCH_TIMEOUT_MS", &v)?);
+        }
+        if let Some(v) = lookup("KVX_LISTEN") {
+            let v = v.trim();
+            self.listen = (v != "none").then(|| v.to_string());
+        }
+        if let Some(v) = lookup("KVX_IO_THREADS") {
+            self.io_threads = parse("KVX_IO_THREADS", &v)?;
+        }
+        if let Some(v) = lookup("KVX_TCP_LANES") {
+            self.tcp_lanes = parse("KVX_TCP_LANES", &v)?;
         }
         Ok(self)
     }
@@ -130,6 +173,30 @@ impl EngineConfigBuilder {
     /// See [`EngineConfig::max_batches`].
     pub fn max_batches(mut self, batches: usize) -> Self {
         self.0.max_batches = batches;
+        self
+    }
+
+    /// See [`EngineConfig::listen`].
+    pub fn listen(mut self, addr: Option<&str>) -> Self {
+        self.0.listen = addr.map(str::to_string);
+        self
+    }
+
+    /// See [`EngineConfig::io_threads`].
+    pub fn io_threads(mut self, threads: usize) -> Self {
+        self.0.io_threads = threads;
+        self
+    }
+
+    /// See [`EngineConfig::tcp_lanes`].
+    pub fn tcp_lanes(mut self, lanes: usize) -> Self {
+        self.0.tcp_lanes = lanes;
+        self
+    }
+
+    /// See [`EngineConfig::connect_timeout`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.0.connect_timeout = timeout;
         self
     }
 

@@ -131,9 +131,48 @@ pub enum Error {
     /// A configuration value is unusable.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A peer could not be reached or answered wrongly.
+    #[error("peer {session}: {reason}")]
+    Peer {
+        /// The peer's session id.
+        session: String,
+        /// What went wrong and what to check.
+        reason: String,
+    },
+    /// A session id is not `host:port`.
+    #[error("bad session id {session:?}: {reason}")]
+    BadSession {
+        /// What was given.
+        session: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Every byte moved but the notification could not be delivered.
+    #[error("the batch's bytes moved but its notification was not delivered: {0}")]
+    Notify(String),
+    /// The engine runs without a listener (`listen: None`), so it has no remote peers.
+    #[error("this engine has no listener (config listen = None): it cannot open remote peers")]
+    NoListener,
     /// The engine could not start (threads, sockets).
     #[error("engine start failed: {0}")]
     Start(String),
+}
+
+impl Error {
+    /// Whether this is a check against the peer's regions failing (which a fresher copy
+    /// of its descriptor might pass).
+    pub(crate) fn is_remote_miss(&self) -> bool {
+        matches!(
+            self,
+            Error::NotRegistered {
+                side: Side::Remote,
+                ..
+            } | Error::AccessDenied {
+                side: Side::Remote,
+                ..
+            }
+        )
+    }
 }
 
 /// Result of kvxfer calls.

@@ -3,29 +3,36 @@
 mod batch;
 mod config;
 mod error;
+mod net;
 mod progress;
+mod remote;
 mod slab;
 mod slicing;
 mod stats;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 pub use config::{EngineConfig, EngineConfigBuilder, SLICE_SIZE_RANGE};
 pub use error::{Error, Result, Side};
+pub use net::Notification;
 pub use progress::Outcome;
 pub use slicing::Op;
 pub use stats::EngineStats;
 
-use batch::{far_future, Batch};
+use batch::{far_future, Batch, PendingNotify};
+use net::{Inbox, Net};
 use progress::StopReason;
+use remote::{Notifier, RemotePeer};
 use slab::GenSlab;
 use slicing::{AddressSpaces, Pins};
 use stats::Counters;
 
+use crate::control::RegionInfo;
 use crate::memory::{Access, Buffer, Location, Region, RegionSpec, Registry};
 use crate::transport::local::LocalTransport;
-use crate::transport::{Transport, TransportInfo, TransportKind};
+use crate::transport::{Slice, Transport, TransportInfo, TransportKind};
 
 /// Names a peer of this engine. Ids carry a generation: a closed peer's id stays invalid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,12 +100,13 @@ impl BatchState {
 enum Segment {
     /// The engine itself: remote addresses are this engine's own registered regions.
     Loopback,
+    /// Another process, through the control plane and TCP lanes.
+    Remote(RemotePeer),
 }
 
 #[derive(Debug)]
 struct Peer {
     name: String,
-    transport: Arc<dyn Transport>,
     segment: Segment,
 }
 
@@ -124,6 +132,11 @@ pub struct Engine {
     loopback: PeerId,
     batches: Mutex<GenSlab<Arc<Batch>>>,
     counters: Arc<Counters>,
+    net: Option<Net>,
+    inbox: Arc<Inbox>,
+    notifier: Option<Arc<Notifier>>,
+    /// Open remote peers by session id.
+    sessions: Mutex<HashMap<String, PeerId>>,
 }
 
 impl Engine {
@@ -139,19 +152,127 @@ impl Engine {
         let mut peers = GenSlab::default();
         let loopback = PeerId(peers.insert(Arc::new(Peer {
             name: "self".into(),
-            transport: Arc::clone(&local) as Arc<dyn Transport>,
             segment: Segment::Loopback,
         })));
+        let registry = Arc::new(Registry::new());
+        let inbox = Arc::new(Inbox::default());
+        let (net, notifier) = match &config.listen {
+            Some(listen) => (
+                Some(Net::start(&config, listen, &registry, &inbox)?),
+                Some(Arc::new(Notifier::start()?)),
+            ),
+            None => (None, None),
+        };
         log::debug!("engine started: {config:?}");
         Ok(Engine {
             config,
-            registry: Arc::new(Registry::new()),
+            registry,
             local,
             peers: RwLock::new(peers),
             loopback,
             batches: Mutex::new(GenSlab::default()),
             counters: Arc::default(),
+            net,
+            inbox,
+            notifier,
+            sessions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This engine's session id (`host:port` of its listener), which peers open it by.
+    /// `None` when it does not listen.
+    pub fn session_id(&self) -> Option<&str> {
+        self.net.as_ref().map(|n| n.shared.session.as_str())
+    }
+
+    /// Opens the peer listening at `session` (`host:port`): connects, exchanges
+    /// descriptors and opens TCP lanes. Opening the same session again returns the same
+    /// id; opening this engine's own session returns [`Engine::local_peer`].
+    pub fn open_peer(&self, session: &str) -> Result<PeerId> {
+        let net = self.net.as_ref().ok_or(Error::NoListener)?;
+        net::split_host_port(session).map_err(|reason| Error::BadSession {
+            session: session.to_string(),
+            reason,
+        })?;
+        if session == net.shared.session {
+            return Ok(self.loopback);
+        }
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&id) = sessions.get(session) {
+            return Ok(id);
+        }
+        let remote = RemotePeer::new(session.to_string());
+        remote.link(net, self.config.tcp_lanes, self.config.connect_timeout)?;
+        let id = PeerId(self.peers_mut().insert(Arc::new(Peer {
+            name: session.to_string(),
+            segment: Segment::Remote(remote),
+        })));
+        sessions.insert(session.to_string(), id);
+        Ok(id)
+    }
+
+    /// Closes a peer opened with [`Engine::open_peer`]: its connections close and its
+    /// requests still in flight fail; the id becomes invalid.
+    pub fn close_peer(&self, peer: PeerId) -> Result<()> {
+        let closed = {
+            let mut peers = self.peers_mut();
+            let p = peers.get(peer.0).ok_or(Error::UnknownPeer(peer.0))?;
+            if matches!(p.segment, Segment::Loopback) {
+                return Ok(());
+            }
+            peers.remove(peer.0)
+        };
+        if let Some(p) = closed {
+            if let Segment::Remote(r) = &p.segment {
+                self.sessions
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&r.session);
+                r.close();
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `peer` answers (reconnecting if it went away); returns the round trip.
+    pub fn probe_peer(&self, peer: PeerId) -> Result<Duration> {
+        let p = self.peer(peer)?;
+        match &p.segment {
+            Segment::Loopback => Ok(Duration::ZERO),
+            Segment::Remote(r) => {
+                let link = self.link(r)?;
+                link.control
+                    .probe(self.config.connect_timeout)
+                    .map_err(|e| Error::Peer {
+                        session: r.session.clone(),
+                        reason: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    /// The regions `peer` has registered, as it last published them.
+    pub fn peer_regions(&self, peer: PeerId) -> Result<Vec<RegionInfo>> {
+        let p = self.peer(peer)?;
+        match &p.segment {
+            Segment::Loopback => Ok(net::region_infos(&self.registry)),
+            Segment::Remote(r) => Ok(self.link(r)?.control.descriptor().regions.clone()),
+        }
+    }
+
+    /// Notifications received from peers since the last call, oldest first.
+    pub fn notifications(&self) -> Vec<Notification> {
+        self.inbox.drain()
+    }
+
+    /// Waits up to `timeout` for the next notification.
+    pub fn wait_notification(&self, timeout: Duration) -> Option<Notification> {
+        self.inbox.wait_one(timeout)
+    }
+
+    fn link(&self, remote: &RemotePeer) -> Result<Arc<remote::Link>> {
+        let net = self.net.as_ref().ok_or(Error::NoListener)?;
+        remote.link(net, self.config.tcp_lanes, self.config.connect_timeout)
     }
 
     /// The configuration in force (after environment overrides).
@@ -223,7 +344,10 @@ impl Engine {
 
     /// The transport batches to `peer` use.
     pub fn peer_transport(&self, peer: PeerId) -> Result<TransportKind> {
-        Ok(self.peer(peer)?.transport.kind())
+        Ok(match self.peer(peer)?.segment {
+            Segment::Loopback => TransportKind::Local,
+            Segment::Remote(_) => TransportKind::Tcp,
+        })
     }
 
     /// The name of `peer` (`self` for the local peer).
@@ -233,10 +357,24 @@ impl Engine {
 
     /// The transports this engine runs.
     pub fn transports(&self) -> Vec<TransportInfo> {
-        vec![TransportInfo {
+        let mut out = vec![TransportInfo {
             kind: self.local.kind(),
             detail: self.local.describe(),
-        }]
+        }];
+        out.push(TransportInfo {
+            kind: TransportKind::Tcp,
+            detail: match &self.net {
+                Some(net) => format!(
+                    "TCP over io_uring: session {}, data port {}, {} I/O threads, {} lanes per peer",
+                    net.shared.session,
+                    net.tcp.local_addr().port(),
+                    net.pool.len(),
+                    self.config.tcp_lanes
+                ),
+                None => "not used: the engine does not listen (config listen = None)".into(),
+            },
+        });
+        out
     }
 
     /// Submits `ops` to `peer` with the default deadline (`batch_timeout` from now).
@@ -258,15 +396,61 @@ impl Engine {
         ops: &[Op],
         deadline: Instant,
     ) -> Result<BatchId> {
-        let submitted = self.try_submit(peer, ops, deadline);
+        let submitted = self.try_submit(peer, ops, deadline, None);
         if submitted.is_err() {
             self.counters.refused();
         }
         submitted
     }
 
-    fn try_submit(&self, peer: PeerId, ops: &[Op], deadline: Instant) -> Result<BatchId> {
+    /// Submits `ops` to `peer` (default deadline) and, once every byte is visible at the
+    /// peer, delivers `notification` to it ([`Engine::notifications`] there). The batch
+    /// reports `Completed` only after the peer has queued the notification; if the bytes
+    /// moved but the notification could not be delivered it fails with `Notify`.
+    pub fn submit_with_notify(
+        &self,
+        peer: PeerId,
+        ops: &[Op],
+        notification: &[u8],
+    ) -> Result<BatchId> {
+        let deadline = deadline_after(self.config.batch_timeout);
+        let submitted = self.try_submit(peer, ops, deadline, Some(notification));
+        if submitted.is_err() {
+            self.counters.refused();
+        }
+        submitted
+    }
+
+    fn try_submit(
+        &self,
+        peer: PeerId,
+        ops: &[Op],
+        deadline: Instant,
+        notification: Option<&[u8]>,
+    ) -> Result<BatchId> {
         let peer = self.peer(peer)?;
+        let link = match &peer.segment {
+            Segment::Loopback => None,
+            Segment::Remote(r) => Some(self.link(r)?),
+        };
+        match self.prepare(ops, link.as_deref()) {
+            Err(e)
+                if e.is_remote_miss()
+                    && link
+                        .as_ref()
+                        .is_some_and(|l| l.refresh(self.config.connect_timeout)) =>
+            {
+                // The peer may have registered the memory after its last refresh reached us.
+                let (slices, pins) = self.prepare(ops, link.as_deref())?;
+                self.start_batch(slices, pins, deadline, link, notification)
+            }
+            Err(e) => Err(e),
+            Ok((slices, pins)) => self.start_batch(slices, pins, deadline, link, notification),
+        }
+    }
+
+    /// Checks `ops` against both sides and cuts them into slices.
+    fn prepare(&self, ops: &[Op], link: Option<&remote::Link>) -> Result<(Vec<Slice>, Pins)> {
         let max = self.config.max_slices_per_batch;
         if ops.len() > max {
             return Err(Error::BatchTooLarge {
@@ -277,10 +461,12 @@ impl Engine {
         let slice_size = self.config.slice_size as u64;
         let mut slices = Vec::with_capacity(ops.len());
         let mut pins = Pins::default();
+        let remote_regions = link.map(remote::Link::regions);
         {
             let map = self.registry.read();
-            let (remote, spaces) = match peer.segment {
-                Segment::Loopback => (&*map, AddressSpaces::Same),
+            let (remote, spaces) = match &remote_regions {
+                None => (&*map, AddressSpaces::Same),
+                Some(regions) => (&**regions, AddressSpaces::Distinct),
             };
             for (i, op) in ops.iter().enumerate() {
                 // Refuse before cutting: an op needs at least len / slice_size slices.
@@ -310,17 +496,63 @@ impl Engine {
             }
             pins.pin_all();
         }
+        Ok((slices, pins))
+    }
+
+    fn start_batch(
+        &self,
+        slices: Vec<Slice>,
+        pins: Pins,
+        deadline: Instant,
+        link: Option<Arc<remote::Link>>,
+        notification: Option<&[u8]>,
+    ) -> Result<BatchId> {
         let empty = slices.is_empty();
-        let transport = Arc::clone(&peer.transport);
-        let batch = Arc::new(Batch::new(
-            slices,
-            pins,
-            deadline,
-            transport,
-            self.local.threads(),
-            self.config.slice_size,
-            Arc::clone(&self.counters),
-        ));
+        let transport: Arc<dyn Transport> = match &link {
+            None => Arc::clone(&self.local) as Arc<dyn Transport>,
+            Some(l) => Arc::clone(&l.tcp) as Arc<dyn Transport>,
+        };
+        let from = self.session_id().unwrap_or("self").to_string();
+        let notify = match (notification, &link) {
+            (None, _) => None,
+            (Some(bytes), None) => Some(PendingNotify::Local {
+                inbox: Arc::clone(&self.inbox),
+                from,
+                bytes: bytes.to_vec(),
+            }),
+            (Some(bytes), Some(link)) if empty => {
+                // Nothing to move: deliver now, so the batch can complete at creation.
+                link.control
+                    .notify(bytes, self.config.connect_timeout)
+                    .map_err(|e| Error::Notify(e.to_string()))?;
+                None
+            }
+            (Some(bytes), Some(link)) => Some(PendingNotify::Remote {
+                notifier: Arc::clone(self.notifier.as_ref().ok_or(Error::NoListener)?),
+                link: Arc::clone(link),
+                bytes: bytes.to_vec(),
+            }),
+        };
+        let notify = match notify {
+            Some(PendingNotify::Local { inbox, from, bytes }) if empty => {
+                inbox.push(Notification { from, bytes });
+                None
+            }
+            other => other,
+        };
+        let batch = Arc::new_cyclic(|me| {
+            Batch::new(
+                me.clone(),
+                notify,
+                slices,
+                pins,
+                deadline,
+                Arc::clone(&transport),
+                self.local.threads(),
+                self.config.slice_size,
+                Arc::clone(&self.counters),
+            )
+        });
         let id = {
             let mut batches = self.batches();
             if batches.len() >= self.config.max_batches {
@@ -336,7 +568,7 @@ impl Engine {
             self.counters.ended(Outcome::Completed, 0);
         }
         if batch.outcome().is_none() {
-            peer.transport.post(batch);
+            transport.post(batch);
         }
         Ok(BatchId(id))
     }
@@ -404,6 +636,10 @@ impl Engine {
         self.batches().len()
     }
 
+    fn peers_mut(&self) -> std::sync::RwLockWriteGuard<'_, GenSlab<Arc<Peer>>> {
+        self.peers.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn peer(&self, peer: PeerId) -> Result<Arc<Peer>> {
         let peers = self.peers.read().unwrap_or_else(PoisonError::into_inner);
         peers.get(peer.0).cloned().ok_or(Error::UnknownPeer(peer.0))
@@ -430,6 +666,12 @@ impl Drop for Engine {
         for batch in live {
             batch.stop(StopReason::Cancelled);
             batch.wait_until(far_future());
+        }
+        if let Some(net) = &self.net {
+            net.shutdown();
+        }
+        if let Some(notifier) = &self.notifier {
+            notifier.shutdown();
         }
         // No batch can touch memory any more; stop the copy threads now rather than when
         // the last batch handle goes, so none outlives the engine.

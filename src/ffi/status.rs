@@ -60,6 +60,10 @@ pub const KVX_ERR_START: kvx_status = 0 - 20;
 pub const KVX_ERR_OVERLAPPING_OP: kvx_status = 0 - 22;
 /// The region belongs to a `kvx_buffer`: free the buffer instead of unregistering it.
 pub const KVX_ERR_OWNED_BY_BUFFER: kvx_status = 0 - 23;
+/// A peer could not be reached, went away, or answered wrongly.
+pub const KVX_ERR_PEER: kvx_status = 0 - 24;
+/// The bytes moved but the batch's notification was not delivered.
+pub const KVX_ERR_NOTIFY: kvx_status = 0 - 25;
 /// A bug in kvxfer was caught at the boundary (a panic); the call had no effect beyond
 /// what its text says.
 pub const KVX_ERR_INTERNAL: kvx_status = 0 - 21;
@@ -94,6 +98,10 @@ pub(crate) fn status_of(error: &Error) -> kvx_status {
         Error::Transport { .. } => KVX_ERR_TRANSPORT,
         Error::Config(_) => KVX_ERR_CONFIG,
         Error::Start(_) => KVX_ERR_START,
+        Error::Peer { .. } => KVX_ERR_PEER,
+        Error::BadSession { .. } => KVX_ERR_INVALID_ARGUMENT,
+        Error::Notify(_) => KVX_ERR_NOTIFY,
+        Error::NoListener => KVX_ERR_CONFIG,
     }
 }
 
@@ -126,6 +134,8 @@ pub extern "C" fn kvx_status_name(status: kvx_status) -> *const c_char {
         KVX_ERR_START => "KVX_ERR_START\0",
         KVX_ERR_OVERLAPPING_OP => "KVX_ERR_OVERLAPPING_OP\0",
         KVX_ERR_OWNED_BY_BUFFER => "KVX_ERR_OWNED_BY_BUFFER\0",
+        KVX_ERR_PEER => "KVX_ERR_PEER\0",
+        KVX_ERR_NOTIFY => "KVX_ERR_NOTIFY\0",
         KVX_ERR_INTERNAL => "KVX_ERR_INTERNAL\0",
         _ => "KVX_UNKNOWN_STATUS\0",
     };

@@ -12,5 +12,6 @@ pub use access::Access;
 pub use buffer::{Buffer, OutOfBounds};
 pub use error::MemoryError;
 pub use location::{Location, LocationParseError};
+pub(crate) use region::Backing;
 pub use region::{AddrRange, Region};
 pub use registry::{RegionLookup, RegionSpec, Registry};

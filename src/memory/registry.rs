@@ -3,6 +3,7 @@
 //! the last one starting at or before it, if it reaches that far.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use super::region::Backing;
@@ -50,10 +51,25 @@ impl RegionSpec {
     }
 }
 
+/// Called after every change of a registry (to publish the new set to peers).
+pub type ChangeObserver = Arc<dyn Fn() + Send + Sync>;
+
 /// The set of registered regions of one engine.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Registry {
     regions: RwLock<BTreeMap<u64, Arc<Region>>>,
+    /// Bumped on every change, so peers' cached copies can be checked for staleness.
+    version: AtomicU64,
+    observer: RwLock<Option<ChangeObserver>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("regions", &self.len())
+            .field("version", &self.version())
+            .finish()
+    }
 }
 
 impl Registry {
@@ -108,7 +124,34 @@ impl Registry {
         for region in &regions {
             map.insert(region.range().start, Arc::clone(region));
         }
+        drop(map);
+        self.changed();
         Ok(regions)
+    }
+
+    /// Sets the function called (without any registry lock held) after every change.
+    pub fn set_observer(&self, observer: Option<ChangeObserver>) {
+        *self
+            .observer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = observer;
+    }
+
+    /// How many changes the registry has seen.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.version.fetch_add(1, Ordering::AcqRel);
+        let observer = self
+            .observer
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(observe) = observer {
+            observe();
+        }
     }
 
     /// Removes the region starting at `addr`. Fails with `Busy` while an unfinished batch
@@ -129,9 +172,12 @@ impl Registry {
                 batches: pins,
             });
         }
-        Ok(map
+        let region = map
             .remove(&addr)
-            .expect("present: looked up under the same lock"))
+            .expect("present: looked up under the same lock");
+        drop(map);
+        self.changed();
+        Ok(region)
     }
 
     /// Removes `region` if it is still the one registered at its address, busy or not.
@@ -143,6 +189,8 @@ impl Registry {
             .is_some_and(|r| Arc::ptr_eq(r, region))
         {
             map.remove(&region.range().start);
+            drop(map);
+            self.changed();
         }
     }
 

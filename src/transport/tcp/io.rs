@@ -70,7 +70,10 @@ impl IoThread {
             // SAFETY: writes 8 bytes from a live local array to an eventfd this struct owns.
             let n = unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
             if n != 8 {
-                log::error!("kvxfer: cannot wake an I/O thread: {}", io::Error::last_os_error());
+                log::error!(
+                    "kvxfer: cannot wake an I/O thread: {}",
+                    io::Error::last_os_error()
+                );
             }
         }
     }
@@ -261,6 +264,9 @@ impl EventLoop {
                 }
                 self.reap_if_done(slot);
             }
+            if stopping && self.conns.iter().all(Option::is_none) {
+                return;
+            }
             self.wait();
             self.completions();
             self.tick();
@@ -269,13 +275,8 @@ impl EventLoop {
 
     fn take_commands(&mut self, stopping: bool) {
         self.me.wake_pending.store(false, Ordering::Release);
-        let commands = std::mem::take(
-            &mut *self
-                .me
-                .inbox
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        let commands =
+            std::mem::take(&mut *self.me.inbox.lock().unwrap_or_else(PoisonError::into_inner));
         for command in commands {
             match command {
                 Command::Serve(stream, registry) => {
@@ -361,14 +362,10 @@ impl EventLoop {
     }
 
     fn wait(&mut self) {
-        let busy = self
-            .conns
-            .iter()
-            .flatten()
-            .any(|c| match &**c {
-                Conn::Lane(l) => l.busy(),
-                Conn::Serve(s) => s.busy(),
-            });
+        let busy = self.conns.iter().flatten().any(|c| match &**c {
+            Conn::Lane(l) => l.busy(),
+            Conn::Serve(s) => s.busy(),
+        });
         let result = if busy {
             let ts = types::Timespec::from(TICK);
             let args = types::SubmitArgs::new().timespec(&ts);
@@ -378,7 +375,11 @@ impl EventLoop {
         };
         match result {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
             Err(e) => log::error!("kvxfer: io_uring wait failed: {e}"),
         }
     }
@@ -469,11 +470,6 @@ impl IoVecs {
     /// Bytes not yet moved.
     pub(super) fn left(&self) -> usize {
         self.left
-    }
-
-    /// Pieces so far.
-    pub(super) fn pieces(&self) -> usize {
-        self.iov.len()
     }
 
     /// Accounts `n` bytes moved; returns whether everything has been.

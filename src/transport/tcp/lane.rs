@@ -297,7 +297,11 @@ impl ClientLane {
         self.send.clear();
         let base = self.send_bytes.as_ptr();
         for (own, at, len) in pieces {
-            let ptr = if own { base.wrapping_add(at) } else { at as *const u8 };
+            let ptr = if own {
+                base.wrapping_add(at)
+            } else {
+                at as *const u8
+            };
             self.send.push(ptr, len);
         }
         self.queued = end;
@@ -324,7 +328,10 @@ impl ClientLane {
             return Err(format!("response {} to no request", header.kind));
         };
         if header.id != g.id {
-            return Err(format!("response for request {} arrived while {} was due", header.id, g.id));
+            return Err(format!(
+                "response for request {} arrived while {} was due",
+                header.id, g.id
+            ));
         }
         match (header.kind, g.kind) {
             (Kind::Ack, OpKind::Write) => {
@@ -477,7 +484,10 @@ impl Driven for ClientLane {
 
     fn close(&mut self, reason: String) {
         if self.closing.is_none() {
-            log::debug!("kvxfer: lane to {} closing: {reason}", self.shared.peer.name);
+            log::debug!(
+                "kvxfer: lane to {} closing: {reason}",
+                self.shared.peer.name
+            );
             self.closing = Some(reason);
         }
     }
@@ -493,7 +503,11 @@ impl Driven for ClientLane {
             g.work.complete(g.range, Err(tcp_error(reason.clone())));
         }
         let orphans = {
-            let mut q = self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut q = self
+                .shared
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             q.dead = true;
             std::mem::take(&mut q.works)
         };

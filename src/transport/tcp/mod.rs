@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub(crate) use io::IoPool;
 use io::Command;
+pub(crate) use io::IoPool;
 use lane::{fail_all, LaneShared, PeerLanes};
 
 use super::{SliceSource, Transport, TransportKind};

@@ -280,7 +280,8 @@ impl ServerConn {
             let start = self.send_bytes.len();
             match &r {
                 Response::Ack(id) => {
-                    self.send_bytes.extend_from_slice(&header(Kind::Ack, 0, 0, *id));
+                    self.send_bytes
+                        .extend_from_slice(&header(Kind::Ack, 0, 0, *id));
                 }
                 Response::ReadData { id, entries, .. } => {
                     self.send_bytes
@@ -309,7 +310,11 @@ impl ServerConn {
         self.send.clear();
         let base = self.send_bytes.as_ptr();
         for (own, at, len) in pieces {
-            let ptr = if own { base.wrapping_add(at) } else { at as *const u8 };
+            let ptr = if own {
+                base.wrapping_add(at)
+            } else {
+                at as *const u8
+            };
             self.send.push(ptr, len);
         }
     }
@@ -447,7 +452,12 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(code, Code::AccessDenied, "{msg}");
-        let pins = check(&registry, &[e(0x2000, 16), e(0x2100, 16)], Access::REMOTE_WRITE).unwrap();
+        let pins = check(
+            &registry,
+            &[e(0x2000, 16), e(0x2100, 16)],
+            Access::REMOTE_WRITE,
+        )
+        .unwrap();
         assert_eq!(registry.lookup(0x2000).unwrap().pins(), 1);
         drop(pins);
         assert_eq!(registry.lookup(0x2000).unwrap().pins(), 0);

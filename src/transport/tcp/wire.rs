@@ -140,7 +140,8 @@ impl Header {
 
     /// Decodes and checks a header: magic, version, kind, and the count limit per kind.
     pub fn decode(bytes: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
-        let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let u32_at =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
         let magic = u32_at(0);
         if magic != MAGIC {
             return Err(WireError::BadMagic(magic));
@@ -348,10 +349,16 @@ mod tests {
         assert_eq!(Header::decode(&bad), Err(WireError::UnknownKind(77)));
         let mut bad = good;
         bad[8..12].copy_from_slice(&(MAX_ENTRIES + 1).to_le_bytes());
-        assert!(matches!(Header::decode(&bad), Err(WireError::TooMany { .. })));
+        assert!(matches!(
+            Header::decode(&bad),
+            Err(WireError::TooMany { .. })
+        ));
         let mut bad = good;
         bad[8..12].copy_from_slice(&0u32.to_le_bytes());
-        assert!(matches!(Header::decode(&bad), Err(WireError::TooMany { .. })));
+        assert!(matches!(
+            Header::decode(&bad),
+            Err(WireError::TooMany { .. })
+        ));
     }
 
     #[test]

@@ -1,0 +1,629 @@
+//! The control client: one connection to a peer's control server, with a reader thread
+//! that matches replies to waiting callers by request id and applies pushed descriptors.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::io::{BufReader, ErrorKind, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::error::ControlError;
+use super::frame::{self, encode_frame};
+use super::message::{kind, kind_name, Message, SegmentDescriptor, MAX_NOTIFY};
+
+/// Longest wait honoured; larger timeouts are cut to this.
+const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The request id of the handshake; later requests count up from the next one.
+const HANDSHAKE_ID: u32 = 1;
+
+/// A connection to a peer engine's control server. `Send + Sync`: requests may be made
+/// from many threads at once; each waits for its own reply.
+pub struct ControlClient {
+    inner: Arc<Inner>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Inner {
+    session: String,
+    /// The epoch of the peer's handshake; a Refresh of another epoch ends the connection.
+    epoch: u64,
+    writer: Mutex<TcpStream>,
+    /// A handle to shut the socket down without taking the writer lock.
+    control: TcpStream,
+    state: Mutex<State>,
+    replies: Condvar,
+    descriptor: Mutex<Arc<SegmentDescriptor>>,
+    alive: AtomicBool,
+}
+
+struct State {
+    next_id: u32,
+    /// Requests waiting for a reply, and the reply once it came.
+    pending: HashMap<u32, Option<Reply>>,
+    /// Why the connection ended, once it has.
+    dead: Option<String>,
+}
+
+enum Reply {
+    /// A reply message (ProbeReply, NotifyAck or Error).
+    Message(Message),
+    /// A Refresh answered a DescriptorRequest and was applied to the stored descriptor.
+    Descriptor,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No invariant spans these locks, so a poisoned one is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout.min(MAX_WAIT)).unwrap_or(now)
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+fn is_io_timeout(e: &ControlError) -> bool {
+    matches!(e, ControlError::Io { source, .. } if is_timeout(source))
+}
+
+impl ControlClient {
+    /// Connects to `session` (`"host:port"`, resolved with `ToSocketAddrs`), sends
+    /// `Handshake(own)` and waits for the HandshakeReply, all within `timeout`.
+    ///
+    /// Errors, each naming the session: [`ControlError::BadAddress`] (does not resolve),
+    /// [`ControlError::Refused`] (nothing listens), [`ControlError::Connect`] (other
+    /// connect failures), [`ControlError::Timeout`], [`ControlError::PeerError`] (the peer
+    /// answered with an Error), [`ControlError::MalformedReply`],
+    /// [`ControlError::Disconnected`] (the peer closed during the handshake). Also
+    /// [`ControlError::InvalidDescriptor`] if `own` does not validate.
+    pub fn connect(
+        session: &str,
+        own: &SegmentDescriptor,
+        timeout: Duration,
+    ) -> Result<ControlClient, ControlError> {
+        own.validate()?;
+        let handshake = encode_frame(&Message::Handshake(own.clone()), HANDSHAKE_ID)?;
+        let deadline = deadline_after(timeout);
+        let timed_out = || ControlError::Timeout {
+            session: session.to_owned(),
+            what: "the handshake",
+            timeout,
+        };
+        let remaining =
+            || Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero());
+        let disconnected = |reason: String| ControlError::Disconnected {
+            session: session.to_owned(),
+            reason,
+        };
+        let malformed = |reason: String| ControlError::MalformedReply {
+            session: session.to_owned(),
+            reason,
+        };
+        let io = |what: &str, e: std::io::Error| {
+            if is_timeout(&e) {
+                timed_out()
+            } else {
+                disconnected(format!("{what}: {e}"))
+            }
+        };
+
+        let addrs: Vec<SocketAddr> = session
+            .to_socket_addrs()
+            .map_err(|e| ControlError::BadAddress {
+                session: session.to_owned(),
+                reason: e.to_string(),
+            })?
+            .collect();
+        if addrs.is_empty() {
+            return Err(ControlError::BadAddress {
+                session: session.to_owned(),
+                reason: "it resolves to no address".into(),
+            });
+        }
+        let stream = connect_any(session, &addrs, deadline, timeout)?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| io("setting TCP_NODELAY", e))?;
+
+        stream
+            .set_write_timeout(Some(remaining().ok_or_else(timed_out)?))
+            .map_err(|e| io("setting the write timeout", e))?;
+        (&stream)
+            .write_all(&handshake)
+            .map_err(|e| io("sending the handshake", e))?;
+
+        stream
+            .set_read_timeout(Some(remaining().ok_or_else(timed_out)?))
+            .map_err(|e| io("setting the read timeout", e))?;
+        let read_clone = stream
+            .try_clone()
+            .map_err(|e| io("cloning the socket", e))?;
+        let mut reader = BufReader::with_capacity(64 * 1024, read_clone);
+        let read_failed = |e: ControlError| {
+            if is_io_timeout(&e) {
+                timed_out()
+            } else if matches!(
+                e,
+                ControlError::BadMagic { .. } | ControlError::BodyTooLong { .. }
+            ) {
+                malformed(e.to_string())
+            } else {
+                disconnected(format!("during the handshake: {e}"))
+            }
+        };
+        let header = frame::read_header(&mut reader)
+            .map_err(read_failed)?
+            .ok_or_else(|| {
+                disconnected("the peer closed the connection during the handshake".into())
+            })?;
+        if let Err(e) = header.check_version() {
+            return Err(malformed(e.to_string()));
+        }
+        let body = frame::read_body(&mut reader, header.len).map_err(read_failed)?;
+        if header.request_id != HANDSHAKE_ID {
+            return Err(malformed(format!(
+                "the first frame has request id {} (a {}), not the handshake's {HANDSHAKE_ID}",
+                header.request_id,
+                kind_name(header.kind)
+            )));
+        }
+        let peer =
+            match Message::decode(header.kind, &body).map_err(|e| malformed(e.to_string()))? {
+                Message::HandshakeReply(descriptor) => descriptor,
+                Message::Error { code, message } => {
+                    return Err(ControlError::PeerError {
+                        session: session.to_owned(),
+                        code,
+                        message,
+                    })
+                }
+                other => {
+                    return Err(malformed(format!(
+                        "a {} answered the Handshake",
+                        kind_name(other.kind())
+                    )))
+                }
+            };
+
+        // From here on reads block without a timeout (peers may be idle for hours); each
+        // request sets the write timeout it needs.
+        stream
+            .set_read_timeout(None)
+            .map_err(|e| io("clearing the read timeout", e))?;
+        let control = stream
+            .try_clone()
+            .map_err(|e| io("cloning the socket", e))?;
+        log::info!(
+            "control client: connected to {session} (engine {:#x}, epoch {}, version {})",
+            peer.engine_id,
+            peer.epoch,
+            peer.version
+        );
+        let inner = Arc::new(Inner {
+            session: session.to_owned(),
+            epoch: peer.epoch,
+            writer: Mutex::new(stream),
+            control,
+            state: Mutex::new(State {
+                next_id: HANDSHAKE_ID.wrapping_add(1),
+                pending: HashMap::new(),
+                dead: None,
+            }),
+            replies: Condvar::new(),
+            descriptor: Mutex::new(Arc::new(peer)),
+            alive: AtomicBool::new(true),
+        });
+        let reader_thread = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("kvx-ctl-client".into())
+                .spawn(move || read_loop(&inner, reader))
+                .map_err(|e| ControlError::io("starting the control client's reader thread", e))?
+        };
+        Ok(ControlClient {
+            inner,
+            reader: Mutex::new(Some(reader_thread)),
+        })
+    }
+
+    /// The session (`"host:port"`) this client connected to.
+    pub fn session(&self) -> &str {
+        &self.inner.session
+    }
+
+    /// The peer's descriptor as last received (handshake, pushed Refresh, or fetch).
+    pub fn descriptor(&self) -> Arc<SegmentDescriptor> {
+        Arc::clone(&lock(&self.inner.descriptor))
+    }
+
+    /// Asks for the current descriptor (DescriptorRequest round trip), stores and returns
+    /// it. If a newer one was pushed meanwhile, that one is returned.
+    ///
+    /// Errors: [`ControlError::Timeout`], [`ControlError::Disconnected`] (also when the
+    /// peer answers with another epoch: it restarted), [`ControlError::PeerError`],
+    /// [`ControlError::MalformedReply`].
+    pub fn fetch_descriptor(
+        &self,
+        timeout: Duration,
+    ) -> Result<Arc<SegmentDescriptor>, ControlError> {
+        match self.request(&Message::DescriptorRequest, timeout, "a DescriptorRequest")? {
+            Reply::Descriptor => Ok(self.descriptor()),
+            Reply::Message(other) => Err(self.unexpected(other, "Refresh")),
+        }
+    }
+
+    /// Probe round trip; returns the round-trip time.
+    ///
+    /// Errors: [`ControlError::Timeout`], [`ControlError::Disconnected`],
+    /// [`ControlError::PeerError`], [`ControlError::MalformedReply`].
+    pub fn probe(&self, timeout: Duration) -> Result<Duration, ControlError> {
+        let nonce = RandomState::new().hash_one(Instant::now());
+        let start = Instant::now();
+        match self.request(&Message::Probe { nonce }, timeout, "a Probe")? {
+            Reply::Message(Message::ProbeReply { nonce: echoed }) if echoed == nonce => {
+                Ok(start.elapsed())
+            }
+            Reply::Message(Message::ProbeReply { nonce: echoed }) => {
+                Err(ControlError::MalformedReply {
+                    session: self.inner.session.clone(),
+                    reason: format!(
+                        "ProbeReply carries nonce {echoed:#x}, the Probe sent {nonce:#x}"
+                    ),
+                })
+            }
+            Reply::Message(other) => Err(self.unexpected(other, "ProbeReply")),
+            Reply::Descriptor => Err(self.unexpected(Message::DescriptorRequest, "ProbeReply")),
+        }
+    }
+
+    /// Sends a notification (at most [`MAX_NOTIFY`] bytes) and waits for the NotifyAck,
+    /// which the peer sends once its handler has taken the notification.
+    ///
+    /// Errors: [`ControlError::NotifyTooLarge`], [`ControlError::Timeout`],
+    /// [`ControlError::Disconnected`], [`ControlError::PeerError`],
+    /// [`ControlError::MalformedReply`].
+    pub fn notify(&self, bytes: &[u8], timeout: Duration) -> Result<(), ControlError> {
+        if bytes.len() > MAX_NOTIFY {
+            return Err(ControlError::NotifyTooLarge {
+                len: bytes.len(),
+                max: MAX_NOTIFY,
+            });
+        }
+        let message = Message::Notify {
+            bytes: bytes.to_vec(),
+        };
+        match self.request(&message, timeout, "a Notify")? {
+            Reply::Message(Message::NotifyAck) => Ok(()),
+            Reply::Message(other) => Err(self.unexpected(other, "NotifyAck")),
+            Reply::Descriptor => Err(self.unexpected(Message::DescriptorRequest, "NotifyAck")),
+        }
+    }
+
+    /// False once the connection broke (peer gone, malformed frame, peer restarted) or
+    /// was closed.
+    pub fn is_alive(&self) -> bool {
+        self.inner.alive.load(Ordering::Acquire)
+    }
+
+    /// Closes the connection and joins the reader thread (also done on drop). Waiting
+    /// callers get [`ControlError::Disconnected`].
+    pub fn close(&self) {
+        self.inner.kill("closed by this side".into());
+        let mut reader = lock(&self.reader);
+        if let Some(thread) = reader.take() {
+            if thread.join().is_err() {
+                log::error!(
+                    "control client: the reader thread for {} panicked",
+                    self.inner.session
+                );
+            }
+        }
+    }
+
+    /// The error for a reply of the wrong kind (an Error reply becomes `PeerError`).
+    fn unexpected(&self, reply: Message, expected: &str) -> ControlError {
+        match reply {
+            Message::Error { code, message } => ControlError::PeerError {
+                session: self.inner.session.clone(),
+                code,
+                message,
+            },
+            other => ControlError::MalformedReply {
+                session: self.inner.session.clone(),
+                reason: format!("expected {expected}, got {}", kind_name(other.kind())),
+            },
+        }
+    }
+
+    /// Sends `message` as a request and waits for its reply.
+    fn request(
+        &self,
+        message: &Message,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Reply, ControlError> {
+        let inner = &self.inner;
+        let deadline = deadline_after(timeout);
+        let timed_out = || ControlError::Timeout {
+            session: inner.session.clone(),
+            what,
+            timeout,
+        };
+        let (kind, body) = message.encode();
+        let id = inner.register()?;
+        let frame = match frame::frame_bytes(kind, id, &body) {
+            Ok(frame) => frame,
+            Err(e) => {
+                inner.unregister(id);
+                return Err(e);
+            }
+        };
+        drop(body);
+        {
+            let writer = lock(&inner.writer);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                drop(writer);
+                inner.unregister(id);
+                return Err(timed_out());
+            }
+            let written = writer
+                .set_write_timeout(Some(remaining))
+                .and_then(|()| (&*writer).write_all(&frame));
+            drop(writer);
+            if let Err(e) = written {
+                inner.unregister(id);
+                if is_timeout(&e) {
+                    inner.kill(format!("sending {what} timed out midway"));
+                    return Err(timed_out());
+                }
+                inner.kill(format!("sending {what} failed: {e}"));
+                return Err(inner.disconnected());
+            }
+        }
+        log::trace!(
+            "control client: sent {message} to {} (request {id})",
+            inner.session
+        );
+
+        let mut state = lock(&inner.state);
+        loop {
+            if let Some(reply) = state.pending.get_mut(&id).and_then(Option::take) {
+                state.pending.remove(&id);
+                return Ok(reply);
+            }
+            if let Some(reason) = &state.dead {
+                let reason = reason.clone();
+                state.pending.remove(&id);
+                return Err(ControlError::Disconnected {
+                    session: inner.session.clone(),
+                    reason,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                state.pending.remove(&id);
+                return Err(timed_out());
+            }
+            state = inner
+                .replies
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for ControlClient {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl fmt::Debug for ControlClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlClient")
+            .field("session", &self.inner.session)
+            .field("alive", &self.is_alive())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connects to the first address that accepts; otherwise the last address's error.
+fn connect_any(
+    session: &str,
+    addrs: &[SocketAddr],
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<TcpStream, ControlError> {
+    let mut last = None;
+    for addr in addrs {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(addr, remaining) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => {
+                log::debug!("control client: connecting to {session} at {addr}: {e}");
+                last = Some(match e.kind() {
+                    ErrorKind::ConnectionRefused => ControlError::Refused {
+                        session: session.to_owned(),
+                    },
+                    _ if is_timeout(&e) => ControlError::Timeout {
+                        session: session.to_owned(),
+                        what: "the connection",
+                        timeout,
+                    },
+                    _ => ControlError::Connect {
+                        session: session.to_owned(),
+                        source: Arc::new(e),
+                    },
+                });
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| ControlError::Timeout {
+        session: session.to_owned(),
+        what: "the connection",
+        timeout,
+    }))
+}
+
+impl Inner {
+    /// A fresh request id (counting up, wrapping, never 0 nor one in use).
+    fn register(&self) -> Result<u32, ControlError> {
+        let mut state = lock(&self.state);
+        if let Some(reason) = &state.dead {
+            return Err(ControlError::Disconnected {
+                session: self.session.clone(),
+                reason: reason.clone(),
+            });
+        }
+        loop {
+            let id = state.next_id;
+            state.next_id = state.next_id.wrapping_add(1);
+            if id != 0 && !state.pending.contains_key(&id) {
+                state.pending.insert(id, None);
+                return Ok(id);
+            }
+        }
+    }
+
+    fn unregister(&self, id: u32) {
+        lock(&self.state).pending.remove(&id);
+    }
+
+    fn disconnected(&self) -> ControlError {
+        let reason = lock(&self.state)
+            .dead
+            .clone()
+            .unwrap_or_else(|| "the connection ended".into());
+        ControlError::Disconnected {
+            session: self.session.clone(),
+            reason,
+        }
+    }
+
+    /// Ends the connection: waiting callers are woken with the reason, the socket is shut
+    /// down (which also ends the reader thread).
+    fn kill(&self, reason: String) {
+        {
+            let mut state = lock(&self.state);
+            if state.dead.is_none() {
+                if reason == "closed by this side" {
+                    log::debug!("control client: connection to {} closed", self.session);
+                } else {
+                    log::warn!(
+                        "control client: connection to {} is down: {reason}",
+                        self.session
+                    );
+                }
+                state.dead = Some(reason);
+            }
+            self.alive.store(false, Ordering::Release);
+            self.replies.notify_all();
+        }
+        let _ = self.control.shutdown(Shutdown::Both);
+    }
+
+    fn deliver(&self, id: u32, reply: Reply) {
+        let mut state = lock(&self.state);
+        match state.pending.get_mut(&id) {
+            Some(slot) => {
+                *slot = Some(reply);
+                self.replies.notify_all();
+            }
+            None => log::debug!(
+                "control client: {} answered request {id}, which no longer waits (timed out)",
+                self.session
+            ),
+        }
+    }
+
+    /// Applies a Refresh of the handshake's epoch: stored if newer than what is stored.
+    fn refresh(&self, descriptor: SegmentDescriptor) {
+        let mut stored = lock(&self.descriptor);
+        if descriptor.version > stored.version {
+            log::debug!(
+                "control client: {} descriptor version {} → {}",
+                self.session,
+                stored.version,
+                descriptor.version
+            );
+            *stored = Arc::new(descriptor);
+        }
+    }
+}
+
+fn read_loop(inner: &Inner, mut reader: BufReader<TcpStream>) {
+    let reason = loop {
+        match read_one(inner, &mut reader) {
+            Ok(true) => {}
+            Ok(false) => break "the peer closed the connection".to_string(),
+            Err(reason) => break reason,
+        }
+    };
+    inner.kill(reason);
+}
+
+/// Reads and handles one frame. `Ok(false)` at a clean end of stream; `Err(reason)` when
+/// the connection cannot go on.
+fn read_one(inner: &Inner, reader: &mut BufReader<TcpStream>) -> Result<bool, String> {
+    let header = match frame::read_header(reader).map_err(|e| e.to_string())? {
+        Some(header) => header,
+        None => return Ok(false),
+    };
+    header.check_version().map_err(|e| e.to_string())?;
+    let id = header.request_id;
+    if !kind::is_known(header.kind) {
+        frame::skip_body(reader, header.len).map_err(|e| e.to_string())?;
+        log::warn!(
+            "control client: {} sent a frame of unknown kind {} (request {id}); skipped",
+            inner.session,
+            header.kind
+        );
+        return Ok(true);
+    }
+    let body = frame::read_body(reader, header.len).map_err(|e| e.to_string())?;
+    let message = Message::decode(header.kind, &body).map_err(|e| e.to_string())?;
+    log::trace!(
+        "control client: {} sent {message} (request {id})",
+        inner.session
+    );
+    match message {
+        Message::Refresh(descriptor) => {
+            if descriptor.epoch != inner.epoch {
+                return Err(format!(
+                    "the peer restarted (descriptor epoch {} → {})",
+                    inner.epoch, descriptor.epoch
+                ));
+            }
+            inner.refresh(descriptor);
+            if id != 0 {
+                inner.deliver(id, Reply::Descriptor);
+            }
+        }
+        Message::ProbeReply { .. } | Message::NotifyAck | Message::Error { .. } if id != 0 => {
+            inner.deliver(id, Reply::Message(message));
+        }
+        Message::Error { code, message } => log::warn!(
+            "control client: {} sent an unsolicited Error: {} {code}: {message}",
+            inner.session,
+            super::message::error_code::name(code)
+        ),
+        other => log::warn!(
+            "control client: {} sent an unexpected {} (request {id}); ignored",
+            inner.session,
+            kind_name(other.kind())
+        ),
+    }
+    Ok(true)
+}

@@ -1,0 +1,301 @@
+//! The engine's network side: its identity, the control and data listeners, the segment
+//! descriptor it publishes, and the notifications it has received.
+
+use std::collections::VecDeque;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::{EngineConfig, Error, Result};
+use crate::control::{
+    ControlHandler, ControlServer, RegionInfo, SegmentDescriptor, TransportOffer,
+};
+use crate::memory::Registry;
+use crate::transport::tcp::{IoPool, TcpServer};
+
+/// Splits `host:port` (or `[v6]:port`) into its host and port.
+pub(crate) fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    let port = port
+        .parse()
+        .map_err(|_| format!("{s:?}: port {port:?} is not a number in 0..=65535"))?;
+    Ok((host.to_string(), port))
+}
+
+/// A notification received from a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    /// The sender's session id.
+    pub from: String,
+    /// What it sent.
+    pub bytes: Vec<u8>,
+}
+
+/// Received notifications, waiting to be drained.
+#[derive(Debug, Default)]
+pub(super) struct Inbox {
+    queue: Mutex<VecDeque<Notification>>,
+    arrived: Condvar,
+}
+
+impl Inbox {
+    pub(super) fn push(&self, n: Notification) {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(n);
+        self.arrived.notify_all();
+    }
+
+    pub(super) fn drain(&self) -> Vec<Notification> {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect()
+    }
+
+    pub(super) fn wait_one(&self, timeout: Duration) -> Option<Notification> {
+        let until = Instant::now().checked_add(timeout);
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(n) = q.pop_front() {
+                return Some(n);
+            }
+            let left = match until {
+                Some(until) => until.checked_duration_since(Instant::now())?,
+                None => Duration::from_secs(3600),
+            };
+            q = self
+                .arrived
+                .wait_timeout(q, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// What the control server needs to answer peers.
+#[derive(Debug)]
+pub(super) struct NetShared {
+    pub(super) registry: Arc<Registry>,
+    pub(super) session: String,
+    pub(super) engine_id: u64,
+    pub(super) host: String,
+    pub(super) epoch: u64,
+    pub(super) offers: Vec<TransportOffer>,
+    pub(super) inbox: Arc<Inbox>,
+}
+
+impl NetShared {
+    pub(super) fn descriptor(&self) -> SegmentDescriptor {
+        SegmentDescriptor {
+            engine_id: self.engine_id,
+            session: self.session.clone(),
+            host: self.host.clone(),
+            epoch: self.epoch,
+            version: self.registry.version(),
+            regions: region_infos(&self.registry),
+            transports: self.offers.clone(),
+        }
+    }
+}
+
+/// The registered regions as a peer sees them.
+pub(super) fn region_infos(registry: &Registry) -> Vec<RegionInfo> {
+    registry
+        .snapshot()
+        .iter()
+        .map(|r| RegionInfo {
+            addr: r.range().start,
+            len: r.range().len,
+            location: r.location(),
+            access: r.access(),
+        })
+        .collect()
+}
+
+impl ControlHandler for NetShared {
+    fn descriptor(&self) -> SegmentDescriptor {
+        NetShared::descriptor(self)
+    }
+
+    fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) {
+        self.inbox.push(Notification {
+            from: from.session.clone(),
+            bytes,
+        });
+    }
+}
+
+/// The listeners and I/O threads of an engine that listens.
+pub(super) struct Net {
+    pub(super) shared: Arc<NetShared>,
+    pub(super) control: Arc<ControlServer>,
+    pub(super) tcp: TcpServer,
+    pub(super) pool: Arc<IoPool>,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("session", &self.shared.session)
+            .field("data", &self.tcp.local_addr())
+            .field("control_connections", &self.control.connections())
+            .finish()
+    }
+}
+
+impl Net {
+    pub(super) fn start(
+        config: &EngineConfig,
+        listen: &str,
+        registry: &Arc<Registry>,
+        inbox: &Arc<Inbox>,
+    ) -> Result<Net> {
+        let (host, _) = split_host_port(listen).map_err(Error::Config)?;
+        let start_err =
+            |what: &str, e: &dyn std::fmt::Display| Error::Start(format!("{what}: {e}"));
+        let control_listener = TcpListener::bind(listen)
+            .map_err(|e| start_err(&format!("cannot listen on {listen}"), &e))?;
+        let port = control_listener
+            .local_addr()
+            .map_err(|e| start_err("listener address", &e))?
+            .port();
+        let data_listener = TcpListener::bind((host.as_str(), 0))
+            .map_err(|e| start_err(&format!("cannot open a data listener on {host}"), &e))?;
+        let data_port = data_listener
+            .local_addr()
+            .map_err(|e| start_err("data listener address", &e))?
+            .port();
+        let pool = Arc::new(
+            IoPool::start(config.io_threads)
+                .map_err(|e| start_err("cannot start io_uring I/O threads (is io_uring disabled? see /proc/sys/kernel/io_uring_disabled)", &e))?,
+        );
+        let tcp = TcpServer::start(data_listener, Arc::clone(registry), Arc::clone(&pool))
+            .map_err(|e| start_err("cannot start the data listener", &e))?;
+        let session = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let shared = Arc::new(NetShared {
+            registry: Arc::clone(registry),
+            session,
+            engine_id: random_u64(),
+            host: host_identity(),
+            epoch: epoch_now(),
+            offers: vec![TransportOffer {
+                kind: "tcp".into(),
+                params: vec![
+                    ("port".into(), data_port.to_string()),
+                    ("lanes".into(), config.tcp_lanes.to_string()),
+                ],
+            }],
+            inbox: Arc::clone(inbox),
+        });
+        let control = Arc::new(
+            ControlServer::start(
+                control_listener,
+                Arc::clone(&shared) as Arc<dyn ControlHandler>,
+            )
+            .map_err(|e| start_err("cannot start the control listener", &e))?,
+        );
+        // Peers learn of every registry change; the observer holds weak references so the
+        // registry does not keep the network side alive.
+        let (weak_shared, weak_control): (Weak<NetShared>, Weak<ControlServer>) =
+            (Arc::downgrade(&shared), Arc::downgrade(&control));
+        registry.set_observer(Some(Arc::new(move || {
+            if let (Some(shared), Some(control)) = (weak_shared.upgrade(), weak_control.upgrade()) {
+                control.publish(&shared.descriptor());
+            }
+        })));
+        Ok(Net {
+            shared,
+            control,
+            tcp,
+            pool,
+        })
+    }
+
+    /// Stops listening and closes every connection (in-flight requests fail once the
+    /// kernel is done with their buffers).
+    pub(super) fn shutdown(&self) {
+        self.shared.registry.set_observer(None);
+        self.tcp.shutdown();
+        self.pool.shutdown();
+    }
+}
+
+/// Epoch of this engine instance: start time in nanoseconds, so a restarted process under
+/// the same session id has a different (larger) one.
+fn epoch_now() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    // Two engines of one process started within the same nanosecond still differ.
+    let prev = LAST.fetch_max(now, Ordering::AcqRel);
+    if prev >= now {
+        LAST.fetch_add(1, Ordering::AcqRel) + 1
+    } else {
+        now
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        return epoch_now() ^ u64::from(std::process::id()).rotate_left(32);
+    }
+    u64::from_ne_bytes(bytes)
+}
+
+/// `hostname/boot-id`: equal for two processes exactly when they share a running kernel.
+fn host_identity() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+    let name = read("/proc/sys/kernel/hostname").unwrap_or_else(|_| "unknown".into());
+    let boot = read("/proc/sys/kernel/random/boot_id").unwrap_or_else(|_| "unknown".into());
+    format!("{name}/{boot}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(
+            split_host_port("127.0.0.1:80").unwrap(),
+            ("127.0.0.1".into(), 80)
+        );
+        assert_eq!(split_host_port("[::1]:0").unwrap(), ("::1".into(), 0));
+        assert_eq!(
+            split_host_port("node-3:7000").unwrap(),
+            ("node-3".into(), 7000)
+        );
+        for bad in ["", "host", ":80", "h:99999", "h:x", "h:-1"] {
+            assert!(split_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn epochs_increase() {
+        let a = epoch_now();
+        let b = epoch_now();
+        assert!(b > a);
+    }
+}

@@ -1,0 +1,757 @@
+//! The control plane over real sockets on 127.0.0.1: a `ControlServer` with a test
+//! handler, `ControlClient`s, raw streams sending broken frames, and fake servers.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvxfer::control::{
+    error_code, kind, ControlClient, ControlError, ControlHandler, ControlServer, FrameHeader,
+    Message, RegionInfo, SegmentDescriptor, TransportOffer, HEADER_LEN, MAX_BODY, MAX_NOTIFY,
+};
+use kvxfer::{Access, Location};
+
+/// Generous bound for anything that should happen promptly.
+const T: Duration = Duration::from_secs(10);
+
+fn descriptor(engine_id: u64, session: &str, epoch: u64, version: u64) -> SegmentDescriptor {
+    SegmentDescriptor {
+        engine_id,
+        session: session.into(),
+        host: "test-host/boot-0".into(),
+        epoch,
+        version,
+        regions: vec![
+            RegionInfo {
+                addr: 0x10_0000,
+                len: 0x1000 * version.max(1),
+                location: Location::Cpu(0),
+                access: Access::ALL,
+            },
+            RegionInfo {
+                addr: 0x1000_0000,
+                len: 0x2000,
+                location: Location::Cuda(3),
+                access: Access::REMOTE_READ | Access::REMOTE_WRITE,
+            },
+        ],
+        transports: vec![TransportOffer {
+            kind: "tcp".into(),
+            params: vec![("port".into(), "4242".into()), ("lanes".into(), "2".into())],
+        }],
+    }
+}
+
+fn initiator() -> SegmentDescriptor {
+    descriptor(0x1111, "127.0.0.1:1", 7, 1)
+}
+
+/// Serves a settable descriptor and records notifications (sender's engine id, bytes).
+struct TestHandler {
+    descriptor: Mutex<SegmentDescriptor>,
+    notes: Mutex<Vec<(u64, Vec<u8>)>>,
+    noted: Condvar,
+}
+
+impl TestHandler {
+    fn set(&self, d: SegmentDescriptor) {
+        *self.descriptor.lock().unwrap() = d;
+    }
+
+    fn wait_notes(&self, n: usize) -> Vec<(u64, Vec<u8>)> {
+        let deadline = Instant::now() + T;
+        let mut notes = self.notes.lock().unwrap();
+        while notes.len() < n {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("only {} of {n} notifications arrived", notes.len()));
+            notes = self.noted.wait_timeout(notes, left).unwrap().0;
+        }
+        notes.clone()
+    }
+}
+
+impl ControlHandler for TestHandler {
+    fn descriptor(&self) -> SegmentDescriptor {
+        self.descriptor.lock().unwrap().clone()
+    }
+
+    fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) {
+        self.notes.lock().unwrap().push((from.engine_id, bytes));
+        self.noted.notify_all();
+    }
+}
+
+struct Fixture {
+    server: ControlServer,
+    handler: Arc<TestHandler>,
+    session: String,
+}
+
+fn start() -> Fixture {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let session = listener.local_addr().unwrap().to_string();
+    let handler = Arc::new(TestHandler {
+        descriptor: Mutex::new(descriptor(0x2222, &session, 9, 1)),
+        notes: Mutex::new(Vec::new()),
+        noted: Condvar::new(),
+    });
+    let server = ControlServer::start(listener, handler.clone()).unwrap();
+    assert_eq!(server.local_addr().to_string(), session);
+    Fixture {
+        server,
+        handler,
+        session,
+    }
+}
+
+fn connect(session: &str) -> ControlClient {
+    ControlClient::connect(session, &initiator(), T).unwrap()
+}
+
+/// Waits (yielding) until `cond` holds, failing the test at the deadline.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + T;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+/// A new, well-behaved client gets served; so does `old` if given.
+fn assert_healthy(f: &Fixture, old: Option<&ControlClient>) {
+    let client = connect(&f.session);
+    client.probe(T).unwrap();
+    let before = f.handler.notes.lock().unwrap().len();
+    client.notify(b"still fine", T).unwrap();
+    assert_eq!(f.handler.notes.lock().unwrap().len(), before + 1);
+    if let Some(old) = old {
+        assert!(old.is_alive());
+        old.probe(T).unwrap();
+        assert_eq!(old.fetch_descriptor(T).unwrap().engine_id, 0x2222);
+    }
+}
+
+// ---- raw frames ----
+
+fn raw(session: &str) -> TcpStream {
+    let stream = TcpStream::connect(session).unwrap();
+    // A safety net so a broken server fails the test instead of hanging it.
+    stream.set_read_timeout(Some(T)).unwrap();
+    stream
+}
+
+fn frame(kind: u16, request_id: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = FrameHeader::new(kind, body.len() as u32, request_id)
+        .encode()
+        .to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+fn message_frame(message: &Message, request_id: u32) -> Vec<u8> {
+    let (kind, body) = message.encode();
+    frame(kind, request_id, &body)
+}
+
+/// Reads one frame; `None` at end of stream (or reset).
+fn read_frame(stream: &mut TcpStream) -> Option<(FrameHeader, Message)> {
+    let mut header = [0u8; HEADER_LEN];
+    match stream.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+            ) =>
+        {
+            return None
+        }
+        Err(e) => panic!("reading a frame header: {e}"),
+    }
+    let header = FrameHeader::decode(&header).unwrap();
+    let mut body = vec![0u8; header.len as usize];
+    stream.read_exact(&mut body).unwrap();
+    Some((header, Message::decode(header.kind, &body).unwrap()))
+}
+
+fn expect_error(stream: &mut TcpStream, code: u16, request_id: u32) -> String {
+    match read_frame(stream) {
+        Some((header, Message::Error { code: got, message })) => {
+            assert_eq!(got, code, "error code (message: {message})");
+            assert_eq!(header.request_id, request_id);
+            message
+        }
+        other => panic!("expected Error {code}, got {other:?}"),
+    }
+}
+
+fn expect_closed(stream: &mut TcpStream) {
+    let mut buf = [0u8; 256];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("expected the connection to close, got {n} more bytes"),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected the connection to close: {e}"),
+    }
+}
+
+fn raw_handshake(session: &str) -> TcpStream {
+    let mut stream = raw(session);
+    stream
+        .write_all(&message_frame(&Message::Handshake(initiator()), 1))
+        .unwrap();
+    match read_frame(&mut stream) {
+        Some((header, Message::HandshakeReply(d))) => {
+            assert_eq!(header.request_id, 1);
+            assert_eq!(d.engine_id, 0x2222);
+        }
+        other => panic!("expected a HandshakeReply, got {other:?}"),
+    }
+    stream
+}
+
+// ---- the happy paths ----
+
+#[test]
+fn handshake_gives_each_side_the_others_descriptor() {
+    let f = start();
+    let client = connect(&f.session);
+    assert_eq!(*client.descriptor(), f.handler.descriptor());
+    assert_eq!(client.session(), f.session);
+    assert!(client.is_alive());
+    // The server names the sender of a notification by its handshake descriptor.
+    client.notify(b"hello", T).unwrap();
+    assert_eq!(f.handler.wait_notes(1), vec![(0x1111, b"hello".to_vec())]);
+}
+
+#[test]
+fn probe_measures_a_round_trip() {
+    let f = start();
+    let client = connect(&f.session);
+    for _ in 0..10 {
+        let rtt = client.probe(T).unwrap();
+        assert!(rtt < T);
+    }
+}
+
+#[test]
+fn notify_reaches_the_handler_before_it_returns() {
+    let f = start();
+    let client = connect(&f.session);
+    for i in 0..20u8 {
+        client.notify(&[i; 3], T).unwrap();
+        // No waiting: the ack is sent after the handler took it.
+        let notes = f.handler.notes.lock().unwrap();
+        assert_eq!(notes.len(), usize::from(i) + 1);
+        assert_eq!(notes.last().unwrap().1, vec![i; 3]);
+    }
+    client.notify(&[], T).unwrap();
+    client.notify(&vec![5; MAX_NOTIFY], T).unwrap();
+    assert_eq!(
+        f.handler.notes.lock().unwrap().last().unwrap().1.len(),
+        MAX_NOTIFY
+    );
+    assert!(matches!(
+        client.notify(&vec![5; MAX_NOTIFY + 1], T),
+        Err(ControlError::NotifyTooLarge { .. })
+    ));
+    assert!(client.is_alive());
+}
+
+#[test]
+fn published_descriptors_reach_the_client() {
+    let f = start();
+    let client = connect(&f.session);
+    let other = connect(&f.session);
+    let v2 = descriptor(0x2222, &f.session, 9, 2);
+    f.handler.set(v2.clone());
+    f.server.publish(&v2);
+    wait_until("the pushed version 2", || client.descriptor().version == 2);
+    assert_eq!(*client.descriptor(), v2);
+    wait_until("the pushed version 2 (second client)", || {
+        other.descriptor().version == 2
+    });
+
+    // An older version published late does not replace a newer one.
+    f.server.publish(&descriptor(0x2222, &f.session, 9, 1));
+    let v3 = descriptor(0x2222, &f.session, 9, 3);
+    f.server.publish(&v3);
+    wait_until("the pushed version 3", || client.descriptor().version == 3);
+    assert_eq!(*client.descriptor(), v3);
+    assert!(client.is_alive());
+}
+
+#[test]
+fn fetch_descriptor_returns_the_current_one() {
+    let f = start();
+    let client = connect(&f.session);
+    assert_eq!(client.fetch_descriptor(T).unwrap().version, 1);
+    let v5 = descriptor(0x2222, &f.session, 9, 5);
+    f.handler.set(v5.clone());
+    assert_eq!(*client.fetch_descriptor(T).unwrap(), v5);
+    assert_eq!(*client.descriptor(), v5);
+}
+
+#[test]
+fn a_new_epoch_ends_the_connection() {
+    let f = start();
+    let pushed = connect(&f.session);
+    let fetched = connect(&f.session);
+    // The process "restarted" under the same session.
+    let restarted = descriptor(0x3333, &f.session, 10, 1);
+    f.handler.set(restarted.clone());
+    match fetched.fetch_descriptor(T) {
+        Err(ControlError::Disconnected { reason, .. }) => {
+            assert!(reason.contains("epoch"), "{reason}")
+        }
+        other => panic!("fetch across a restart gave {other:?}"),
+    }
+    assert!(!fetched.is_alive());
+    f.server.publish(&restarted);
+    wait_until("the client to drop the restarted peer", || {
+        !pushed.is_alive()
+    });
+    assert!(matches!(
+        pushed.probe(T),
+        Err(ControlError::Disconnected { .. })
+    ));
+    // The descriptor stays the handshake's.
+    assert_eq!(pushed.descriptor().epoch, 9);
+    // Handshaking again works.
+    assert_eq!(connect(&f.session).descriptor().epoch, 10);
+}
+
+#[test]
+fn many_threads_share_one_client() {
+    let f = start();
+    let client = Arc::new(connect(&f.session));
+    let threads: Vec<JoinHandle<()>> = (0..8u8)
+        .map(|t| {
+            let client = Arc::clone(&client);
+            std::thread::spawn(move || {
+                for i in 0..50u8 {
+                    client.probe(T).unwrap();
+                    client.notify(&[t, i], T).unwrap();
+                    assert_eq!(client.fetch_descriptor(T).unwrap().engine_id, 0x2222);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let notes = f.handler.wait_notes(400);
+    assert_eq!(notes.len(), 400);
+    for t in 0..8u8 {
+        // Each thread's notifications arrive in its order.
+        let mine: Vec<u8> = notes
+            .iter()
+            .filter(|(_, b)| b[0] == t)
+            .map(|(_, b)| b[1])
+            .collect();
+        assert_eq!(mine, (0..50).collect::<Vec<u8>>());
+    }
+}
+
+#[test]
+fn connections_are_counted_and_closing_a_client_ends_its_connection() {
+    let f = start();
+    let a = connect(&f.session);
+    let b = connect(&f.session);
+    assert_eq!(f.server.connections(), 2);
+    a.close();
+    assert!(!a.is_alive());
+    assert!(matches!(a.probe(T), Err(ControlError::Disconnected { .. })));
+    wait_until("the server to see the close", || {
+        f.server.connections() == 1
+    });
+    b.probe(T).unwrap();
+    drop(b);
+    wait_until("the server to see the drop", || f.server.connections() == 0);
+}
+
+// ---- bad input on the server's side ----
+
+#[test]
+fn garbage_closes_only_that_connection() {
+    let f = start();
+    let old = connect(&f.session);
+    let mut stream = raw(&f.session);
+    let garbage: Vec<u8> = (0..200u32).map(|i| (i * 37 + 11) as u8).collect();
+    stream.write_all(&garbage).unwrap();
+    let message = expect_error(&mut stream, error_code::MALFORMED, 0);
+    assert!(message.contains("magic"), "{message}");
+    expect_closed(&mut stream);
+    assert_healthy(&f, Some(&old));
+}
+
+#[test]
+fn bad_magic_is_answered_and_closed() {
+    let f = start();
+    let mut stream = raw_handshake(&f.session);
+    let mut bad = message_frame(&Message::Probe { nonce: 1 }, 2);
+    bad[3] = b'Z';
+    stream.write_all(&bad).unwrap();
+    expect_error(&mut stream, error_code::MALFORMED, 0);
+    expect_closed(&mut stream);
+    assert_healthy(&f, None);
+}
+
+#[test]
+fn oversized_body_is_refused_before_it_arrives() {
+    let f = start();
+    let old = connect(&f.session);
+    let mut stream = raw_handshake(&f.session);
+    let header = FrameHeader::new(kind::NOTIFY, MAX_BODY + 1, 2).encode();
+    stream.write_all(&header).unwrap();
+    let message = expect_error(&mut stream, error_code::MALFORMED, 0);
+    assert!(message.contains("exceeds"), "{message}");
+    expect_closed(&mut stream);
+    let header = FrameHeader::new(kind::NOTIFY, u32::MAX, 2).encode();
+    let mut stream = raw(&f.session);
+    stream.write_all(&header).unwrap();
+    expect_error(&mut stream, error_code::MALFORMED, 0);
+    expect_closed(&mut stream);
+    assert_healthy(&f, Some(&old));
+}
+
+#[test]
+fn truncated_frames_close_the_connection() {
+    let f = start();
+    let old = connect(&f.session);
+    // Mid-body.
+    let mut stream = raw_handshake(&f.session);
+    let full = message_frame(
+        &Message::Notify {
+            bytes: vec![1; 100],
+        },
+        2,
+    );
+    stream.write_all(&full[..HEADER_LEN + 10]).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    expect_closed(&mut stream);
+    // Mid-header.
+    let mut stream = raw(&f.session);
+    stream.write_all(&full[..7]).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    expect_closed(&mut stream);
+    assert!(f.handler.notes.lock().unwrap().is_empty());
+    assert_healthy(&f, Some(&old));
+}
+
+#[test]
+fn unknown_version_is_answered_then_closed() {
+    let f = start();
+    let old = connect(&f.session);
+    let mut stream = raw(&f.session);
+    let mut bytes = FrameHeader {
+        version: 2,
+        kind: kind::PROBE,
+        len: 8,
+        request_id: 77,
+    }
+    .encode()
+    .to_vec();
+    bytes.extend_from_slice(&5u64.to_le_bytes());
+    stream.write_all(&bytes).unwrap();
+    let message = expect_error(&mut stream, error_code::UNSUPPORTED_VERSION, 77);
+    assert!(message.contains("version 2"), "{message}");
+    expect_closed(&mut stream);
+    assert_healthy(&f, Some(&old));
+}
+
+#[test]
+fn unknown_kind_is_answered_and_the_connection_stays_usable() {
+    let f = start();
+    let mut stream = raw_handshake(&f.session);
+    stream.write_all(&frame(200, 42, b"12345")).unwrap();
+    stream.write_all(&frame(0, 43, &[])).unwrap();
+    expect_error(&mut stream, error_code::UNKNOWN_KIND, 42);
+    expect_error(&mut stream, error_code::UNKNOWN_KIND, 43);
+    stream
+        .write_all(&message_frame(&Message::Probe { nonce: 0xabc }, 44))
+        .unwrap();
+    match read_frame(&mut stream) {
+        Some((header, Message::ProbeReply { nonce: 0xabc })) => assert_eq!(header.request_id, 44),
+        other => panic!("expected a ProbeReply, got {other:?}"),
+    }
+    // Unknown kinds before the handshake are answered the same way.
+    let mut stream = raw(&f.session);
+    stream.write_all(&frame(999, 5, b"x")).unwrap();
+    expect_error(&mut stream, error_code::UNKNOWN_KIND, 5);
+    assert_healthy(&f, None);
+}
+
+#[test]
+fn malformed_body_is_answered_and_closed() {
+    let f = start();
+    let mut stream = raw_handshake(&f.session);
+    stream
+        .write_all(&frame(kind::PROBE, 3, &[1, 2, 3]))
+        .unwrap();
+    let message = expect_error(&mut stream, error_code::MALFORMED, 3);
+    assert!(message.contains("Probe"), "{message}");
+    expect_closed(&mut stream);
+    // A handshake with an invalid descriptor (overlapping regions).
+    let mut bad = initiator();
+    bad.regions[1].addr = bad.regions[0].addr;
+    let mut stream = raw(&f.session);
+    stream
+        .write_all(&message_frame(&Message::Handshake(bad), 1))
+        .unwrap();
+    expect_error(&mut stream, error_code::MALFORMED, 1);
+    expect_closed(&mut stream);
+    assert_healthy(&f, None);
+}
+
+#[test]
+fn the_first_message_must_be_a_handshake() {
+    let f = start();
+    let mut stream = raw(&f.session);
+    stream
+        .write_all(&message_frame(&Message::Probe { nonce: 1 }, 9))
+        .unwrap();
+    expect_error(&mut stream, error_code::UNEXPECTED, 9);
+    expect_closed(&mut stream);
+    // After the handshake, a reply-kind message or a second handshake is UNEXPECTED but
+    // the connection stays up.
+    let mut stream = raw_handshake(&f.session);
+    stream
+        .write_all(&message_frame(&Message::NotifyAck, 2))
+        .unwrap();
+    expect_error(&mut stream, error_code::UNEXPECTED, 2);
+    stream
+        .write_all(&message_frame(&Message::Handshake(initiator()), 3))
+        .unwrap();
+    expect_error(&mut stream, error_code::UNEXPECTED, 3);
+    stream
+        .write_all(&message_frame(&Message::Notify { bytes: vec![9] }, 4))
+        .unwrap();
+    assert!(matches!(read_frame(&mut stream), Some((h, Message::NotifyAck)) if h.request_id == 4));
+    assert_eq!(f.handler.wait_notes(1), vec![(0x1111, vec![9])]);
+}
+
+// ---- lifetimes ----
+
+#[test]
+fn dropping_the_server_disconnects_its_clients() {
+    let f = start();
+    let a = connect(&f.session);
+    let b = connect(&f.session);
+    let idle_raw = raw(&f.session);
+    let Fixture {
+        server, session, ..
+    } = f;
+    drop(server);
+    wait_until("the clients to see the server go", || {
+        !a.is_alive() && !b.is_alive()
+    });
+    assert!(matches!(a.probe(T), Err(ControlError::Disconnected { .. })));
+    assert!(matches!(
+        ControlClient::connect(&session, &initiator(), T),
+        Err(ControlError::Refused { .. })
+    ));
+    drop(idle_raw);
+}
+
+#[test]
+fn connecting_where_nobody_listens_is_refused() {
+    let port = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let session = format!("127.0.0.1:{port}");
+    match ControlClient::connect(&session, &initiator(), T) {
+        Err(e @ ControlError::Refused { .. }) => assert!(e.to_string().contains(&session)),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_addresses_and_descriptors_are_refused() {
+    for session in ["no-port", "127.0.0.1:notaport", ""] {
+        match ControlClient::connect(session, &initiator(), T) {
+            Err(e @ ControlError::BadAddress { .. }) => {
+                assert!(e.to_string().contains(&format!("{session:?}")), "{e}")
+            }
+            other => panic!("{session:?}: expected BadAddress, got {other:?}"),
+        }
+    }
+    let mut bad = initiator();
+    bad.regions[0].len = 0;
+    assert!(matches!(
+        ControlClient::connect("127.0.0.1:1", &bad, T),
+        Err(ControlError::InvalidDescriptor { .. })
+    ));
+}
+
+/// A fake server on its own thread, running `serve` on the first connection.
+fn fake_server(serve: impl FnOnce(TcpStream) + Send + 'static) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let session = listener.local_addr().unwrap().to_string();
+    let thread = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(T)).unwrap();
+        // Read the Handshake.
+        match read_frame(&mut stream) {
+            Some((_, Message::Handshake(_))) => serve(stream),
+            other => panic!("fake server expected a Handshake, got {other:?}"),
+        }
+    });
+    (session, thread)
+}
+
+#[test]
+fn a_dying_server_fails_waiting_callers_promptly() {
+    let (session, thread) = fake_server(|mut stream| {
+        stream
+            .write_all(&message_frame(
+                &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
+                1,
+            ))
+            .unwrap();
+        // Take the Probe, then die without answering.
+        assert!(matches!(
+            read_frame(&mut stream),
+            Some((_, Message::Probe { .. }))
+        ));
+    });
+    let client = ControlClient::connect(&session, &initiator(), T).unwrap();
+    let long = Duration::from_secs(600);
+    let start = Instant::now();
+    match client.probe(long) {
+        Err(ControlError::Disconnected { reason, .. }) => {
+            assert!(reason.contains("closed"), "{reason}")
+        }
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    assert!(
+        start.elapsed() < T,
+        "the caller waited {:?}",
+        start.elapsed()
+    );
+    assert!(!client.is_alive());
+    // Later calls fail at once.
+    assert!(matches!(
+        client.notify(b"x", long),
+        Err(ControlError::Disconnected { .. })
+    ));
+    thread.join().unwrap();
+}
+
+#[test]
+fn a_handshake_answered_with_an_error_is_a_peer_error() {
+    let (session, thread) = fake_server(|mut stream| {
+        stream
+            .write_all(&message_frame(
+                &Message::error(error_code::INTERNAL, "not today"),
+                1,
+            ))
+            .unwrap();
+        expect_closed(&mut stream);
+    });
+    match ControlClient::connect(&session, &initiator(), T) {
+        Err(
+            e @ ControlError::PeerError {
+                code: error_code::INTERNAL,
+                ..
+            },
+        ) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("not today") && text.contains(&session),
+                "{text}"
+            );
+        }
+        other => panic!("expected PeerError, got {other:?}"),
+    }
+    thread.join().unwrap();
+}
+
+#[test]
+fn a_malformed_handshake_reply_is_refused() {
+    let replies: Vec<Vec<u8>> = vec![
+        frame(kind::HANDSHAKE_REPLY, 1, &[1, 2, 3]),
+        message_frame(&Message::ProbeReply { nonce: 1 }, 1),
+        message_frame(&Message::HandshakeReply(descriptor(5, "fake", 1, 1)), 2),
+        b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(),
+    ];
+    for reply in replies {
+        let sent = reply.clone();
+        let (session, thread) = fake_server(move |mut stream| {
+            stream.write_all(&sent).unwrap();
+            expect_closed(&mut stream);
+        });
+        match ControlClient::connect(&session, &initiator(), T) {
+            Err(ControlError::MalformedReply { session: s, .. }) => assert_eq!(s, session),
+            other => panic!("reply {reply:?}: expected MalformedReply, got {other:?}"),
+        }
+        thread.join().unwrap();
+    }
+}
+
+#[test]
+fn a_silent_server_times_the_handshake_out() {
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let (session, thread) = fake_server(move |_stream| {
+        // Say nothing until the client gave up.
+        let _ = hold.recv();
+    });
+    let start = Instant::now();
+    match ControlClient::connect(&session, &initiator(), Duration::from_millis(200)) {
+        Err(ControlError::Timeout { session: s, .. }) => assert_eq!(s, session),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    release.send(()).unwrap();
+    thread.join().unwrap();
+}
+
+#[test]
+fn a_slow_reply_times_out_and_the_late_reply_is_ignored() {
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let (session, thread) = fake_server(move |mut stream| {
+        stream
+            .write_all(&message_frame(
+                &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
+                1,
+            ))
+            .unwrap();
+        let Some((first, Message::Probe { nonce })) = read_frame(&mut stream) else {
+            panic!("expected a Probe")
+        };
+        // Answer only after the client gave up on it.
+        let _ = hold.recv();
+        stream
+            .write_all(&message_frame(
+                &Message::ProbeReply { nonce },
+                first.request_id,
+            ))
+            .unwrap();
+        // The next probe is answered at once.
+        let Some((second, Message::Probe { nonce })) = read_frame(&mut stream) else {
+            panic!("expected a second Probe")
+        };
+        assert_ne!(second.request_id, first.request_id);
+        stream
+            .write_all(&message_frame(
+                &Message::ProbeReply { nonce },
+                second.request_id,
+            ))
+            .unwrap();
+        expect_closed(&mut stream);
+    });
+    let client = ControlClient::connect(&session, &initiator(), T).unwrap();
+    assert!(matches!(
+        client.probe(Duration::from_millis(100)),
+        Err(ControlError::Timeout { .. })
+    ));
+    release.send(()).unwrap();
+    client.probe(T).unwrap();
+    assert!(client.is_alive());
+    drop(client);
+    thread.join().unwrap();
+}

@@ -1,0 +1,77 @@
+//! Two engines in one process talking over real loopback sockets: the control plane,
+//! TCP lanes, remote checks and notifications, without process management.
+
+use std::time::Duration;
+
+use kvxfer::{Access, Engine, EngineConfig, Error, Location, Op};
+
+fn engine() -> Engine {
+    Engine::new(EngineConfig::default()).unwrap()
+}
+
+#[test]
+fn write_read_and_notify_between_two_engines() {
+    let (a, b) = (engine(), engine());
+    let src = a.allocate(8 << 20, Location::Any).unwrap();
+    let dst = b.allocate(8 << 20, Location::Any).unwrap();
+    for i in 0..(8 << 20) / 4096 {
+        src.fill(i * 4096, 4096, (i % 251) as u8).unwrap();
+    }
+    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+    assert_eq!(a.open_peer(b.session_id().unwrap()).unwrap(), peer);
+    let ops: Vec<Op> = (0..128u64)
+        .map(|i| Op::write(src.addr() + i * 65536, dst.addr() + i * 65536, 65536))
+        .collect();
+    let id = a.submit_with_notify(peer, &ops, b"pages ready").unwrap();
+    let state = a.wait(id, Duration::from_secs(10)).unwrap();
+    assert!(state.into_result().unwrap());
+    let n = b
+        .wait_notification(Duration::from_secs(5))
+        .expect("notification");
+    assert_eq!(n.bytes, b"pages ready");
+    assert_eq!(n.from, a.session_id().unwrap());
+    assert_eq!(dst.to_vec(), src.to_vec());
+
+    // READ it back into a fresh buffer.
+    let back = a.allocate(8 << 20, Location::Any).unwrap();
+    a.transfer_sync(peer, &[Op::read(back.addr(), dst.addr(), 8 << 20)])
+        .unwrap();
+    assert_eq!(back.to_vec(), src.to_vec());
+    assert!(a.probe_peer(peer).unwrap() < Duration::from_secs(1));
+}
+
+#[test]
+fn remote_checks_refuse_and_nothing_is_written() {
+    let (a, b) = (engine(), engine());
+    let src = a.allocate(1 << 20, Location::Any).unwrap();
+    let ro = b
+        .allocate_with_access(
+            1 << 20,
+            Location::Any,
+            Access::REMOTE_READ | Access::LOCAL_READ | Access::LOCAL_WRITE,
+        )
+        .unwrap();
+    src.fill(0, 1 << 20, 9).unwrap();
+    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+    let err = a
+        .transfer_sync(peer, &[Op::write(src.addr(), ro.addr(), 4096)])
+        .unwrap_err();
+    assert!(matches!(err, Error::AccessDenied { .. }), "{err}");
+    let err = a
+        .transfer_sync(peer, &[Op::write(src.addr(), 0x1000, 4096)])
+        .unwrap_err();
+    assert!(matches!(err, Error::NotRegistered { .. }), "{err}");
+    assert!(ro.to_vec().iter().all(|&x| x == 0));
+}
+
+#[test]
+fn memory_registered_later_is_seen_by_the_peer() {
+    let (a, b) = (engine(), engine());
+    let src = a.allocate(1 << 20, Location::Any).unwrap();
+    src.fill(0, 1 << 20, 3).unwrap();
+    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+    let late = b.allocate(1 << 20, Location::Any).unwrap();
+    a.transfer_sync(peer, &[Op::write(src.addr(), late.addr(), 1 << 20)])
+        .unwrap();
+    assert!(late.to_vec().iter().all(|&x| x == 3));
+}
