@@ -1,128 +1,236 @@
-//! The main demo: a prefill KV pool hands a request's KV pages to a decode KV pool, laid
-//! out as SGLang lays them out (one K and one V buffer per layer, pages of 64 tokens), with
-//! every byte verified and a summary of what moved.
-//!
-//! For now both pools live in one engine (the in-process transport); the two-process
-//! version replaces this once the TCP transport lands.
+//! The main demo: P→D transfer between two processes. A "decode" process registers a KV
+//! pool laid out as SGLang lays it out (one K and one V buffer per layer, pages of 64
+//! tokens); a "prefill" process writes a request's KV pages into it through the engine
+//! with a notification; the decode side, on the notification, verifies every byte and
+//! prints what arrived, how fast, and over which transport.
 //!
 //! Run: `cargo run --release --example kvxfer_demo -- [--pages N] [--layers N]`
+//! (the prefill process starts the decode process itself, as a child).
 
-use std::time::{Duration, Instant};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvxfer::{Engine, EngineConfig, Location, Op};
 
 /// Bytes of one KV page of one layer's K (or V): 64 tokens × 8 KV heads × 128 dims × bf16.
 const PAGE_BYTES: usize = 64 * 8 * 128 * 2;
 /// Pages in each pool.
-const POOL_PAGES: usize = 512;
+const POOL_PAGES: usize = 128;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (pages, layers) = parse_args()?;
-    let engine = Engine::new(EngineConfig::default())?;
-    // Host memory on NUMA node 0 where the kernel has NUMA nodes, else anywhere.
-    let home = if std::path::Path::new("/sys/devices/system/node/node0").exists() {
-        Location::Cpu(0)
-    } else {
-        Location::Any
+/// The request's pages sit at scattered slots on both sides (as each server's page
+/// allocator placed them): source slot 3p+1, destination slot (7p + 5) mod pool.
+fn src_slot(p: usize) -> usize {
+    (3 * p + 1) % POOL_PAGES
+}
+fn dst_slot(p: usize) -> usize {
+    (7 * p + 5) % POOL_PAGES
+}
+
+/// The content of page `page` of buffer `buffer` on the prefill side: distinct per
+/// buffer, page and byte, so a misplaced or torn page is caught.
+fn page_bytes(buffer: usize, page: usize) -> Vec<u8> {
+    let seed = (buffer * 131 + page * 17 + 1) as u32;
+    (0..PAGE_BYTES as u32)
+        .map(|j| (seed.wrapping_mul(2_654_435_761) ^ j.wrapping_mul(40_503)) as u8)
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("decode") => parse_args(&args[1..]).and_then(|(p, l)| decode(p, l)),
+        _ => parse_args(&args).and_then(|(p, l)| prefill(p, l)),
     };
+    if let Err(e) = result {
+        eprintln!("kvxfer_demo: {e}");
+        std::process::exit(1);
+    }
+}
+
+type DemoResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+/// The prefill process: starts the decode process, writes the request's pages into its
+/// pool with a notification, and waits for the decode side's verdict.
+fn prefill(pages: usize, layers: usize) -> DemoResult {
     println!(
-        "kvxfer {} demo: in-process KV page transfer",
+        "kvxfer {} demo: P->D transfer of {pages} KV pages x {layers} layers x K,V between two processes",
         kvxfer::VERSION
     );
-    for t in engine.transports() {
-        println!("  transport {}: {}", t.kind, t.detail);
+    let engine = Engine::new(EngineConfig::default())?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["decode", "--pages", &pages.to_string(), "--layers", &layers.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no child stdout")?).lines();
+    // The decode process announces its session id and the addresses of its K/V buffers.
+    let ready = lines
+        .next()
+        .ok_or("the decode process exited before it was ready")??;
+    let mut words = ready.split_whitespace();
+    if words.next() != Some("ready") {
+        return Err(format!("unexpected line from the decode process: {ready:?}").into());
+    }
+    let session = words.next().ok_or("ready line without a session id")?.to_string();
+    let remote: Vec<u64> = words.map(str::parse).collect::<Result<_, _>>()?;
+    if remote.len() != layers * 2 {
+        return Err("the decode process announced the wrong number of buffers".into());
     }
 
-    // One K and one V buffer per layer on each side, as SGLang's MHA token-to-KV pool does.
-    let buffers = |side: &str| -> Result<Vec<kvxfer::Buffer>, kvxfer::Error> {
-        let all = (0..layers * 2)
-            .map(|_| engine.allocate(POOL_PAGES * PAGE_BYTES, home))
-            .collect::<Result<Vec<_>, _>>()?;
-        let region = engine.region(all[0].addr()).expect("just registered");
-        println!(
-            "  {side:7}: {} layers x K,V, {} pages of {} KiB each, location {}",
-            layers,
-            POOL_PAGES,
-            PAGE_BYTES >> 10,
-            region.location()
-        );
-        Ok(all)
-    };
-    let prefill = buffers("prefill")?;
-    let decode = buffers("decode")?;
-    for (i, buf) in prefill.iter().enumerate() {
-        for page in 0..POOL_PAGES {
-            buf.fill(page * PAGE_BYTES, PAGE_BYTES, stamp(i, page))?;
-        }
-    }
+    let home = home_location();
+    let local = (0..layers * 2)
+        .map(|i| {
+            let buf = engine.allocate(POOL_PAGES * PAGE_BYTES, home)?;
+            for p in 0..pages {
+                buf.write_at(src_slot(p) * PAGE_BYTES, &page_bytes(i, src_slot(p)))?;
+            }
+            Ok(buf)
+        })
+        .collect::<DemoResult<Vec<_>>>()?;
 
-    // The request's pages sit at scattered slots on both sides (as allocated by each
-    // server's page allocator): source slot 3p+1, destination slot (7p + 5) mod pool.
-    let src_slot = |p: usize| (3 * p + 1) % POOL_PAGES;
-    let dst_slot = |p: usize| (7 * p + 5) % POOL_PAGES;
-    let mut ops = Vec::with_capacity(pages * layers * 2);
-    for (src, dst) in prefill.iter().zip(&decode) {
-        for p in 0..pages {
-            ops.push(Op::write(
-                src.addr() + (src_slot(p) * PAGE_BYTES) as u64,
-                dst.addr() + (dst_slot(p) * PAGE_BYTES) as u64,
-                PAGE_BYTES as u64,
-            ));
-        }
-    }
-
+    let peer = engine.open_peer(&session)?;
+    println!(
+        "  prefill (pid {}): session {}, opened decode peer {session} over {}",
+        std::process::id(),
+        engine.session_id().unwrap_or("-"),
+        engine.peer_transport(peer)?
+    );
+    let ops: Vec<Op> = local
+        .iter()
+        .zip(&remote)
+        .flat_map(|(src, &dst)| {
+            (0..pages).map(move |p| {
+                Op::write(
+                    src.addr() + (src_slot(p) * PAGE_BYTES) as u64,
+                    dst + (dst_slot(p) * PAGE_BYTES) as u64,
+                    PAGE_BYTES as u64,
+                )
+            })
+        })
+        .collect();
+    let sent_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     let start = Instant::now();
-    let batch = engine.submit(engine.local_peer(), &ops)?;
-    let state = engine.wait(batch, Duration::from_secs(30))?;
+    let note = format!("req-1 pages={pages} layers={layers} sent_at_ns={sent_at}");
+    let batch = engine.submit_with_notify(peer, &ops, note.as_bytes())?;
+    let state = engine.wait(batch, Duration::from_secs(60))?;
     let elapsed = start.elapsed();
     engine.free(batch)?;
     state.into_result()?;
-
-    let mut bad = 0;
-    let mut page = vec![0u8; PAGE_BYTES];
-    for (i, dst) in decode.iter().enumerate() {
-        for p in 0..pages {
-            dst.read_at(dst_slot(p) * PAGE_BYTES, &mut page)?;
-            let want = stamp(i, src_slot(p));
-            bad += usize::from(page.iter().any(|&b| b != want));
-        }
-    }
     let bytes = ops.len() * PAGE_BYTES;
     println!(
-        "  moved {} pages x {} layers x K,V = {} ops, {:.1} MiB in {:.3} ms ({:.2} GB/s)",
-        pages,
-        layers,
+        "  prefill: wrote {} ops ({:.1} MiB) and the notification in {:.2} ms ({:.2} GB/s)",
         ops.len(),
         bytes as f64 / (1 << 20) as f64,
         elapsed.as_secs_f64() * 1e3,
         bytes as f64 / elapsed.as_secs_f64() / 1e9
     );
-    if bad > 0 {
-        return Err(format!("{bad} of {} pages differ after the transfer", ops.len()).into());
+
+    // The decode side prints its verdict, then exits when its stdin closes.
+    let mut verdict = Err("the decode process exited without a verdict".to_string());
+    for line in lines.by_ref() {
+        let line = line?;
+        println!("{line}");
+        if line.contains("verified:") {
+            verdict = Ok(());
+            break;
+        }
+        if line.contains("FAILED") {
+            verdict = Err("the decode side found wrong bytes".into());
+            break;
+        }
     }
-    println!(
-        "  verified: all {} pages identical at their destination slots",
-        ops.len()
-    );
-    let stats = engine.stats();
-    println!(
-        "  engine counters: {} batch submitted, {} completed, {} bytes moved",
-        stats.batches_submitted, stats.batches_completed, stats.bytes_moved
-    );
+    drop(child.stdin.take());
+    let status = child.wait()?;
+    verdict?;
+    if !status.success() {
+        return Err(format!("the decode process exited with {status}").into());
+    }
     Ok(())
 }
 
-/// The byte every position of (buffer, page) holds on the prefill side.
-fn stamp(buffer: usize, page: usize) -> u8 {
-    (buffer * 131 + page * 17 + 1) as u8
+/// The decode process: registers its KV pool, announces it, waits for the notification,
+/// then checks every page it was promised.
+fn decode(pages: usize, layers: usize) -> DemoResult {
+    let engine = Engine::new(EngineConfig::default())?;
+    let home = home_location();
+    let pool = (0..layers * 2)
+        .map(|_| engine.allocate(POOL_PAGES * PAGE_BYTES, home))
+        .collect::<Result<Vec<_>, _>>()?;
+    let session = engine.session_id().ok_or("the engine does not listen")?;
+    let addrs: Vec<String> = pool.iter().map(|b| b.addr().to_string()).collect();
+    println!("ready {session} {}", addrs.join(" "));
+    std::io::stdout().flush()?;
+
+    let note = engine
+        .wait_notification(Duration::from_secs(60))
+        .ok_or("no notification within 60 s")?;
+    let got_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+    let text = String::from_utf8_lossy(&note.bytes).into_owned();
+    let sent_at: u128 = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("sent_at_ns="))
+        .and_then(|v| v.parse().ok())
+        .ok_or("notification without sent_at_ns")?;
+    let mut bad = 0;
+    let mut page = vec![0u8; PAGE_BYTES];
+    for (i, buf) in pool.iter().enumerate() {
+        for p in 0..pages {
+            buf.read_at(dst_slot(p) * PAGE_BYTES, &mut page)?;
+            bad += usize::from(page != page_bytes(i, src_slot(p)));
+        }
+    }
+    let total = pages * layers * 2;
+    let bytes = total * PAGE_BYTES;
+    let secs = (got_at.saturating_sub(sent_at)) as f64 / 1e9;
+    println!(
+        "  decode (pid {}): session {session}, notification {text:?} from {}",
+        std::process::id(),
+        note.from
+    );
+    println!(
+        "  decode: {total} pages ({pages} pages x {layers} layers x K,V), {bytes} bytes arrived over {} in {:.2} ms ({:.2} GB/s, submit to notification)",
+        transport_of(&engine),
+        secs * 1e3,
+        bytes as f64 / secs.max(1e-9) / 1e9
+    );
+    if bad > 0 {
+        println!("  decode: FAILED: {bad} of {total} pages differ from what prefill wrote");
+        std::io::stdout().flush()?;
+        return Err("wrong bytes".into());
+    }
+    println!("  decode: verified: all {total} pages identical at their destination slots");
+    std::io::stdout().flush()?;
+    // Serve until the prefill process is done with us (it closes our stdin).
+    let mut sink = String::new();
+    while std::io::stdin().read_line(&mut sink)? > 0 {}
+    Ok(())
 }
 
-fn parse_args() -> Result<(usize, usize), String> {
+/// The transport the decode side was reached over, as its engine reports it.
+fn transport_of(engine: &Engine) -> String {
+    engine
+        .transports()
+        .iter()
+        .find(|t| t.kind == kvxfer::TransportKind::Tcp)
+        .map_or("?".into(), |t| format!("{} ({})", t.kind, t.detail))
+}
+
+/// Host memory on NUMA node 0 where the kernel has NUMA nodes, else anywhere.
+fn home_location() -> Location {
+    if std::path::Path::new("/sys/devices/system/node/node0").exists() {
+        Location::Cpu(0)
+    } else {
+        Location::Any
+    }
+}
+
+fn parse_args(args: &[String]) -> Result<(usize, usize), Box<dyn std::error::Error>> {
     let (mut pages, mut layers) = (64, 8);
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
         let mut value = |name: &str| -> Result<usize, String> {
-            let v = args.next().ok_or(format!("{name} needs a value"))?;
+            let v = it.next().ok_or(format!("{name} needs a value"))?;
             v.parse()
                 .map_err(|_| format!("{name} {v:?} is not a number"))
         };
@@ -130,14 +238,14 @@ fn parse_args() -> Result<(usize, usize), String> {
             "--pages" => pages = value("--pages")?,
             "--layers" => layers = value("--layers")?,
             "-h" | "--help" => {
-                println!("usage: kvxfer_demo [--pages N (1..={POOL_PAGES}, default 64)] [--layers N (default 8)]");
+                println!("usage: kvxfer_demo [--pages N (1..={POOL_PAGES}, default 64)] [--layers N (1..=64, default 8)]");
                 std::process::exit(0);
             }
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
+            other => return Err(format!("unknown argument {other:?} (try --help)").into()),
         }
     }
-    if !(1..=POOL_PAGES).contains(&pages) || layers == 0 {
-        return Err(format!("--pages must be 1..={POOL_PAGES} and --layers > 0"));
+    if !(1..=POOL_PAGES).contains(&pages) || !(1..=64).contains(&layers) {
+        return Err(format!("--pages must be 1..={POOL_PAGES} and --layers 1..=64").into());
     }
     Ok((pages, layers))
 }
