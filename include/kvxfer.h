@@ -9,79 +9,12 @@
 
 #define KVX_ABI_VERSION ((KVX_ABI_VERSION_MAJOR << 16) | KVX_ABI_VERSION_MINOR)
 
-// The magic number that starts every frame (`"KVXC"` as little-endian bytes).
-#define MAGIC 1129862731
-
-// Size of the frame header in bytes.
-#define HEADER_LEN 16
-
-// Largest body a frame may carry (16 MiB); a header announcing more is refused before
-// anything is allocated.
-#define MAX_BODY (16 << 20)
-
-// Largest notification payload (1 MiB).
-#define MAX_NOTIFY (1 << 20)
-
-// Most regions in one descriptor.
-#define MAX_REGIONS (1 << 20)
-
-// Most transport offers in one descriptor.
-#define MAX_TRANSPORTS 64
-
-// Most parameters of one transport offer.
-#define MAX_PARAMS 64
-
-// Longest string (in bytes) in a message.
-#define MAX_STRING 4096
-
-// [`Message::Handshake`](super::Message::Handshake).
-#define HANDSHAKE 1
-
-// [`Message::HandshakeReply`](super::Message::HandshakeReply).
-#define HANDSHAKE_REPLY 2
-
-// [`Message::DescriptorRequest`](super::Message::DescriptorRequest).
-#define DESCRIPTOR_REQUEST 3
-
-// [`Message::Refresh`](super::Message::Refresh).
-#define REFRESH 4
-
-// [`Message::Probe`](super::Message::Probe).
-#define PROBE 5
-
-// [`Message::ProbeReply`](super::Message::ProbeReply).
-#define PROBE_REPLY 6
-
-// [`Message::Notify`](super::Message::Notify).
-#define NOTIFY 7
-
-// [`Message::NotifyAck`](super::Message::NotifyAck).
-#define NOTIFY_ACK 8
-
-// [`Message::Error`](super::Message::Error).
-#define ERROR 9
-
-// The frame's protocol version is not spoken here; the connection is closed.
-#define UNSUPPORTED_VERSION 1
-
-// The frame's message kind is unknown here; the body was skipped, the connection
-// stays usable.
-#define UNKNOWN_KIND 2
-
-// The frame or its body does not decode; the connection is closed.
-#define MALFORMED 3
-
-// A valid message at the wrong time (e.g. anything but Handshake first).
-#define UNEXPECTED 4
-
-// The serving side failed (e.g. its own descriptor is invalid).
-#define INTERNAL 5
-
 // Major version of the C ABI: changes when an existing declaration changes incompatibly.
-#define KVX_ABI_VERSION_MAJOR 0
+// 1: `kvx_config` grew (network settings) and its `reserved` field became `struct_size`.
+#define KVX_ABI_VERSION_MAJOR 1
 
 // Minor version of the C ABI: changes when declarations are added.
-#define KVX_ABI_VERSION_MINOR 1
+#define KVX_ABI_VERSION_MINOR 0
 
 // Access right: this engine may read the region (source of a WRITE).
 #define KVX_ACCESS_LOCAL_READ 1
@@ -107,39 +40,66 @@
 // `kvx_wait` timeout meaning "until the batch's own deadline".
 #define KVX_WAIT_FOREVER UINT64_MAX
 
-// Bytes of one request entry.
-#define ENTRY_LEN 16
+// Location kind of a `kvx_region_info`: unknown or anywhere (`"*"`); the index is 0.
+#define KVX_LOCATION_ANY 0
 
-// Entries one request may carry.
-#define MAX_ENTRIES 1024
+// Location kind of a `kvx_region_info`: host memory on NUMA node `location_index`
+// (`"cpu:N"`).
+#define KVX_LOCATION_CPU 1
 
-// Payload bytes one request may move (one slice of the largest slice size).
-#define MAX_GROUP_BYTES (1 << 30)
+// Location kind of a `kvx_region_info`: memory of CUDA device `location_index`
+// (`"cuda:N"`).
+#define KVX_LOCATION_CUDA 2
 
-// Bytes of an error message, at most.
-#define MAX_MESSAGE 4096
+// Longest session id (`host:port`) in bytes, without the terminating NUL: a buffer of
+// `KVX_SESSION_ID_MAX + 1` bytes holds any session id, this engine's or a peer's.
+#define KVX_SESSION_ID_MAX 4096
+
+// Largest notification payload of `kvx_submit_with_notify`, in bytes (1 MiB).
+#define KVX_NOTIFY_MAX (1 << 20)
 
 // Engine-owned registered memory (opaque). Create with `kvx_allocate`, destroy with
 // `kvx_buffer_free`; it may outlive the engine that made it.
 typedef struct kvx_buffer kvx_buffer;
 
 // An engine (opaque). Create with `kvx_engine_new`, destroy with `kvx_engine_free`.
+// Every call but `kvx_engine_free` may be made from many threads at once.
 typedef struct kvx_engine kvx_engine;
 
-// Engine settings; fill with `kvx_config_init`, then change what you need.
+// Engine settings; fill with `kvx_config_init`, then change what you need. Every field
+// is taken as it is (0 is not "default": `kvx_config_init` writes the defaults, and a 0
+// where a count or time must be positive is `KVX_ERR_CONFIG`), except `listen`, where
+// NULL means the default.
 typedef struct kvx_config {
   // Largest piece moved at once, bytes (512 .. 1 GiB). Default 65536.
   uint64_t slice_size;
   // Copy threads of the in-process transport (1 .. 256).
   uint32_t copy_threads;
-  // Reserved, must be 0.
-  uint32_t reserved;
+  // `sizeof(kvx_config)` as the caller's header declares it; set by `kvx_config_init`,
+  // do not change it. It lets a later library, whose `kvx_config` has more fields at the
+  // end, read only what this caller's struct has. 0 (the field was `reserved` in ABI 0)
+  // or a size this library does not know is `KVX_ERR_INVALID_ARGUMENT`.
+  uint32_t struct_size;
   // Default batch deadline after submission, milliseconds (> 0).
   uint64_t batch_timeout_ms;
   // Largest batch, in slices.
   uint64_t max_slices_per_batch;
   // Most batches submitted and not freed at once.
   uint64_t max_batches;
+  // How long opening a peer (connect and handshake) may take, milliseconds (> 0).
+  // Default 5000.
+  uint64_t connect_timeout_ms;
+  // `"host:port"` the engine listens on for peers; it is also the engine's session id
+  // (`kvx_engine_session_id`), and port 0 picks a free port. NULL: the default,
+  // `"127.0.0.1:0"`. `""` (empty string): no listener, so only the local peer works and
+  // `kvx_engine_session_id` / `kvx_open_peer` return `KVX_ERR_CONFIG`. Read only during
+  // `kvx_engine_new`. The environment variable `KVX_LISTEN` overrides it (`none` = no
+  // listener).
+  const char *listen;
+  // I/O threads serving TCP connections (1 .. 64). Default 1.
+  uint32_t io_threads;
+  // TCP connections ("lanes") opened to each peer (1 .. 64). Default 2.
+  uint32_t tcp_lanes;
 } kvx_config;
 
 // Result of a kvxfer call: `KVX_OK`, `KVX_IN_PROGRESS`, or a negative `KVX_ERR_*`.
@@ -194,6 +154,23 @@ typedef struct kvx_stats {
   // Bytes moved by slices that completed, whatever their batch's outcome.
   uint64_t bytes_moved;
 } kvx_stats;
+
+// One region a peer has registered (see `kvx_peer_regions`).
+typedef struct kvx_region_info {
+  // Start address, in the peer's address space (a `remote_addr` for `kvx_op`).
+  uint64_t addr;
+  // Bytes.
+  uint64_t len;
+  // `KVX_ACCESS_*` bits.
+  uint32_t access;
+  // `KVX_LOCATION_ANY`, `KVX_LOCATION_CPU` or `KVX_LOCATION_CUDA`.
+  uint32_t location_kind;
+  // NUMA node (`KVX_LOCATION_CPU`) or CUDA device (`KVX_LOCATION_CUDA`); 0 for
+  // `KVX_LOCATION_ANY`.
+  uint32_t location_index;
+  // Always 0.
+  uint32_t reserved;
+} kvx_region_info;
 
 // Success (for a batch: every byte moved).
 #define KVX_OK 0
@@ -288,11 +265,15 @@ const char *kvx_version(void);
 // Compare the major part with the header's macro before using anything else.
 uint32_t kvx_abi_version(void);
 
-// Fills `config` with the defaults. NULL is ignored.
+// Fills `config` with the defaults (`listen` = NULL, the default address) and sets its
+// `struct_size`. NULL is ignored.
 void kvx_config_init(struct kvx_config *config);
 
 // Starts an engine with `config` (NULL = defaults; `KVX_*` environment variables
-// override either) and stores it in `*out`.
+// override either) and stores it in `*out`. `config` must have been filled by
+// `kvx_config_init` (its `struct_size` is checked: `KVX_ERR_INVALID_ARGUMENT` otherwise);
+// an unusable value is `KVX_ERR_CONFIG` naming it. By default the engine listens for peers
+// on a free port of `127.0.0.1` (`config.listen`).
 kvx_status kvx_engine_new(const struct kvx_config *config, struct kvx_engine **out);
 
 // Stops an engine: cancels its unfinished batches (waiting until none can touch memory)
@@ -358,6 +339,99 @@ kvx_status kvx_engine_stats(const struct kvx_engine *engine, struct kvx_stats *o
 
 // Submits, waits for the end and frees: `KVX_OK` when every byte moved.
 kvx_status kvx_transfer_sync(const struct kvx_engine *engine, kvx_peer_id peer, const struct kvx_op *ops, size_t count);
+
+// Copies this engine's session id (the `"host:port"` its listener is bound to, which
+// peers pass to `kvx_open_peer`) with a terminating NUL into `buf` of `cap` bytes.
+//
+// `*needed` (if `needed` is not NULL) is set to the bytes the id takes with its NUL, also
+// when `buf` is too small, which is `KVX_ERR_INVALID_ARGUMENT` (`buf` = NULL with `cap` = 0
+// asks just for the size; `KVX_SESSION_ID_MAX + 1` bytes always suffice). An engine
+// without a listener (`config.listen = ""`) returns `KVX_ERR_CONFIG` and `*needed` = 0.
+// The id does not change during the engine's life.
+//
+// # Safety
+// `engine` is NULL or a live handle; `buf` is NULL or valid for `cap` bytes of writes;
+// `needed` is NULL or valid for one write.
+kvx_status kvx_engine_session_id(const struct kvx_engine *engine, char *buf, size_t cap, size_t *needed);
+
+// Opens the peer engine whose session id (`"host:port"`, from its
+// `kvx_engine_session_id`) is `session`: connects, exchanges registered regions and opens
+// its TCP lanes, taking at most `config.connect_timeout_ms`. The peer's id goes to
+// `*peer_out`. Opening an open session again gives the same id; opening this engine's own
+// session gives `kvx_local_peer`'s id.
+//
+// `KVX_ERR_INVALID_ARGUMENT` if `session` is not `host:port`; `KVX_ERR_PEER` if the peer
+// cannot be reached or answers wrongly (`kvx_last_error()` says why); `KVX_ERR_CONFIG` if
+// this engine has no listener.
+//
+// # Safety
+// `engine` is NULL or a live handle; `session` is NULL or a NUL-terminated string;
+// `peer_out` is NULL or valid for one write.
+kvx_status kvx_open_peer(const struct kvx_engine *engine, const char *session, kvx_peer_id *peer_out);
+
+// Closes a peer opened with `kvx_open_peer`: its connections close, its unfinished
+// batches fail, and its id becomes invalid (`KVX_ERR_UNKNOWN_PEER` afterwards). Closing
+// the local peer does nothing.
+//
+// # Safety
+// `engine` is NULL or a live handle.
+kvx_status kvx_close_peer(const struct kvx_engine *engine, kvx_peer_id peer);
+
+// Checks that `peer` answers (reconnecting if it went away) and stores the round trip in
+// nanoseconds in `*rtt_ns_out` (0 for the local peer). `KVX_ERR_PEER` if it does not
+// answer within `config.connect_timeout_ms`.
+//
+// # Safety
+// `engine` is NULL or a live handle; `rtt_ns_out` is NULL or valid for one write.
+kvx_status kvx_probe_peer(const struct kvx_engine *engine, kvx_peer_id peer, uint64_t *rtt_ns_out);
+
+// Lists the regions `peer` has registered, as it last published them (for the local
+// peer: this engine's own regions), in address order. `*count_out` is set to how many
+// there are; the first `min(count, cap)` are written to `out`. A `*count_out` larger than
+// `cap` is not an error: call again with a larger array (the peer may have registered
+// more meanwhile). `out` = NULL with `cap` = 0 asks just for the count. For a remote peer
+// this may reconnect, taking at most `config.connect_timeout_ms`.
+//
+// # Safety
+// `engine` is NULL or a live handle; `out` is NULL or valid for `cap` elements of
+// writes; `count_out` is NULL or valid for one write.
+kvx_status kvx_peer_regions(const struct kvx_engine *engine, kvx_peer_id peer, struct kvx_region_info *out, size_t cap, size_t *count_out);
+
+// Submits `count` ops to `peer` as `kvx_submit` does and, once every byte is visible at
+// the peer, delivers the `msg_len` bytes at `msg` to it (its `kvx_poll_notification`).
+// The batch completes (`KVX_OK` from `kvx_wait`) only after the peer has queued the
+// message; if the bytes moved but the message was not delivered the batch ends with
+// `KVX_ERR_NOTIFY`. `msg` may be NULL when `msg_len` is 0; at most `KVX_NOTIFY_MAX`
+// bytes. The message is copied: `msg` may be reused when this returns.
+//
+// # Safety
+// `engine` is NULL or a live handle; `ops` is NULL or valid for `count` elements of
+// reads; `msg` is NULL or valid for `msg_len` bytes of reads; `out` is NULL or valid for
+// one write.
+kvx_status kvx_submit_with_notify(const struct kvx_engine *engine, kvx_peer_id peer, const struct kvx_op *ops, size_t count, const uint8_t *msg, size_t msg_len, kvx_batch_id *out);
+
+// Takes the oldest notification peers have sent this engine (`kvx_submit_with_notify`
+// there), waiting up to `timeout_ms` milliseconds (0: do not wait) for one to arrive.
+//
+// - `KVX_OK`: its bytes are in `buf`, their number in `*len_out`, and, if `from_buf` is not
+//   NULL, the sender's session id with a NUL in `from_buf` (`"self"` or this engine's
+//   own session id for a notification from this engine to itself).
+// - `KVX_IN_PROGRESS`: none arrived within the timeout; `*len_out` = 0.
+// - `KVX_ERR_INVALID_ARGUMENT` with `*len_out` = the message's length: it does not fit in
+//   `buf` of `cap` bytes, or its sender's id with NUL does not fit in `from_buf` of
+//   `from_cap` bytes (`KVX_SESSION_ID_MAX + 1` always do; `kvx_last_error()` gives both
+//   sizes). The notification is not lost: it stays first in line and the next call returns
+//   it (with a large enough buffer).
+//
+// `buf` may be NULL when `cap` is 0, `from_buf` when `from_cap` is 0 (then the sender is
+// not returned). With several threads polling one engine, each notification goes to
+// exactly one of them.
+//
+// # Safety
+// `engine` is NULL or a live handle; `buf` is NULL or valid for `cap` bytes of writes;
+// `len_out` is NULL or valid for one write; `from_buf` is NULL or valid for `from_cap`
+// bytes of writes.
+kvx_status kvx_poll_notification(const struct kvx_engine *engine, uint32_t timeout_ms, uint8_t *buf, size_t cap, size_t *len_out, char *from_buf, size_t from_cap);
 
 // The name of a status code ("KVX_OK", "KVX_ERR_BUSY", ...; "KVX_UNKNOWN_STATUS" for a
 // number that is none). Static string.

@@ -27,3 +27,22 @@ fn checked_in_header_matches_a_fresh_generation() {
          `KVX_BLESS=1 cargo test --test header` and commit it."
     );
 }
+
+/// Every macro the header defines is in the `KVX` namespace: constants of the Rust-side
+/// layers (frame kinds, limits) must not leak into C programs as bare names like `ERROR`.
+#[test]
+fn header_defines_only_kvx_names() {
+    let header =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("include/kvxfer.h"))
+            .expect("read include/kvxfer.h");
+    let leaked: Vec<&str> = header
+        .lines()
+        .filter_map(|l| l.strip_prefix("#define "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| !name.starts_with("KVX"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "non-KVX macros in include/kvxfer.h: {leaked:?}; add them to cbindgen.toml's exclude list"
+    );
+}

@@ -75,3 +75,20 @@ fn memory_registered_later_is_seen_by_the_peer() {
         .unwrap();
     assert!(late.to_vec().iter().all(|&x| x == 3));
 }
+
+#[test]
+fn oversized_notification_is_refused_before_anything_moves() {
+    let (a, b) = (engine(), engine());
+    let src = a.allocate(4096, Location::Any).unwrap();
+    let dst = b.allocate(4096, Location::Any).unwrap();
+    src.fill(0, 4096, 1).unwrap();
+    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+    let huge = vec![0u8; (1 << 20) + 1];
+    let err = a
+        .submit_with_notify(peer, &[Op::write(src.addr(), dst.addr(), 4096)], &huge)
+        .unwrap_err();
+    assert!(matches!(err, Error::Notify(_)), "{err}");
+    assert_eq!(a.live_batches(), 0);
+    assert!(dst.to_vec().iter().all(|&x| x == 0));
+    assert!(b.notifications().is_empty());
+}

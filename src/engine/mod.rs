@@ -413,6 +413,14 @@ impl Engine {
         ops: &[Op],
         notification: &[u8],
     ) -> Result<BatchId> {
+        if notification.len() > crate::control::MAX_NOTIFY {
+            self.counters.refused();
+            return Err(Error::Notify(format!(
+                "a notification of {} bytes exceeds the limit of {} bytes; nothing was sent",
+                notification.len(),
+                crate::control::MAX_NOTIFY
+            )));
+        }
         let deadline = deadline_after(self.config.batch_timeout);
         let submitted = self.try_submit(peer, ops, deadline, Some(notification));
         if submitted.is_err() {

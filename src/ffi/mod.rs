@@ -14,20 +14,23 @@
 
 mod status;
 
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 pub use status::*;
 
-use crate::engine::{BatchId, BatchState, Engine, EngineConfig, Op, PeerId};
+use crate::engine::{BatchId, BatchState, Engine, EngineConfig, Notification, Op, PeerId};
 use crate::memory::{Access, Buffer, Location, RegionSpec};
 use crate::transport::OpKind;
 
 /// Major version of the C ABI: changes when an existing declaration changes incompatibly.
-pub const KVX_ABI_VERSION_MAJOR: u32 = 0;
+/// 1: `kvx_config` grew (network settings) and its `reserved` field became `struct_size`.
+pub const KVX_ABI_VERSION_MAJOR: u32 = 1;
 /// Minor version of the C ABI: changes when declarations are added.
-pub const KVX_ABI_VERSION_MINOR: u32 = 1;
+pub const KVX_ABI_VERSION_MINOR: u32 = 0;
 
 /// Access right: this engine may read the region (source of a WRITE).
 pub const KVX_ACCESS_LOCAL_READ: u32 = 1;
@@ -48,14 +51,37 @@ pub const KVX_OP_WRITE: u32 = 1;
 /// `kvx_wait` timeout meaning "until the batch's own deadline".
 pub const KVX_WAIT_FOREVER: u64 = u64::MAX;
 
+/// Location kind of a `kvx_region_info`: unknown or anywhere (`"*"`); the index is 0.
+pub const KVX_LOCATION_ANY: u32 = 0;
+/// Location kind of a `kvx_region_info`: host memory on NUMA node `location_index`
+/// (`"cpu:N"`).
+pub const KVX_LOCATION_CPU: u32 = 1;
+/// Location kind of a `kvx_region_info`: memory of CUDA device `location_index`
+/// (`"cuda:N"`).
+pub const KVX_LOCATION_CUDA: u32 = 2;
+
+/// Longest session id (`host:port`) in bytes, without the terminating NUL: a buffer of
+/// `KVX_SESSION_ID_MAX + 1` bytes holds any session id, this engine's or a peer's.
+pub const KVX_SESSION_ID_MAX: usize = 4096;
+const _: () = assert!(KVX_SESSION_ID_MAX == crate::control::MAX_STRING);
+
+/// Largest notification payload of `kvx_submit_with_notify`, in bytes (1 MiB).
+pub const KVX_NOTIFY_MAX: usize = 1 << 20;
+const _: () = assert!(KVX_NOTIFY_MAX == crate::control::MAX_NOTIFY);
+
 /// Names a batch; 0 is never a valid id.
 pub type kvx_batch_id = u64;
 /// Names a peer; 0 is never a valid id.
 pub type kvx_peer_id = u64;
 
 /// An engine (opaque). Create with `kvx_engine_new`, destroy with `kvx_engine_free`.
+/// Every call but `kvx_engine_free` may be made from many threads at once.
 pub struct kvx_engine {
     engine: Engine,
+    /// Notifications taken from the engine that `kvx_poll_notification` could not hand
+    /// over (the caller's buffer was too small), oldest first; handed out before any newer
+    /// one.
+    pending: Mutex<VecDeque<Notification>>,
 }
 
 /// Engine-owned registered memory (opaque). Create with `kvx_allocate`, destroy with
@@ -64,7 +90,10 @@ pub struct kvx_buffer {
     buffer: Buffer,
 }
 
-/// Engine settings; fill with `kvx_config_init`, then change what you need.
+/// Engine settings; fill with `kvx_config_init`, then change what you need. Every field
+/// is taken as it is (0 is not "default": `kvx_config_init` writes the defaults, and a 0
+/// where a count or time must be positive is `KVX_ERR_CONFIG`), except `listen`, where
+/// NULL means the default.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct kvx_config {
@@ -72,14 +101,50 @@ pub struct kvx_config {
     pub slice_size: u64,
     /// Copy threads of the in-process transport (1 .. 256).
     pub copy_threads: u32,
-    /// Reserved, must be 0.
-    pub reserved: u32,
+    /// `sizeof(kvx_config)` as the caller's header declares it; set by `kvx_config_init`,
+    /// do not change it. It lets a later library, whose `kvx_config` has more fields at the
+    /// end, read only what this caller's struct has. 0 (the field was `reserved` in ABI 0)
+    /// or a size this library does not know is `KVX_ERR_INVALID_ARGUMENT`.
+    pub struct_size: u32,
     /// Default batch deadline after submission, milliseconds (> 0).
     pub batch_timeout_ms: u64,
     /// Largest batch, in slices.
     pub max_slices_per_batch: u64,
     /// Most batches submitted and not freed at once.
     pub max_batches: u64,
+    /// How long opening a peer (connect and handshake) may take, milliseconds (> 0).
+    /// Default 5000.
+    pub connect_timeout_ms: u64,
+    /// `"host:port"` the engine listens on for peers; it is also the engine's session id
+    /// (`kvx_engine_session_id`), and port 0 picks a free port. NULL: the default,
+    /// `"127.0.0.1:0"`. `""` (empty string): no listener, so only the local peer works and
+    /// `kvx_engine_session_id` / `kvx_open_peer` return `KVX_ERR_CONFIG`. Read only during
+    /// `kvx_engine_new`. The environment variable `KVX_LISTEN` overrides it (`none` = no
+    /// listener).
+    pub listen: *const c_char,
+    /// I/O threads serving TCP connections (1 .. 64). Default 1.
+    pub io_threads: u32,
+    /// TCP connections ("lanes") opened to each peer (1 .. 64). Default 2.
+    pub tcp_lanes: u32,
+}
+
+/// One region a peer has registered (see `kvx_peer_regions`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct kvx_region_info {
+    /// Start address, in the peer's address space (a `remote_addr` for `kvx_op`).
+    pub addr: u64,
+    /// Bytes.
+    pub len: u64,
+    /// `KVX_ACCESS_*` bits.
+    pub access: u32,
+    /// `KVX_LOCATION_ANY`, `KVX_LOCATION_CPU` or `KVX_LOCATION_CUDA`.
+    pub location_kind: u32,
+    /// NUMA node (`KVX_LOCATION_CPU`) or CUDA device (`KVX_LOCATION_CUDA`); 0 for
+    /// `KVX_LOCATION_ANY`.
+    pub location_index: u32,
+    /// Always 0.
+    pub reserved: u32,
 }
 
 /// One region for `kvx_register_batch`.
@@ -145,7 +210,8 @@ pub extern "C" fn kvx_abi_version() -> u32 {
     (KVX_ABI_VERSION_MAJOR << 16) | KVX_ABI_VERSION_MINOR
 }
 
-/// Fills `config` with the defaults. NULL is ignored.
+/// Fills `config` with the defaults (`listen` = NULL, the default address) and sets its
+/// `struct_size`. NULL is ignored.
 #[no_mangle]
 pub extern "C" fn kvx_config_init(config: *mut kvx_config) {
     let d = EngineConfig::default();
@@ -155,10 +221,15 @@ pub extern "C" fn kvx_config_init(config: *mut kvx_config) {
     let value = kvx_config {
         slice_size: d.slice_size as u64,
         copy_threads: d.copy_threads as u32,
-        reserved: 0,
+        struct_size: CONFIG_SIZE,
         batch_timeout_ms: d.batch_timeout.as_millis() as u64,
         max_slices_per_batch: d.max_slices_per_batch as u64,
         max_batches: d.max_batches as u64,
+        connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+        // NULL stands for the default listen address (EngineConfig's).
+        listen: std::ptr::null(),
+        io_threads: d.io_threads as u32,
+        tcp_lanes: d.tcp_lanes as u32,
     };
     // SAFETY: non-NULL was checked; the caller promises it points to a writable
     // kvx_config. `write` does not read the (possibly uninitialised) old value.
@@ -166,7 +237,10 @@ pub extern "C" fn kvx_config_init(config: *mut kvx_config) {
 }
 
 /// Starts an engine with `config` (NULL = defaults; `KVX_*` environment variables
-/// override either) and stores it in `*out`.
+/// override either) and stores it in `*out`. `config` must have been filled by
+/// `kvx_config_init` (its `struct_size` is checked: `KVX_ERR_INVALID_ARGUMENT` otherwise);
+/// an unusable value is `KVX_ERR_CONFIG` naming it. By default the engine listens for peers
+/// on a free port of `127.0.0.1` (`config.listen`).
 #[no_mangle]
 pub extern "C" fn kvx_engine_new(
     config: *const kvx_config,
@@ -177,11 +251,13 @@ pub extern "C" fn kvx_engine_new(
         let config = if config.is_null() {
             EngineConfig::default()
         } else {
-            // SAFETY: non-NULL was checked; the caller promises a valid kvx_config.
-            config_from_c(unsafe { &*config })?
+            config_from_c(config)?
         };
         let engine = Engine::new(config)?;
-        let handle = Box::into_raw(Box::new(kvx_engine { engine }));
+        let handle = Box::into_raw(Box::new(kvx_engine {
+            engine,
+            pending: Mutex::new(VecDeque::new()),
+        }));
         // SAFETY: `out` is non-NULL and the caller promises it is writable.
         unsafe { out.write(handle) };
         Ok(KVX_OK)
@@ -455,6 +531,285 @@ pub extern "C" fn kvx_transfer_sync(
     })
 }
 
+/// Copies this engine's session id (the `"host:port"` its listener is bound to, which
+/// peers pass to `kvx_open_peer`) with a terminating NUL into `buf` of `cap` bytes.
+///
+/// `*needed` (if `needed` is not NULL) is set to the bytes the id takes with its NUL, also
+/// when `buf` is too small, which is `KVX_ERR_INVALID_ARGUMENT` (`buf` = NULL with `cap` = 0
+/// asks just for the size; `KVX_SESSION_ID_MAX + 1` bytes always suffice). An engine
+/// without a listener (`config.listen = ""`) returns `KVX_ERR_CONFIG` and `*needed` = 0.
+/// The id does not change during the engine's life.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `buf` is NULL or valid for `cap` bytes of writes;
+/// `needed` is NULL or valid for one write.
+#[no_mangle]
+pub extern "C" fn kvx_engine_session_id(
+    engine: *const kvx_engine,
+    buf: *mut c_char,
+    cap: usize,
+    needed: *mut usize,
+) -> kvx_status {
+    guard(|| {
+        let engine = engine_ref(engine)?;
+        buffer_arg(buf, cap, "buf")?;
+        let set_needed = |n: usize| {
+            if !needed.is_null() {
+                // SAFETY: non-NULL; the caller promises it is writable.
+                unsafe { needed.write(n) };
+            }
+        };
+        set_needed(0);
+        let session = engine.session_id().ok_or(crate::Error::NoListener)?;
+        let need = session.len() + 1;
+        set_needed(need);
+        if need > cap {
+            return Err(FfiError::Invalid(format!(
+                "buf of {cap} bytes is too small for session id {session:?} (needs {need})"
+            )));
+        }
+        // SAFETY: `buf` is non-NULL (cap >= need > 0 and buffer_arg) and the caller promises
+        // `cap` >= `need` writable bytes.
+        unsafe { write_c_string(session, buf) };
+        Ok(KVX_OK)
+    })
+}
+
+/// Opens the peer engine whose session id (`"host:port"`, from its
+/// `kvx_engine_session_id`) is `session`: connects, exchanges registered regions and opens
+/// its TCP lanes, taking at most `config.connect_timeout_ms`. The peer's id goes to
+/// `*peer_out`. Opening an open session again gives the same id; opening this engine's own
+/// session gives `kvx_local_peer`'s id.
+///
+/// `KVX_ERR_INVALID_ARGUMENT` if `session` is not `host:port`; `KVX_ERR_PEER` if the peer
+/// cannot be reached or answers wrongly (`kvx_last_error()` says why); `KVX_ERR_CONFIG` if
+/// this engine has no listener.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `session` is NULL or a NUL-terminated string;
+/// `peer_out` is NULL or valid for one write.
+#[no_mangle]
+pub extern "C" fn kvx_open_peer(
+    engine: *const kvx_engine,
+    session: *const c_char,
+    peer_out: *mut kvx_peer_id,
+) -> kvx_status {
+    guard(|| {
+        let engine = engine_ref(engine)?;
+        let peer_out = non_null(peer_out, "peer_out")?;
+        let session = str_from_c(session, "session")?;
+        let peer = engine.open_peer(session)?;
+        // SAFETY: `peer_out` is non-NULL and the caller promises it is writable.
+        unsafe { peer_out.write(peer.raw()) };
+        Ok(KVX_OK)
+    })
+}
+
+/// Closes a peer opened with `kvx_open_peer`: its connections close, its unfinished
+/// batches fail, and its id becomes invalid (`KVX_ERR_UNKNOWN_PEER` afterwards). Closing
+/// the local peer does nothing.
+///
+/// # Safety
+/// `engine` is NULL or a live handle.
+#[no_mangle]
+pub extern "C" fn kvx_close_peer(engine: *const kvx_engine, peer: kvx_peer_id) -> kvx_status {
+    guard(|| {
+        engine_ref(engine)?.close_peer(PeerId::from_raw(peer))?;
+        Ok(KVX_OK)
+    })
+}
+
+/// Checks that `peer` answers (reconnecting if it went away) and stores the round trip in
+/// nanoseconds in `*rtt_ns_out` (0 for the local peer). `KVX_ERR_PEER` if it does not
+/// answer within `config.connect_timeout_ms`.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `rtt_ns_out` is NULL or valid for one write.
+#[no_mangle]
+pub extern "C" fn kvx_probe_peer(
+    engine: *const kvx_engine,
+    peer: kvx_peer_id,
+    rtt_ns_out: *mut u64,
+) -> kvx_status {
+    guard(|| {
+        let engine = engine_ref(engine)?;
+        let rtt_ns_out = non_null(rtt_ns_out, "rtt_ns_out")?;
+        let rtt = engine.probe_peer(PeerId::from_raw(peer))?;
+        let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX);
+        // SAFETY: `rtt_ns_out` is non-NULL and the caller promises it is writable.
+        unsafe { rtt_ns_out.write(ns) };
+        Ok(KVX_OK)
+    })
+}
+
+/// Lists the regions `peer` has registered, as it last published them (for the local
+/// peer: this engine's own regions), in address order. `*count_out` is set to how many
+/// there are; the first `min(count, cap)` are written to `out`. A `*count_out` larger than
+/// `cap` is not an error: call again with a larger array (the peer may have registered
+/// more meanwhile). `out` = NULL with `cap` = 0 asks just for the count. For a remote peer
+/// this may reconnect, taking at most `config.connect_timeout_ms`.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `out` is NULL or valid for `cap` elements of
+/// writes; `count_out` is NULL or valid for one write.
+#[no_mangle]
+pub extern "C" fn kvx_peer_regions(
+    engine: *const kvx_engine,
+    peer: kvx_peer_id,
+    out: *mut kvx_region_info,
+    cap: usize,
+    count_out: *mut usize,
+) -> kvx_status {
+    guard(|| {
+        let engine = engine_ref(engine)?;
+        let count_out = non_null(count_out, "count_out")?;
+        buffer_arg(out, cap, "out")?;
+        // SAFETY: `count_out` is non-NULL and the caller promises it is writable.
+        unsafe { count_out.write(0) };
+        let regions = engine.peer_regions(PeerId::from_raw(peer))?;
+        for (i, r) in regions.iter().take(cap).enumerate() {
+            // SAFETY: i < cap, so `out` is non-NULL (buffer_arg) and the caller promises
+            // `cap` writable elements.
+            unsafe { out.add(i).write(region_info_to_c(r)) };
+        }
+        // SAFETY: as above.
+        unsafe { count_out.write(regions.len()) };
+        Ok(KVX_OK)
+    })
+}
+
+/// Submits `count` ops to `peer` as `kvx_submit` does and, once every byte is visible at
+/// the peer, delivers the `msg_len` bytes at `msg` to it (its `kvx_poll_notification`).
+/// The batch completes (`KVX_OK` from `kvx_wait`) only after the peer has queued the
+/// message; if the bytes moved but the message was not delivered the batch ends with
+/// `KVX_ERR_NOTIFY`. `msg` may be NULL when `msg_len` is 0; at most `KVX_NOTIFY_MAX`
+/// bytes. The message is copied: `msg` may be reused when this returns.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `ops` is NULL or valid for `count` elements of
+/// reads; `msg` is NULL or valid for `msg_len` bytes of reads; `out` is NULL or valid for
+/// one write.
+#[no_mangle]
+pub extern "C" fn kvx_submit_with_notify(
+    engine: *const kvx_engine,
+    peer: kvx_peer_id,
+    ops: *const kvx_op,
+    count: usize,
+    msg: *const u8,
+    msg_len: usize,
+    out: *mut kvx_batch_id,
+) -> kvx_status {
+    guard(|| {
+        let engine = engine_ref(engine)?;
+        let out = non_null(out, "out")?;
+        let ops = ops_from_c(ops, count)?;
+        let msg = slice_from_c(msg, msg_len, "msg")?;
+        let id = engine.submit_with_notify(PeerId::from_raw(peer), &ops, msg)?;
+        // SAFETY: `out` is non-NULL and the caller promises it is writable.
+        unsafe { out.write(id.raw()) };
+        Ok(KVX_OK)
+    })
+}
+
+/// Takes the oldest notification peers have sent this engine (`kvx_submit_with_notify`
+/// there), waiting up to `timeout_ms` milliseconds (0: do not wait) for one to arrive.
+///
+/// - `KVX_OK`: its bytes are in `buf`, their number in `*len_out`, and, if `from_buf` is not
+///   NULL, the sender's session id with a NUL in `from_buf` (`"self"` or this engine's
+///   own session id for a notification from this engine to itself).
+/// - `KVX_IN_PROGRESS`: none arrived within the timeout; `*len_out` = 0.
+/// - `KVX_ERR_INVALID_ARGUMENT` with `*len_out` = the message's length: it does not fit in
+///   `buf` of `cap` bytes, or its sender's id with NUL does not fit in `from_buf` of
+///   `from_cap` bytes (`KVX_SESSION_ID_MAX + 1` always do; `kvx_last_error()` gives both
+///   sizes). The notification is not lost: it stays first in line and the next call returns
+///   it (with a large enough buffer).
+///
+/// `buf` may be NULL when `cap` is 0, `from_buf` when `from_cap` is 0 (then the sender is
+/// not returned). With several threads polling one engine, each notification goes to
+/// exactly one of them.
+///
+/// # Safety
+/// `engine` is NULL or a live handle; `buf` is NULL or valid for `cap` bytes of writes;
+/// `len_out` is NULL or valid for one write; `from_buf` is NULL or valid for `from_cap`
+/// bytes of writes.
+#[no_mangle]
+pub extern "C" fn kvx_poll_notification(
+    engine: *const kvx_engine,
+    timeout_ms: u32,
+    buf: *mut u8,
+    cap: usize,
+    len_out: *mut usize,
+    from_buf: *mut c_char,
+    from_cap: usize,
+) -> kvx_status {
+    guard(|| {
+        let handle = handle_ref(engine)?;
+        let len_out = non_null(len_out, "len_out")?;
+        buffer_arg(buf, cap, "buf")?;
+        buffer_arg(from_buf, from_cap, "from_buf")?;
+        // SAFETY: `len_out` is non-NULL and the caller promises it is writable.
+        unsafe { len_out.write(0) };
+        let pending = || {
+            handle
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        // An earlier notification that did not fit comes first. The pending lock is not
+        // held while waiting, so that other threads' polls are not held up by this one.
+        let first = pending().pop_front();
+        let n = match first {
+            Some(n) => n,
+            None => {
+                let timeout = Duration::from_millis(u64::from(timeout_ms));
+                let Some(n) = handle.engine.wait_notification(timeout) else {
+                    return Ok(KVX_IN_PROGRESS);
+                };
+                // Another thread may have set one aside meanwhile; it is older than `n`.
+                let mut queue = pending();
+                match queue.pop_front() {
+                    Some(older) => {
+                        queue.push_back(n);
+                        older
+                    }
+                    None => n,
+                }
+            }
+        };
+        let len = n.bytes.len();
+        let from_need = n.from.len() + 1;
+        if len > cap || (!from_buf.is_null() && from_need > from_cap) {
+            let from_part = if from_buf.is_null() {
+                String::new()
+            } else {
+                format!(", from_buf has {from_cap} (needs {from_need})")
+            };
+            let text = format!(
+                "notification of {len} bytes from {:?} does not fit: buf has {cap} bytes \
+                 (needs {len}){from_part}; it stays queued for the next call",
+                n.from
+            );
+            pending().push_front(n);
+            // SAFETY: as above.
+            unsafe { len_out.write(len) };
+            return Err(FfiError::Invalid(text));
+        }
+        // Even a copy of 0 bytes needs a non-NULL pointer, and `buf` may be NULL when cap is 0.
+        if len > 0 {
+            // SAFETY: 0 < len <= cap, so `buf` is non-NULL (buffer_arg) and the caller
+            // promises `cap` writable bytes; the notification's bytes are Rust memory.
+            unsafe { std::ptr::copy_nonoverlapping(n.bytes.as_ptr(), buf, len) };
+        }
+        if !from_buf.is_null() {
+            // SAFETY: non-NULL, and from_need <= from_cap writable bytes (checked above).
+            unsafe { write_c_string(&n.from, from_buf) };
+        }
+        // SAFETY: as above.
+        unsafe { len_out.write(len) };
+        Ok(KVX_OK)
+    })
+}
+
 /// Errors made at the C boundary itself, besides the engine's.
 enum FfiError {
     Engine(crate::Error),
@@ -503,11 +858,52 @@ fn non_null<T>(ptr: *mut T, name: &str) -> Result<*mut T, FfiError> {
 }
 
 fn engine_ref<'a>(engine: *const kvx_engine) -> Result<&'a Engine, FfiError> {
+    handle_ref(engine).map(|h| &h.engine)
+}
+
+fn handle_ref<'a>(engine: *const kvx_engine) -> Result<&'a kvx_engine, FfiError> {
     // SAFETY: NULL is refused; otherwise the caller promises a live handle from
     // kvx_engine_new, which stays valid until kvx_engine_free (not concurrent with calls).
-    unsafe { engine.as_ref() }
-        .map(|e| &e.engine)
-        .ok_or_else(|| FfiError::Invalid("engine is NULL".into()))
+    unsafe { engine.as_ref() }.ok_or_else(|| FfiError::Invalid("engine is NULL".into()))
+}
+
+/// Refuses a NULL `buf` with a non-zero `cap` (NULL with 0 is a size query).
+fn buffer_arg<T>(buf: *mut T, cap: usize, name: &str) -> Result<(), FfiError> {
+    if buf.is_null() && cap != 0 {
+        return Err(FfiError::Invalid(format!(
+            "{name} is NULL but its capacity is {cap}"
+        )));
+    }
+    Ok(())
+}
+
+/// Copies `text` and a NUL into `buf`.
+///
+/// # Safety
+/// `buf` must be valid for `text.len() + 1` bytes of writes, which the caller has checked
+/// against the buffer's capacity.
+unsafe fn write_c_string(text: &str, buf: *mut c_char) {
+    // SAFETY: per this function's contract; `text` is Rust memory, so no overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), text.len());
+        buf.add(text.len()).write(0);
+    }
+}
+
+fn region_info_to_c(r: &crate::RegionInfo) -> kvx_region_info {
+    let (location_kind, location_index) = match r.location {
+        Location::Any => (KVX_LOCATION_ANY, 0),
+        Location::Cpu(n) => (KVX_LOCATION_CPU, n),
+        Location::Cuda(n) => (KVX_LOCATION_CUDA, n),
+    };
+    kvx_region_info {
+        addr: r.addr,
+        len: r.len,
+        access: r.access.bits(),
+        location_kind,
+        location_index,
+        reserved: 0,
+    }
 }
 
 fn slice_from_c<'a, T>(ptr: *const T, count: usize, name: &str) -> Result<&'a [T], FfiError> {
@@ -576,6 +972,17 @@ fn location_from_c(location: *const c_char) -> Result<Option<Location>, FfiError
     Ok(Some(location))
 }
 
+fn str_from_c<'a>(text: *const c_char, name: &str) -> Result<&'a str, FfiError> {
+    if text.is_null() {
+        return Err(FfiError::Invalid(format!("{name} is NULL")));
+    }
+    // SAFETY: non-NULL; the caller promises a NUL-terminated string that stays unchanged
+    // during the call.
+    unsafe { CStr::from_ptr(text) }
+        .to_str()
+        .map_err(|_| FfiError::Invalid(format!("{name} is not UTF-8")))
+}
+
 fn access_from_c(bits: u32) -> Result<Access, FfiError> {
     Access::from_bits(bits).ok_or_else(|| {
         FfiError::Invalid(format!(
@@ -584,12 +991,39 @@ fn access_from_c(bits: u32) -> Result<Access, FfiError> {
     })
 }
 
-fn config_from_c(c: &kvx_config) -> Result<EngineConfig, FfiError> {
-    if c.reserved != 0 {
-        return Err(FfiError::Invalid("config.reserved must be 0".into()));
+/// `sizeof(kvx_config)` in this library (the only layout it knows so far).
+const CONFIG_SIZE: u32 = std::mem::size_of::<kvx_config>() as u32;
+
+/// Reads a caller's config: `struct_size` first (every layout has it at the same place),
+/// and the rest only if the caller's struct is as large as ours.
+fn config_from_c(config: *const kvx_config) -> Result<EngineConfig, FfiError> {
+    // SAFETY: `config` is non-NULL (checked by the caller) and points to a kvx_config of
+    // some ABI version; every version has `struct_size` at this offset (it was `reserved`
+    // in ABI 0). We read just that field, not the whole struct, which may be shorter.
+    let struct_size = unsafe { std::ptr::addr_of!((*config).struct_size).read_unaligned() };
+    if struct_size != CONFIG_SIZE {
+        return Err(FfiError::Invalid(if struct_size == 0 {
+            "config.struct_size is 0: fill the config with kvx_config_init() first (a program \
+             built against kvxfer ABI 0 must be rebuilt against this header)"
+                .into()
+        } else {
+            format!(
+                "config.struct_size {struct_size} is not sizeof(kvx_config) {CONFIG_SIZE} of \
+                 this library: the program was built against a different kvxfer header"
+            )
+        }));
     }
+    // SAFETY: the caller's struct is as large as ours (struct_size), and the caller
+    // promises it is initialised and unchanged during the call.
+    let c = unsafe { &*config };
     let size = |v: u64, name: &str| {
         usize::try_from(v).map_err(|_| FfiError::Invalid(format!("config.{name} {v} is too large")))
+    };
+    let listen = if c.listen.is_null() {
+        EngineConfig::default().listen
+    } else {
+        let text = str_from_c(c.listen, "config.listen")?;
+        (!text.is_empty()).then(|| text.to_string())
     };
     Ok(EngineConfig::builder()
         .slice_size(size(c.slice_size, "slice_size")?)
@@ -597,6 +1031,10 @@ fn config_from_c(c: &kvx_config) -> Result<EngineConfig, FfiError> {
         .batch_timeout(Duration::from_millis(c.batch_timeout_ms))
         .max_slices_per_batch(size(c.max_slices_per_batch, "max_slices_per_batch")?)
         .max_batches(size(c.max_batches, "max_batches")?)
+        .connect_timeout(Duration::from_millis(c.connect_timeout_ms))
+        .listen(listen.as_deref())
+        .io_threads(c.io_threads as usize)
+        .tcp_lanes(c.tcp_lanes as usize)
         .build()?)
 }
 

@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn every_status_has_a_distinct_name() {
         let mut names = std::collections::HashSet::new();
-        for code in KVX_ERR_OWNED_BY_BUFFER..=KVX_IN_PROGRESS {
+        for code in KVX_ERR_NOTIFY..=KVX_IN_PROGRESS {
             // SAFETY: kvx_status_name returns a static NUL-terminated string.
             let name = unsafe { CStr::from_ptr(kvx_status_name(code)) }
                 .to_str()

@@ -1,7 +1,7 @@
 //! TCP over io_uring: the transport that works between any two hosts.
 //!
 //! Every engine runs a data listener ([`TcpServer`]) whose connections are served by a
-//! fixed pool of I/O threads ([`IoPool`]); to reach a peer it opens a few connections
+//! fixed pool of I/O threads (`IoPool`); to reach a peer it opens a few connections
 //! ("lanes", [`TcpTransport`]) driven by the same threads. Requests carry the target
 //! addresses; the serving side checks each against its own registry before it moves a
 //! byte (see `serve`), and a WRITE completes only when the target has acknowledged that
