@@ -59,7 +59,13 @@ fn prefill(pages: usize, layers: usize) -> DemoResult {
     );
     let engine = Engine::new(EngineConfig::default())?;
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["decode", "--pages", &pages.to_string(), "--layers", &layers.to_string()])
+        .args([
+            "decode",
+            "--pages",
+            &pages.to_string(),
+            "--layers",
+            &layers.to_string(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -72,7 +78,10 @@ fn prefill(pages: usize, layers: usize) -> DemoResult {
     if words.next() != Some("ready") {
         return Err(format!("unexpected line from the decode process: {ready:?}").into());
     }
-    let session = words.next().ok_or("ready line without a session id")?.to_string();
+    let session = words
+        .next()
+        .ok_or("ready line without a session id")?
+        .to_string();
     let remote: Vec<u64> = words.map(str::parse).collect::<Result<_, _>>()?;
     if remote.len() != layers * 2 {
         return Err("the decode process announced the wrong number of buffers".into());
