@@ -15,8 +15,9 @@ use super::Error;
 use crate::transport::{Slice, SliceSource, Transport, TransportError};
 
 /// How long a waiter spins (checking the outcome) before sleeping on the condvar: long
-/// enough to catch the tail of an in-process batch, short enough not to steal a core.
-const SPINS_BEFORE_SLEEP: u32 = 256;
+/// enough to catch the tail of an in-process batch or a loopback round trip (waking a
+/// sleeping thread costs more), short enough not to steal a core for long.
+const SPIN_BEFORE_SLEEP: std::time::Duration = std::time::Duration::from_micros(30);
 
 /// Bytes a claimer takes at once, at most (unless one slice is larger).
 const CHUNK_BYTES: usize = 2 << 20;
@@ -135,11 +136,18 @@ impl Batch {
         if Instant::now() < until {
             self.transport.progress(self, until);
         }
-        for _ in 0..SPINS_BEFORE_SLEEP {
-            if let Some(outcome) = self.outcome() {
-                return Some(outcome);
+        let spin_until = Instant::now() + SPIN_BEFORE_SLEEP;
+        loop {
+            for _ in 0..64 {
+                if let Some(outcome) = self.outcome() {
+                    return Some(outcome);
+                }
+                std::hint::spin_loop();
             }
-            std::hint::spin_loop();
+            let now = Instant::now();
+            if now >= spin_until || now >= until {
+                break;
+            }
         }
         let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
