@@ -160,6 +160,7 @@ impl RemotePeer {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
         {
+            link.tcp.close();
             link.control.close();
         }
     }

@@ -165,6 +165,8 @@ pub(super) struct ClientLane {
     next_id: u64,
     send: IoVecs,
     send_bytes: Vec<u8>,
+    /// Reused between sends: (own bytes?, offset or address, length).
+    pieces: Vec<(bool, usize, usize)>,
     send_pending: bool,
     /// Groups (from the front) whose bytes are all in a finished send.
     sent: usize,
@@ -193,6 +195,7 @@ impl ClientLane {
             next_id: 1,
             send: IoVecs::new(),
             send_bytes: Vec::new(),
+            pieces: Vec::new(),
             send_pending: false,
             sent: 0,
             send_end: 0,
@@ -257,7 +260,8 @@ impl ClientLane {
         self.send_bytes.clear();
         // (own bytes?, offset or address, length) — own offsets become pointers once
         // `send_bytes` is complete and can no longer move.
-        let mut pieces: Vec<(bool, usize, usize)> = Vec::new();
+        let mut pieces = std::mem::take(&mut self.pieces);
+        pieces.clear();
         let mut total = 0usize;
         let mut end = self.queued;
         while end < self.inflight.len() && (end == self.queued || total < SEND_BYTES) {
@@ -296,7 +300,7 @@ impl ClientLane {
         }
         self.send.clear();
         let base = self.send_bytes.as_ptr();
-        for (own, at, len) in pieces {
+        for &(own, at, len) in &pieces {
             let ptr = if own {
                 base.wrapping_add(at)
             } else {
@@ -304,6 +308,7 @@ impl ClientLane {
             };
             self.send.push(ptr, len);
         }
+        self.pieces = pieces;
         self.queued = end;
         self.send_end = end;
     }

@@ -86,11 +86,20 @@ impl TcpTransport {
     }
 }
 
-impl Drop for TcpTransport {
-    fn drop(&mut self) {
+impl TcpTransport {
+    /// Closes every lane: requests in flight and queued work fail once the kernel is done
+    /// with their buffers. Batches holding this transport keep it alive, so closing the
+    /// peer cannot wait for its drop.
+    pub(crate) fn close(&self) {
         for lane in &self.lanes {
             lane.request_close();
         }
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 

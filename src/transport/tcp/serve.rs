@@ -112,6 +112,8 @@ pub(super) struct ServerConn {
     out: VecDeque<Response>,
     send: IoVecs,
     send_bytes: Vec<u8>,
+    /// Reused between sends: (own bytes?, offset or address, length).
+    pieces: Vec<(bool, usize, usize)>,
     sending: Vec<Response>,
     send_pending: bool,
     /// A malformed frame was answered; close once the answer is out.
@@ -137,6 +139,7 @@ impl ServerConn {
             out: VecDeque::new(),
             send: IoVecs::new(),
             send_bytes: Vec::new(),
+            pieces: Vec::new(),
             sending: Vec::new(),
             send_pending: false,
             close_after_send: false,
@@ -267,7 +270,8 @@ impl ServerConn {
     fn build_send(&mut self) {
         self.send_bytes.clear();
         self.sending.clear();
-        let mut pieces: Vec<(bool, usize, usize)> = Vec::new();
+        let mut pieces = std::mem::take(&mut self.pieces);
+        pieces.clear();
         while let Some(r) = self.out.front() {
             let extra = match r {
                 Response::ReadData { entries, .. } => entries.len(),
@@ -309,7 +313,7 @@ impl ServerConn {
         }
         self.send.clear();
         let base = self.send_bytes.as_ptr();
-        for (own, at, len) in pieces {
+        for &(own, at, len) in &pieces {
             let ptr = if own {
                 base.wrapping_add(at)
             } else {
@@ -317,6 +321,7 @@ impl ServerConn {
             };
             self.send.push(ptr, len);
         }
+        self.pieces = pieces;
     }
 }
 

@@ -115,6 +115,14 @@ pub enum WireError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The input ends before the frame does.
+    #[error("truncated frame: {got} of {expected} bytes")]
+    Truncated {
+        /// Bytes the frame needs (header plus entries).
+        expected: usize,
+        /// Bytes there were.
+        got: usize,
+    },
     /// A header field that must be zero for this kind is not.
     #[error("{kind:?} frame with non-zero {field}")]
     NonZero {
@@ -274,15 +282,22 @@ impl fmt::Display for Kind {
 /// Decodes a whole frame image (header, then entries or message) as a server or client
 /// would, for the fuzz target and property tests. Returns the header and entries.
 pub fn decode_frame(bytes: &[u8]) -> Result<(Header, Vec<Entry>), WireError> {
-    let mut head = [0u8; HEADER_LEN];
-    let n = bytes.len().min(HEADER_LEN);
-    head[..n].copy_from_slice(&bytes[..n]);
-    let header = Header::decode(&head)?;
+    let head: &[u8; HEADER_LEN] = bytes
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(WireError::Truncated {
+            expected: HEADER_LEN,
+            got: bytes.len(),
+        })?;
+    let header = Header::decode(head)?;
     let mut entries = Vec::new();
     if matches!(header.kind, Kind::Write | Kind::Read) {
-        let want = header.count as usize * ENTRY_LEN;
-        let body = &bytes[n..];
-        decode_entries(&body[..want.min(body.len())], &mut entries)?;
+        let want = HEADER_LEN + header.count as usize * ENTRY_LEN;
+        let body = bytes.get(HEADER_LEN..want).ok_or(WireError::Truncated {
+            expected: want,
+            got: bytes.len(),
+        })?;
+        decode_entries(body, &mut entries)?;
     }
     Ok((header, entries))
 }
