@@ -148,6 +148,9 @@ impl Batch {
             if now >= spin_until || now >= until {
                 break;
             }
+            // Let the threads that will end the batch run (on a small machine they may
+            // need this core).
+            std::thread::yield_now();
         }
         let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
         loop {

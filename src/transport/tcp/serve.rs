@@ -103,7 +103,11 @@ pub(super) struct ServerConn {
     fd: i32,
     registry: Arc<Registry>,
     rx: Rx,
-    hdr: Box<[u8; HEADER_LEN]>,
+    /// A header and the first entry: every request has one, so receiving this much never
+    /// reads into the next frame, and a single-entry request needs one receive less.
+    hdr: Box<[u8; HEADER_LEN + ENTRY_LEN]>,
+    /// Bytes of `hdr` received so far.
+    hdr_got: usize,
     entry_bytes: Vec<u8>,
     entries: Vec<Entry>,
     scratch: Vec<u8>,
@@ -130,7 +134,8 @@ impl ServerConn {
             fd,
             registry,
             rx: Rx::Header,
-            hdr: Box::new([0; HEADER_LEN]),
+            hdr: Box::new([0; HEADER_LEN + ENTRY_LEN]),
+            hdr_got: 0,
             entry_bytes: Vec::new(),
             entries: Vec::new(),
             scratch: Vec::new(),
@@ -160,18 +165,34 @@ impl ServerConn {
 
     fn on_received(&mut self) {
         match std::mem::replace(&mut self.rx, Rx::Header) {
-            Rx::Header => match Header::decode(&self.hdr) {
-                Ok(h) if matches!(h.kind, Kind::Write | Kind::Read) => {
-                    self.entry_bytes.clear();
-                    self.entry_bytes.resize(h.count as usize * ENTRY_LEN, 0);
-                    self.recv.clear();
-                    self.recv
-                        .push(self.entry_bytes.as_ptr(), self.entry_bytes.len());
-                    self.rx = Rx::Entries(h);
+            Rx::Header => {
+                let got = std::mem::take(&mut self.hdr_got);
+                let mut head = [0u8; HEADER_LEN];
+                head.copy_from_slice(&self.hdr[..HEADER_LEN]);
+                match Header::decode(&head) {
+                    Ok(h) if matches!(h.kind, Kind::Write | Kind::Read) => {
+                        self.entry_bytes.clear();
+                        self.entry_bytes.resize(h.count as usize * ENTRY_LEN, 0);
+                        // The first entry (or part of it) came with the header.
+                        let have = got - HEADER_LEN;
+                        self.entry_bytes[..have].copy_from_slice(&self.hdr[HEADER_LEN..got]);
+                        self.rx = Rx::Entries(h);
+                        self.recv.clear();
+                        if have == self.entry_bytes.len() {
+                            self.on_received();
+                        } else {
+                            self.recv.push(
+                                self.entry_bytes[have..].as_ptr(),
+                                self.entry_bytes.len() - have,
+                            );
+                        }
+                    }
+                    Ok(h) => {
+                        self.malformed(h.id, format!("a {} frame is not a request", h.kind))
+                    }
+                    Err(e) => self.malformed(0, e.to_string()),
                 }
-                Ok(h) => self.malformed(h.id, format!("a {} frame is not a request", h.kind)),
-                Err(e) => self.malformed(0, e.to_string()),
-            },
+            }
             Rx::Entries(h) => {
                 let total = match decode_entries(&self.entry_bytes, &mut self.entries) {
                     Ok(total) => total,
@@ -360,11 +381,19 @@ impl Driven for ServerConn {
         }
         let backlog = self.out.len() + self.sending.len();
         if !self.recv_pending && !self.close_after_send && backlog < MAX_QUEUED {
+            let header = matches!(self.rx, Rx::Header);
             if self.recv.left() == 0 {
                 self.recv.clear();
-                self.recv.push(self.hdr.as_ptr(), HEADER_LEN);
+                self.recv.push(
+                    self.hdr[self.hdr_got..].as_ptr(),
+                    HEADER_LEN + ENTRY_LEN - self.hdr_got,
+                );
             }
-            let entry = self.recv.recv(self.fd, token(slot, OP_RECV));
+            // A header is taken as soon as its 24 bytes are in (a peer that sent a bad one
+            // still gets its ERROR frame); everything else is received whole.
+            let entry = self
+                .recv
+                .recv_some(self.fd, token(slot, OP_RECV), !header);
             // SAFETY: the iovecs point at the boxed header, `entry_bytes` or `scratch`
             // (not resized while receiving) or at registered memory pinned by the
             // request being received until this receive completes.
@@ -395,6 +424,15 @@ impl Driven for ServerConn {
             if self.send.advance(res as usize) {
                 // The bytes left: drop the responses (unpinning READ regions).
                 self.sending.clear();
+            }
+        } else if matches!(self.rx, Rx::Header) {
+            self.recv.advance(res as usize);
+            self.hdr_got += res as usize;
+            if self.hdr_got >= HEADER_LEN {
+                self.on_received();
+            } else {
+                // Ask for the rest of the header and first entry afresh.
+                self.recv.clear();
             }
         } else if self.recv.advance(res as usize) {
             self.on_received();
