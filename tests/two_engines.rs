@@ -92,3 +92,65 @@ fn oversized_notification_is_refused_before_anything_moves() {
     assert!(dst.to_vec().iter().all(|&x| x == 0));
     assert!(b.notifications().is_empty());
 }
+
+/// Small batches (sent by the submitting thread itself when a lane is idle) and large ones
+/// (sent by the I/O thread) from several threads at once: replies are matched to the right
+/// requests and every byte lands where it was sent.
+#[test]
+fn small_and_large_batches_from_many_threads_interleave_correctly() {
+    let (a, b) = (engine(), engine());
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 300;
+    let src = a.allocate(THREADS * (1 << 20), Location::Any).unwrap();
+    let dst = b.allocate(THREADS * (1 << 20), Location::Any).unwrap();
+    let back = a.allocate(THREADS * (1 << 20), Location::Any).unwrap();
+    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let (a, src, dst, back) = (&a, &src, &dst, &back);
+            scope.spawn(move || {
+                let base = (t << 20) as u64;
+                for round in 0..ROUNDS {
+                    let byte = (t * 61 + round) as u8;
+                    // Alternate a 4 KiB op, a batch of 8 small ops, and a 1 MiB op.
+                    let (ops, len): (Vec<Op>, u64) = match round % 3 {
+                        0 => (
+                            vec![Op::write(src.addr() + base, dst.addr() + base, 4096)],
+                            4096,
+                        ),
+                        1 => (
+                            (0..8u64)
+                                .map(|i| {
+                                    Op::write(
+                                        src.addr() + base + i * 4096,
+                                        dst.addr() + base + i * 4096,
+                                        4096,
+                                    )
+                                })
+                                .collect(),
+                            8 * 4096,
+                        ),
+                        _ => (
+                            vec![Op::write(src.addr() + base, dst.addr() + base, 1 << 20)],
+                            1 << 20,
+                        ),
+                    };
+                    src.fill(base as usize, len as usize, byte).unwrap();
+                    a.transfer_sync(peer, &ops).unwrap();
+                    a.transfer_sync(
+                        peer,
+                        &[Op::read(back.addr() + base, dst.addr() + base, len)],
+                    )
+                    .unwrap();
+                    let mut got = vec![0u8; len as usize];
+                    back.read_at(base as usize, &mut got).unwrap();
+                    assert!(
+                        got.iter().all(|&x| x == byte),
+                        "thread {t} round {round}: wrong bytes"
+                    );
+                }
+            });
+        }
+    });
+    assert_eq!(a.live_batches(), 0);
+}

@@ -76,8 +76,7 @@ impl IoThread {
     fn wake(&self) {
         // SeqCst pairs with the poller's `polling` store and `wake_pending` load: either it
         // is seen polling (and will see `wake_pending`), or the eventfd is written.
-        if !self.wake_pending.swap(true, Ordering::SeqCst) && !self.polling.load(Ordering::SeqCst)
-        {
+        if !self.wake_pending.swap(true, Ordering::SeqCst) && !self.polling.load(Ordering::SeqCst) {
             let one = 1u64.to_ne_bytes();
             // SAFETY: writes 8 bytes from a live local array to an eventfd this struct owns.
             let n = unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
@@ -412,8 +411,7 @@ impl EventLoop {
         let start = Instant::now();
         self.me.polling.store(true, Ordering::SeqCst);
         let came = loop {
-            if !self.ring.completion().is_empty() || self.me.wake_pending.load(Ordering::SeqCst)
-            {
+            if !self.ring.completion().is_empty() || self.me.wake_pending.load(Ordering::SeqCst) {
                 break true;
             }
             if start.elapsed() >= SPIN {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::io::{describe, token, Command, Driven, IoThread, IoVecs, Submit, OP_RECV, OP_SEND};
-use super::wire::{Code, Entry, Header, Kind, HEADER_LEN, MAX_ENTRIES};
+use super::wire::{Code, Entry, Header, Kind, ENTRY_LEN, HEADER_LEN, MAX_ENTRIES};
 use crate::transport::{OpKind, SliceSource, TransportError, TransportKind};
 
 /// Bytes of requests a lane keeps in flight, at most (one group may exceed it).
@@ -43,6 +43,18 @@ struct Queue {
 /// The half of a lane that other threads see.
 pub(crate) struct LaneShared {
     queue: Mutex<Queue>,
+    /// Whoever holds this may write to the socket: the I/O thread for a send in flight, or
+    /// a submitting thread sending a small batch itself ([`LaneShared::try_direct`]).
+    /// Taken for good by `finish`, so no thread writes after the socket is closed.
+    send_lock: AtomicBool,
+    /// The I/O thread found the send lock taken and wants a kick when it is free.
+    send_waiting: AtomicBool,
+    /// A direct send failed part-way: the stream is out of step and must be closed.
+    broken: AtomicBool,
+    /// Requests sent directly, in wire order, not yet taken into the I/O thread's list.
+    presend: Mutex<VecDeque<Group>>,
+    next_id: std::sync::atomic::AtomicU64,
+    fd: std::sync::atomic::AtomicI32,
     slot: AtomicUsize,
     close_requested: AtomicBool,
     thread: Arc<IoThread>,
@@ -62,6 +74,12 @@ impl LaneShared {
     pub(super) fn new(thread: Arc<IoThread>, peer: Arc<PeerLanes>) -> Self {
         LaneShared {
             queue: Mutex::new(Queue::default()),
+            send_lock: AtomicBool::new(false),
+            send_waiting: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+            presend: Mutex::new(VecDeque::new()),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            fd: std::sync::atomic::AtomicI32::new(-1),
             slot: AtomicUsize::new(usize::MAX),
             close_requested: AtomicBool::new(false),
             thread,
@@ -71,7 +89,100 @@ impl LaneShared {
 
     /// Hands the connection to its I/O thread.
     pub(super) fn start(self: &Arc<Self>, stream: TcpStream) {
+        self.fd.store(stream.as_raw_fd(), Ordering::Release);
         self.thread.send(Command::Lane(Arc::clone(self), stream));
+    }
+
+    fn try_lock_send(&self) -> bool {
+        self.send_lock
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    fn unlock_send(&self) {
+        self.send_lock.store(false, Ordering::Release);
+        if self.send_waiting.swap(false, Ordering::AcqRel) {
+            self.kick();
+        }
+    }
+
+    /// Sends a small batch from the submitting thread itself when the lane is idle: one
+    /// `sendmsg` instead of a hand-off to the I/O thread, which only handles the reply.
+    /// Returns `Some(all)` if it sent (all: nothing of `work` is left to claim), `None` if
+    /// the lane was busy (nothing was claimed).
+    pub(super) fn try_direct(&self, work: &Arc<dyn SliceSource>) -> Option<bool> {
+        if self.broken.load(Ordering::Acquire) || !self.try_lock_send() {
+            return None;
+        }
+        let idle = {
+            let q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            !q.dead && q.works.is_empty()
+        };
+        if !idle {
+            self.unlock_send();
+            return None;
+        }
+        let Some(range) = work.claim() else {
+            self.unlock_send();
+            return Some(true);
+        };
+        let all = range.end == work.slices().len();
+        let slices = &work.slices()[range.clone()];
+        let kind = slices[0].kind;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut head = Vec::with_capacity(HEADER_LEN + slices.len() * ENTRY_LEN);
+        head.extend_from_slice(
+            &Header {
+                kind: wire_kind(kind),
+                count: slices.len() as u32,
+                status: 0,
+                id,
+            }
+            .encode(),
+        );
+        let mut iov = Vec::with_capacity(1 + slices.len());
+        for s in slices {
+            Entry {
+                addr: s.remote,
+                len: s.len,
+            }
+            .encode_into(&mut head);
+        }
+        iov.push(libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        });
+        let mut bytes = 0u64;
+        for s in slices {
+            bytes += u64::from(s.len);
+            if kind == OpKind::Write {
+                iov.push(libc::iovec {
+                    iov_base: s.local as *mut libc::c_void,
+                    iov_len: s.len as usize,
+                });
+            }
+        }
+        // Listed before its bytes hit the wire, so the reply always finds it.
+        self.presend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(Group {
+                work: Arc::clone(work),
+                range,
+                kind,
+                id,
+                bytes,
+                sent: true,
+                result: None,
+                started: Instant::now(),
+            });
+        if let Err(e) = send_all(self.fd.load(Ordering::Acquire), &mut iov) {
+            log::debug!("kvxfer: direct send to {} failed: {e}", self.peer.name);
+            self.broken.store(true, Ordering::Release);
+            self.send_waiting.store(true, Ordering::Release);
+        }
+        self.unlock_send();
+        Some(all)
     }
 
     /// Called by the I/O thread once the lane has a slot.
@@ -127,6 +238,50 @@ pub(super) fn fail_all(work: &dyn SliceSource, reason: &str) {
     }
 }
 
+fn wire_kind(kind: OpKind) -> Kind {
+    match kind {
+        OpKind::Write => Kind::Write,
+        OpKind::Read => Kind::Read,
+    }
+}
+
+/// Writes every byte of `iov` to `fd` with blocking `sendmsg` calls (the lane sockets
+/// have a send timeout, so a peer that stops reading cannot hold the caller for long).
+fn send_all(fd: i32, iov: &mut [libc::iovec]) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < iov.len() {
+        let rest = &mut iov[first..];
+        // SAFETY: an all-zero msghdr is valid; it then points at `rest`, live for the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = rest.as_mut_ptr();
+        msg.msg_iovlen = rest.len().min(1024) as _;
+        // SAFETY: `fd` is the lane's socket, kept open while the send lock is held (the I/O
+        // thread takes the lock for good before closing it); the iovecs point at the
+        // caller's header bytes and at claimed slices' registered memory.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut n = n as usize;
+        while n > 0 && first < iov.len() {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                v.iov_base = (v.iov_base as usize + n) as *mut libc::c_void;
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn tcp_error(reason: String) -> TransportError {
     TransportError {
         transport: TransportKind::Tcp,
@@ -162,7 +317,6 @@ pub(super) struct ClientLane {
     /// Groups at the front of `inflight` included in a send (finished or in flight).
     queued: usize,
     inflight_bytes: u64,
-    next_id: u64,
     send: IoVecs,
     send_bytes: Vec<u8>,
     /// Reused between sends: (own bytes?, offset or address, length).
@@ -179,6 +333,9 @@ pub(super) struct ClientLane {
     message: Vec<u8>,
     closing: Option<String>,
     shut: bool,
+    /// Whether this thread holds the lane's send lock (from building a send until it
+    /// has all gone out).
+    holds_send_lock: bool,
 }
 
 impl ClientLane {
@@ -192,7 +349,6 @@ impl ClientLane {
             responded: 0,
             queued: 0,
             inflight_bytes: 0,
-            next_id: 1,
             send: IoVecs::new(),
             send_bytes: Vec::new(),
             pieces: Vec::new(),
@@ -206,6 +362,7 @@ impl ClientLane {
             message: Vec::new(),
             closing: None,
             shut: false,
+            holds_send_lock: false,
         }
     }
 
@@ -238,8 +395,7 @@ impl ClientLane {
                 bytes += u64::from(slices[end].len);
                 end += 1;
             }
-            let id = self.next_id;
-            self.next_id = self.next_id.wrapping_add(1);
+            let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
             self.inflight_bytes += bytes;
             self.inflight.push_back(Group {
                 work: Arc::clone(work),
@@ -255,8 +411,28 @@ impl ClientLane {
         }
     }
 
+    /// Takes directly sent requests into the list, in wire order: they went out after every
+    /// queued group (a direct send needs the send lock, which the I/O thread holds from
+    /// building a send until it completes, and building drains this first) and before
+    /// every group not yet queued.
+    fn drain_presend(&mut self) {
+        let mut presend = self
+            .shared
+            .presend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for g in presend.drain(..) {
+            self.inflight_bytes += g.bytes;
+            self.inflight.insert(self.queued, g);
+            self.queued += 1;
+            self.sent += 1;
+        }
+        self.send_end = self.queued;
+    }
+
     /// Builds one send from the groups not yet queued.
     fn build_send(&mut self) {
+        self.drain_presend();
         self.send_bytes.clear();
         // (own bytes?, offset or address, length) — own offsets become pointers once
         // `send_bytes` is complete and can no longer move.
@@ -272,10 +448,7 @@ impl ClientLane {
             }
             let start = self.send_bytes.len();
             let header = Header {
-                kind: match g.kind {
-                    OpKind::Write => Kind::Write,
-                    OpKind::Read => Kind::Read,
-                },
+                kind: wire_kind(g.kind),
                 count: slices.len() as u32,
                 status: 0,
                 id: g.id,
@@ -313,6 +486,20 @@ impl ClientLane {
         self.send_end = end;
     }
 
+    /// Takes the send lock for a new send; if a submitting thread holds it, asks to be
+    /// kicked when it is free.
+    fn lock_send(&mut self) -> bool {
+        if !self.shared.try_lock_send() {
+            self.shared.send_waiting.store(true, Ordering::Release);
+            // It may have been freed between the two lines.
+            if !self.shared.try_lock_send() {
+                return false;
+            }
+        }
+        self.holds_send_lock = true;
+        true
+    }
+
     /// Pops finished groups from the front and completes them.
     fn sweep(&mut self) {
         while self.responded > 0 && self.sent > 0 {
@@ -329,6 +516,9 @@ impl ClientLane {
 
     fn on_header(&mut self) -> Result<(), String> {
         let header = Header::decode(&self.hdr).map_err(|e| format!("malformed response: {e}"))?;
+        if self.responded >= self.inflight.len() || self.responded >= self.queued {
+            self.drain_presend();
+        }
         let Some(g) = self.inflight.get_mut(self.responded) else {
             return Err(format!("response {} to no request", header.kind));
         };
@@ -399,6 +589,9 @@ impl Driven for ClientLane {
         if self.closing.is_none() && self.shared.close_requested.load(Ordering::Acquire) {
             self.close("the peer was closed".into());
         }
+        if self.closing.is_none() && self.shared.broken.load(Ordering::Acquire) {
+            self.close("a send from the submitting thread failed part-way".into());
+        }
         if self.closing.is_some() {
             if !self.shut {
                 self.shut = true;
@@ -407,7 +600,10 @@ impl Driven for ClientLane {
             return;
         }
         self.fill();
-        if !self.send_pending && (self.send.left() > 0 || self.queued < self.inflight.len()) {
+        if !self.send_pending
+            && (self.send.left() > 0 || self.queued < self.inflight.len())
+            && (self.send.left() > 0 || self.lock_send())
+        {
             if self.send.left() == 0 {
                 self.build_send();
             }
@@ -456,6 +652,8 @@ impl Driven for ClientLane {
                     g.sent = true;
                 }
                 self.sent = self.send_end;
+                self.holds_send_lock = false;
+                self.shared.unlock_send();
                 self.sweep();
             }
         } else if self.recv.advance(res as usize) {
@@ -504,9 +702,6 @@ impl Driven for ClientLane {
     fn finish(&mut self) {
         let reason = self.closing.clone().unwrap_or_default();
         let reason = format!("connection to {} lost: {reason}", self.shared.peer.name);
-        for g in self.inflight.drain(..) {
-            g.work.complete(g.range, Err(tcp_error(reason.clone())));
-        }
         let orphans = {
             let mut q = self
                 .shared
@@ -516,6 +711,18 @@ impl Driven for ClientLane {
             q.dead = true;
             std::mem::take(&mut q.works)
         };
+        // Take the send lock for good (a direct send in progress ends within the socket's
+        // send timeout), so no thread writes to the socket once it is closed.
+        if !self.holds_send_lock {
+            while !self.shared.try_lock_send() {
+                std::thread::yield_now();
+            }
+            self.holds_send_lock = true;
+        }
+        self.drain_presend();
+        for g in self.inflight.drain(..) {
+            g.work.complete(g.range, Err(tcp_error(reason.clone())));
+        }
         *self
             .shared
             .peer

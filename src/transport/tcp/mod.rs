@@ -54,6 +54,9 @@ impl TcpTransport {
         for _ in 0..lanes.max(1) {
             let stream = TcpStream::connect_timeout(&remote, timeout)?;
             stream.set_nodelay(true)?;
+            // Bounds how long a direct send from a submitting thread can block (io_uring's
+            // own sends never block on it).
+            stream.set_write_timeout(Some(Duration::from_secs(1)))?;
             streams.push(stream);
         }
         let mut shared = Vec::new();
@@ -118,6 +121,17 @@ impl Transport for TcpTransport {
     }
 
     fn post(&self, work: Arc<dyn SliceSource>) {
+        if is_small(&*work) {
+            // Small batches (a synchronous 4 KiB write, say) go out from this thread when a
+            // lane is idle, saving a hand-off to the I/O thread.
+            for lane in &self.lanes {
+                match lane.try_direct(&work) {
+                    Some(true) => return,
+                    Some(false) => break,
+                    None => {}
+                }
+            }
+        }
         let mut posted = 0;
         for lane in &self.lanes {
             if lane.post(&work) {
@@ -131,6 +145,17 @@ impl Transport for TcpTransport {
             fail_all(&*work, &why);
         }
     }
+}
+
+/// Batches of at most this many bytes may be sent by the submitting thread itself.
+const DIRECT_BYTES: u64 = 64 << 10;
+/// ... and of at most this many slices.
+const DIRECT_SLICES: usize = 64;
+
+fn is_small(work: &dyn SliceSource) -> bool {
+    let slices = work.slices();
+    slices.len() <= DIRECT_SLICES
+        && slices.iter().map(|s| u64::from(s.len)).sum::<u64>() <= DIRECT_BYTES
 }
 
 /// The data listener: accepts lanes and hands them to the I/O threads.

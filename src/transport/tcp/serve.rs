@@ -187,9 +187,7 @@ impl ServerConn {
                             );
                         }
                     }
-                    Ok(h) => {
-                        self.malformed(h.id, format!("a {} frame is not a request", h.kind))
-                    }
+                    Ok(h) => self.malformed(h.id, format!("a {} frame is not a request", h.kind)),
                     Err(e) => self.malformed(0, e.to_string()),
                 }
             }
@@ -391,9 +389,7 @@ impl Driven for ServerConn {
             }
             // A header is taken as soon as its 24 bytes are in (a peer that sent a bad one
             // still gets its ERROR frame); everything else is received whole.
-            let entry = self
-                .recv
-                .recv_some(self.fd, token(slot, OP_RECV), !header);
+            let entry = self.recv.recv_some(self.fd, token(slot, OP_RECV), !header);
             // SAFETY: the iovecs point at the boxed header, `entry_bytes` or `scratch`
             // (not resized while receiving) or at registered memory pinned by the
             // request being received until this receive completes.
