@@ -18,8 +18,8 @@ use super::lane::{ClientLane, LaneShared};
 use super::serve::ServerConn;
 use crate::memory::Registry;
 
-/// How long an I/O thread that just did work polls its completion queue before sleeping
-/// in the kernel. Waking a sleeping thread costs about 25 us on a loopback round trip here
+/// How long an I/O thread that just served small request/reply traffic polls its
+/// completion queue before sleeping in the kernel. Waking a sleeping thread costs about 25 us on a loopback round trip here
 /// (a blocking ping-pong takes 55 us, a polling one 8 us), while the next completion of a
 /// busy connection usually comes sooner. The poll yields the CPU between checks, so other
 /// threads (the peer's, on a small machine) still run; an idle thread sleeps after this.
@@ -183,6 +183,9 @@ pub(super) trait Driven {
     fn tick(&mut self, now: Instant);
     /// Whether this connection wants ticks.
     fn busy(&self) -> bool;
+    /// Whether its traffic is small request/reply exchanges, whose next event is worth
+    /// polling for (see [`SPIN`]); streams of large requests are not.
+    fn latency_sensitive(&self) -> bool;
     /// Receives and sends in flight in the kernel.
     fn ops_in_flight(&self) -> usize;
     /// Starts closing (shutdown of the socket wakes the operations in flight).
@@ -430,7 +433,7 @@ impl EventLoop {
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
-        self.active = done.iter().any(|&(token, _)| token != EVENTFD_TOKEN);
+        self.active = false;
         for (token, res) in done {
             if token == EVENTFD_TOKEN {
                 self.eventfd_armed = false;
@@ -439,7 +442,9 @@ impl EventLoop {
             let slot = (token >> 8) as usize;
             let op = token & 0xff;
             if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
-                conn.driven().on_complete(op, res);
+                let d = conn.driven();
+                d.on_complete(op, res);
+                self.active |= d.latency_sensitive();
                 self.dirty.push_back(slot);
             }
         }

@@ -22,6 +22,9 @@ const WINDOW_GROUPS: usize = 64;
 const GROUP_BYTES: u64 = 4 << 20;
 /// Bytes one send carries, at most (unless one request is larger).
 const SEND_BYTES: usize = 8 << 20;
+/// Bytes in flight at or below which a lane's traffic counts as request/reply exchanges
+/// worth polling for (see `io::SPIN`).
+pub(super) const SMALL_TRAFFIC: u64 = 256 << 10;
 /// How long a request of a stopped batch may stay unanswered before the lane is dropped
 /// (which is what frees the batch's buffers when the peer hangs).
 const ABORT_GRACE: Duration = Duration::from_millis(300);
@@ -679,6 +682,10 @@ impl Driven for ClientLane {
 
     fn busy(&self) -> bool {
         !self.inflight.is_empty()
+    }
+
+    fn latency_sensitive(&self) -> bool {
+        self.inflight_bytes <= SMALL_TRAFFIC
     }
 
     fn ops_in_flight(&self) -> usize {

@@ -108,6 +108,8 @@ pub(super) struct ServerConn {
     hdr: Box<[u8; HEADER_LEN + ENTRY_LEN]>,
     /// Bytes of `hdr` received so far.
     hdr_got: usize,
+    /// Payload bytes of the last request (small ones make the thread poll for the next).
+    last_request_bytes: u64,
     entry_bytes: Vec<u8>,
     entries: Vec<Entry>,
     scratch: Vec<u8>,
@@ -136,6 +138,7 @@ impl ServerConn {
             rx: Rx::Header,
             hdr: Box::new([0; HEADER_LEN + ENTRY_LEN]),
             hdr_got: 0,
+            last_request_bytes: 0,
             entry_bytes: Vec::new(),
             entries: Vec::new(),
             scratch: Vec::new(),
@@ -196,6 +199,7 @@ impl ServerConn {
                     Ok(total) => total,
                     Err(e) => return self.malformed(h.id, e.to_string()),
                 };
+                self.last_request_bytes = total;
                 let need = match h.kind {
                     Kind::Write => Access::REMOTE_WRITE,
                     _ => Access::REMOTE_READ,
@@ -439,6 +443,10 @@ impl Driven for ServerConn {
 
     fn busy(&self) -> bool {
         false
+    }
+
+    fn latency_sensitive(&self) -> bool {
+        self.last_request_bytes <= super::lane::SMALL_TRAFFIC
     }
 
     fn ops_in_flight(&self) -> usize {
