@@ -386,6 +386,23 @@ impl ClientLane {
     fn add_groups(&mut self, work: &Arc<dyn SliceSource>, range: Range<usize>) {
         let slices = work.slices();
         let mut start = range.start;
+        // Claims come in chunks sized for copy threads; consecutive chunks of one batch
+        // join the last request not yet sent, so small ops travel as few frames.
+        let unsent = self.queued < self.inflight.len();
+        if let Some(last) = self.inflight.back_mut().filter(|_| unsent) {
+            if Arc::ptr_eq(&last.work, work) && last.range.end == start {
+                while start < range.end
+                    && last.range.len() < MAX_ENTRIES as usize
+                    && slices[start].kind == last.kind
+                    && last.bytes + u64::from(slices[start].len) <= GROUP_BYTES
+                {
+                    last.bytes += u64::from(slices[start].len);
+                    self.inflight_bytes += u64::from(slices[start].len);
+                    last.range.end += 1;
+                    start += 1;
+                }
+            }
+        }
         while start < range.end {
             let kind = slices[start].kind;
             let mut end = start;
