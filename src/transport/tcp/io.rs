@@ -574,6 +574,25 @@ pub(super) fn token(slot: usize, op: u64) -> u64 {
     ((slot as u64) << 8) | op
 }
 
+/// What the result of a receive or send means for its connection.
+pub(super) enum Outcome {
+    /// This many bytes moved.
+    Moved(usize),
+    /// Nothing moved and nothing is wrong (interrupted, try again).
+    Retry,
+    /// The connection is finished: closed by the peer, or an error.
+    Broken(String),
+}
+
+/// Classifies a completion's result.
+pub(super) fn outcome(res: i32) -> Outcome {
+    match res {
+        n if n > 0 => Outcome::Moved(n as usize),
+        n if n == -libc::EAGAIN || n == -libc::EINTR => Outcome::Retry,
+        n => Outcome::Broken(describe(n)),
+    }
+}
+
 /// Text for a failed receive or send.
 pub(super) fn describe(res: i32) -> String {
     if res == 0 {

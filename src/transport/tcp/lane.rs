@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::io::{describe, token, Command, Driven, IoThread, IoVecs, Submit, OP_RECV, OP_SEND};
+use super::io::{
+    outcome, token, Command, Driven, IoThread, IoVecs, Outcome, Submit, OP_RECV, OP_SEND,
+};
 use super::wire::{Code, Entry, Header, Kind, ENTRY_LEN, HEADER_LEN, MAX_ENTRIES};
 use crate::transport::{OpKind, SliceSource, TransportError, TransportKind};
 
@@ -654,20 +656,13 @@ impl Driven for ClientLane {
         } else {
             self.recv_pending = false;
         }
-        if res == -libc::EAGAIN || res == -libc::EINTR {
-            return;
-        }
-        if res <= 0 {
-            if self.closing.is_none() {
-                self.close(describe(res));
-            }
-            return;
-        }
-        if self.closing.is_some() {
-            return;
-        }
+        let n = match outcome(res) {
+            Outcome::Moved(n) if self.closing.is_none() => n,
+            Outcome::Broken(why) => return self.close(why),
+            _ => return,
+        };
         if op == OP_SEND {
-            if self.send.advance(res as usize) {
+            if self.send.advance(n) {
                 for g in self.inflight.range_mut(self.sent..self.send_end) {
                     g.sent = true;
                 }
@@ -676,7 +671,7 @@ impl Driven for ClientLane {
                 self.shared.unlock_send();
                 self.sweep();
             }
-        } else if self.recv.advance(res as usize) {
+        } else if self.recv.advance(n) {
             if let Err(reason) = self.on_received() {
                 self.close(reason);
             }

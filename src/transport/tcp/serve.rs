@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::io::{describe, token, Driven, IoVecs, Submit, OP_RECV, OP_SEND};
+use super::io::{outcome, token, Driven, IoVecs, Outcome, Submit, OP_RECV, OP_SEND};
 use super::wire::{decode_entries, Code, Entry, Header, Kind, ENTRY_LEN, HEADER_LEN};
 use crate::memory::{Access, Region, RegionLookup, Registry};
 
@@ -408,33 +408,26 @@ impl Driven for ServerConn {
         } else {
             self.recv_pending = false;
         }
-        if res == -libc::EAGAIN || res == -libc::EINTR {
-            return;
-        }
-        if res <= 0 {
-            if self.closing.is_none() {
-                self.close(describe(res));
-            }
-            return;
-        }
-        if self.closing.is_some() {
-            return;
-        }
+        let n = match outcome(res) {
+            Outcome::Moved(n) if self.closing.is_none() => n,
+            Outcome::Broken(why) => return self.close(why),
+            _ => return,
+        };
         if op == OP_SEND {
-            if self.send.advance(res as usize) {
+            if self.send.advance(n) {
                 // The bytes left: drop the responses (unpinning READ regions).
                 self.sending.clear();
             }
         } else if matches!(self.rx, Rx::Header) {
-            self.recv.advance(res as usize);
-            self.hdr_got += res as usize;
+            self.recv.advance(n);
+            self.hdr_got += n;
             if self.hdr_got >= HEADER_LEN {
                 self.on_received();
             } else {
                 // Ask for the rest of the header and first entry afresh.
                 self.recv.clear();
             }
-        } else if self.recv.advance(res as usize) {
+        } else if self.recv.advance(n) {
             self.on_received();
         }
     }
