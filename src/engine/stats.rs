@@ -1,5 +1,5 @@
-//! Engine counters, readable at any time. Updated once per batch, and once per claimed
-//! range for bytes: never per slice and never under a lock.
+//! Engine counters, readable at any time. Updated once per batch (bytes too, when the
+//! batch ends): never per slice and never under a lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
