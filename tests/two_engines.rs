@@ -154,3 +154,38 @@ fn small_and_large_batches_from_many_threads_interleave_correctly() {
     });
     assert_eq!(a.live_batches(), 0);
 }
+
+/// A small batch mixing WRITEs and READs (small enough for the direct path) moves each op
+/// in its own direction.
+#[test]
+fn small_mixed_batch_moves_each_op_in_its_own_direction() {
+    let (a, b) = (engine(), engine());
+    const N: u64 = 64;
+    const L: u64 = 1024;
+    let src = a.allocate((N * L) as usize, Location::Any).unwrap();
+    let dst = a.allocate((N * L) as usize, Location::Any).unwrap();
+    let remote = b.allocate((N * L) as usize, Location::Any).unwrap();
+    src.fill(0, (N * L) as usize, 0xaa).unwrap();
+    dst.fill(0, (N * L) as usize, 0x11).unwrap();
+    remote.fill(0, (N * L) as usize, 0xbb).unwrap();
+    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+    let ops: Vec<Op> = (0..N)
+        .map(|i| {
+            if i % 2 == 0 {
+                Op::write(src.addr() + i * L, remote.addr() + i * L, L)
+            } else {
+                Op::read(dst.addr() + i * L, remote.addr() + i * L, L)
+            }
+        })
+        .collect();
+    a.transfer_sync(peer, &ops).unwrap();
+    let (rv, dv) = (remote.to_vec(), dst.to_vec());
+    for i in 0..N as usize {
+        let at = i * L as usize;
+        if i % 2 == 0 {
+            assert_eq!(rv[at], 0xaa, "op {i} (write)");
+        } else {
+            assert_eq!((rv[at], dv[at]), (0xbb, 0xbb), "op {i} (read)");
+        }
+    }
+}

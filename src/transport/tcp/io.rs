@@ -49,6 +49,9 @@ pub(super) struct IoThread {
     /// Set while the thread polls (see [`SPIN`]): it will see `wake_pending` without an
     /// eventfd write.
     polling: AtomicBool,
+    /// Set while the thread sleeps without a timeout (nothing in flight that needs ticks);
+    /// a submitting thread that sends directly wakes it so the request gets watched.
+    untimed: AtomicBool,
     eventfd: OwnedFd,
     stop: AtomicBool,
 }
@@ -71,6 +74,13 @@ impl IoThread {
             .unwrap_or_else(PoisonError::into_inner)
             .push(command);
         self.wake();
+    }
+
+    /// Wakes the thread if it sleeps without a timeout (so it re-evaluates its ticks).
+    pub(super) fn wake_if_untimed(&self) {
+        if self.untimed.load(Ordering::SeqCst) {
+            self.wake();
+        }
     }
 
     fn wake(&self) {
@@ -116,6 +126,7 @@ impl IoPool {
                 inbox: Mutex::new(Vec::new()),
                 wake_pending: AtomicBool::new(false),
                 polling: AtomicBool::new(false),
+                untimed: AtomicBool::new(false),
                 eventfd,
                 stop: AtomicBool::new(false),
             });
@@ -383,17 +394,27 @@ impl EventLoop {
         if self.active && self.poll_briefly() {
             return;
         }
-        let busy = self.conns.iter().flatten().any(|c| match &**c {
-            Conn::Lane(l) => l.busy(),
-            Conn::Serve(s) => s.busy(),
-        });
-        let result = if busy {
+        let busy = |conns: &Vec<Option<Box<Conn>>>| {
+            conns.iter().flatten().any(|c| match &**c {
+                Conn::Lane(l) => l.busy(),
+                Conn::Serve(s) => s.busy(),
+            })
+        };
+        let mut timed = busy(&self.conns);
+        if !timed {
+            // Announce the untimed sleep, then look again: a direct send either sees the
+            // flag (and wakes us) or is seen here (SeqCst on both sides).
+            self.me.untimed.store(true, Ordering::SeqCst);
+            timed = busy(&self.conns);
+        }
+        let result = if timed {
             let ts = types::Timespec::from(TICK);
             let args = types::SubmitArgs::new().timespec(&ts);
             self.ring.submitter().submit_with_args(1, &args)
         } else {
             self.ring.submit_and_wait(1)
         };
+        self.me.untimed.store(false, Ordering::SeqCst);
         match result {
             Ok(_) => {}
             Err(e)

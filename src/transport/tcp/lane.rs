@@ -58,6 +58,11 @@ pub(crate) struct LaneShared {
     broken: AtomicBool,
     /// Requests sent directly, in wire order, not yet taken into the I/O thread's list.
     presend: Mutex<VecDeque<Group>>,
+    /// Length of `presend`, readable without its lock (the I/O thread ticks while > 0).
+    presend_len: AtomicUsize,
+    /// Id of the request a submitting thread is sending now (0: none); its reply is not
+    /// acted on until the send has returned, whatever a peer answers early.
+    direct_sending: std::sync::atomic::AtomicU64,
     next_id: std::sync::atomic::AtomicU64,
     fd: std::sync::atomic::AtomicI32,
     slot: AtomicUsize,
@@ -83,6 +88,8 @@ impl LaneShared {
             send_waiting: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             presend: Mutex::new(VecDeque::new()),
+            presend_len: AtomicUsize::new(0),
+            direct_sending: std::sync::atomic::AtomicU64::new(0),
             next_id: std::sync::atomic::AtomicU64::new(1),
             fd: std::sync::atomic::AtomicI32::new(-1),
             slot: AtomicUsize::new(usize::MAX),
@@ -100,13 +107,14 @@ impl LaneShared {
 
     fn try_lock_send(&self) -> bool {
         self.send_lock
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
     }
 
     fn unlock_send(&self) {
-        self.send_lock.store(false, Ordering::Release);
-        if self.send_waiting.swap(false, Ordering::AcqRel) {
+        // SeqCst with the waiter's store-then-retry, so one of the two always sees the other.
+        self.send_lock.store(false, Ordering::SeqCst);
+        if self.send_waiting.swap(false, Ordering::SeqCst) {
             self.kick();
         }
     }
@@ -124,6 +132,12 @@ impl LaneShared {
             !q.dead && q.works.is_empty()
         };
         if !idle {
+            self.unlock_send();
+            return None;
+        }
+        let slices = work.slices();
+        if slices.windows(2).any(|w| w[0].kind != w[1].kind) {
+            // One request has one direction; mixed batches go through the I/O thread.
             self.unlock_send();
             return None;
         }
@@ -168,6 +182,7 @@ impl LaneShared {
             }
         }
         // Listed before its bytes hit the wire, so the reply always finds it.
+        self.direct_sending.store(id, Ordering::SeqCst);
         self.presend
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -181,12 +196,17 @@ impl LaneShared {
                 result: None,
                 started: Instant::now(),
             });
-        if let Err(e) = send_all(self.fd.load(Ordering::Acquire), &mut iov) {
+        self.presend_len.fetch_add(1, Ordering::SeqCst);
+        let sent = send_all(self.fd.load(Ordering::Acquire), &mut iov);
+        self.direct_sending.store(0, Ordering::SeqCst);
+        if let Err(e) = sent {
             log::debug!("kvxfer: direct send to {} failed: {e}", self.peer.name);
             self.broken.store(true, Ordering::Release);
-            self.send_waiting.store(true, Ordering::Release);
+            self.send_waiting.store(true, Ordering::SeqCst);
         }
         self.unlock_send();
+        // A sleeping I/O thread must start ticking: the peer may never answer.
+        self.thread.wake_if_untimed();
         Some(all)
     }
 
@@ -443,6 +463,12 @@ impl ClientLane {
             .presend
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        if presend.is_empty() {
+            return;
+        }
+        self.shared
+            .presend_len
+            .fetch_sub(presend.len(), Ordering::SeqCst);
         for g in presend.drain(..) {
             self.inflight_bytes += g.bytes;
             self.inflight.insert(self.queued, g);
@@ -512,7 +538,7 @@ impl ClientLane {
     /// kicked when it is free.
     fn lock_send(&mut self) -> bool {
         if !self.shared.try_lock_send() {
-            self.shared.send_waiting.store(true, Ordering::Release);
+            self.shared.send_waiting.store(true, Ordering::SeqCst);
             // It may have been freed between the two lines.
             if !self.shared.try_lock_send() {
                 return false;
@@ -525,6 +551,15 @@ impl ClientLane {
     /// Pops finished groups from the front and completes them.
     fn sweep(&mut self) {
         while self.responded > 0 && self.sent > 0 {
+            let front = self.inflight.front().expect("counted groups exist").id;
+            if front == self.shared.direct_sending.load(Ordering::SeqCst) {
+                // Answered before its sender's `sendmsg` returned (only a misbehaving peer
+                // does that): complete it once the send lock is free again.
+                self.shared.send_waiting.store(true, Ordering::SeqCst);
+                if self.shared.direct_sending.load(Ordering::SeqCst) == front {
+                    return;
+                }
+            }
             let g = self.inflight.pop_front().expect("counted groups exist");
             self.responded -= 1;
             self.sent -= 1;
@@ -538,12 +573,13 @@ impl ClientLane {
 
     fn on_header(&mut self) -> Result<(), String> {
         let header = Header::decode(&self.hdr).map_err(|e| format!("malformed response: {e}"))?;
-        if self.responded >= self.inflight.len() || self.responded >= self.queued {
+        if self.responded >= self.queued {
             self.drain_presend();
         }
-        let Some(g) = self.inflight.get_mut(self.responded) else {
-            return Err(format!("response {} to no request", header.kind));
-        };
+        if self.responded >= self.queued {
+            return Err(format!("response {} to no request sent", header.kind));
+        }
+        let g = &mut self.inflight[self.responded];
         if header.id != g.id {
             return Err(format!(
                 "response for request {} arrived while {} was due",
@@ -621,6 +657,7 @@ impl Driven for ClientLane {
             }
             return;
         }
+        self.sweep();
         self.fill();
         if !self.send_pending
             && (self.send.left() > 0 || self.queued < self.inflight.len())
@@ -679,6 +716,9 @@ impl Driven for ClientLane {
     }
 
     fn tick(&mut self, now: Instant) {
+        // Directly sent requests are watched like the others (safe here: the list only
+        // fills while no send of this thread is in flight).
+        self.drain_presend();
         let hung = self
             .inflight
             .iter()
@@ -693,7 +733,7 @@ impl Driven for ClientLane {
     }
 
     fn busy(&self) -> bool {
-        !self.inflight.is_empty()
+        !self.inflight.is_empty() || self.shared.presend_len.load(Ordering::SeqCst) > 0
     }
 
     fn latency_sensitive(&self) -> bool {
@@ -721,14 +761,23 @@ impl Driven for ClientLane {
     fn finish(&mut self) {
         let reason = self.closing.clone().unwrap_or_default();
         let reason = format!("connection to {} lost: {reason}", self.shared.peer.name);
-        let orphans = {
+        *self
+            .shared
+            .peer
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reason.clone());
+        // Marked dead and counted out under one lock, so that work posted to the other
+        // lanes meanwhile is failed by whichever lane dies last.
+        let (orphans, last) = {
             let mut q = self
                 .shared
                 .queue
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             q.dead = true;
-            std::mem::take(&mut q.works)
+            let last = self.shared.peer.alive.fetch_sub(1, Ordering::AcqRel) == 1;
+            (std::mem::take(&mut q.works), last)
         };
         // Take the send lock for good (a direct send in progress ends within the socket's
         // send timeout), so no thread writes to the socket once it is closed.
@@ -742,13 +791,7 @@ impl Driven for ClientLane {
         for g in self.inflight.drain(..) {
             g.work.complete(g.range, Err(tcp_error(reason.clone())));
         }
-        *self
-            .shared
-            .peer
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(reason.clone());
-        if self.shared.peer.alive.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if last {
             for work in orphans {
                 fail_all(&*work, &reason);
             }

@@ -152,10 +152,13 @@ const DIRECT_BYTES: u64 = 64 << 10;
 /// ... and of at most this many slices.
 const DIRECT_SLICES: usize = 64;
 
+/// Whether `work` may go out directly: few bytes, few slices, one direction (a direct
+/// send is a single request, and a request has one kind).
 fn is_small(work: &dyn SliceSource) -> bool {
     let slices = work.slices();
     slices.len() <= DIRECT_SLICES
         && slices.iter().map(|s| u64::from(s.len)).sum::<u64>() <= DIRECT_BYTES
+        && slices.windows(2).all(|w| w[0].kind == w[1].kind)
 }
 
 /// The data listener: accepts lanes and hands them to the I/O threads.
@@ -231,5 +234,111 @@ impl TcpServer {
 impl Drop for TcpServer {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{OpKind, Slice, TransportError};
+    use std::ops::Range;
+    use std::time::Instant;
+
+    /// A batch stand-in: one claim of everything, counts completions.
+    struct Work {
+        slices: Vec<Slice>,
+        claimed: AtomicBool,
+        stopped: AtomicBool,
+        completed: AtomicUsize,
+        _buf: Vec<u8>,
+    }
+
+    impl SliceSource for Work {
+        fn slices(&self) -> &[Slice] {
+            &self.slices
+        }
+        fn claim(&self) -> Option<Range<usize>> {
+            if self.stopped.load(Ordering::SeqCst) || self.claimed.swap(true, Ordering::SeqCst) {
+                return None;
+            }
+            Some(0..self.slices.len())
+        }
+        fn complete(&self, range: Range<usize>, _result: Result<(), TransportError>) {
+            self.completed.fetch_add(range.len(), Ordering::SeqCst);
+        }
+        fn is_stopped(&self) -> bool {
+            self.stopped.load(Ordering::SeqCst)
+        }
+    }
+
+    fn work(n: usize, len: u32) -> Arc<Work> {
+        let buf = vec![7u8; n * len as usize];
+        let slices = (0..n)
+            .map(|i| Slice {
+                kind: OpKind::Write,
+                op: 0,
+                len,
+                local: buf.as_ptr() as u64 + (i * len as usize) as u64,
+                remote: 0x1000_0000 + (i * len as usize) as u64,
+            })
+            .collect();
+        Arc::new(Work {
+            slices,
+            claimed: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            completed: AtomicUsize::new(0),
+            _buf: buf,
+        })
+    }
+
+    /// A peer that accepts lanes and reads everything but never answers.
+    fn hung_peer() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut s = stream.unwrap();
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 65536];
+                    while std::io::Read::read(&mut s, &mut b).is_ok_and(|n| n > 0) {}
+                });
+            }
+        });
+        addr
+    }
+
+    /// Waits until a lane has claimed `w`, stops it, and waits (bounded) until every slice
+    /// has been completed.
+    fn stop_and_wait(w: &Work, limit: Duration) -> bool {
+        let start = Instant::now();
+        while !w.claimed.load(Ordering::SeqCst) {
+            assert!(start.elapsed() < limit, "no lane claimed the work");
+            std::thread::yield_now();
+        }
+        w.stopped.store(true, Ordering::SeqCst);
+        while start.elapsed() < limit {
+            if w.completed.load(Ordering::SeqCst) == w.slices.len() {
+                return true;
+            }
+            std::thread::yield_now();
+        }
+        false
+    }
+
+    /// A stopped batch whose requests a hung peer never answers still ends (its lane is
+    /// dropped), whether the I/O thread or the submitting thread sent them.
+    #[test]
+    fn stopped_batches_to_a_hung_peer_end() {
+        let pool = IoPool::start(1).unwrap();
+        for (slices, len) in [(4, 64 << 10), (1, 4096)] {
+            let t = TcpTransport::connect(&pool, "hung", hung_peer(), 1, Duration::from_secs(1))
+                .unwrap();
+            let w = work(slices, len);
+            t.post(Arc::clone(&w) as Arc<dyn SliceSource>);
+            assert!(
+                stop_and_wait(&w, Duration::from_secs(5)),
+                "{slices} x {len} bytes: the batch never ended after it was stopped"
+            );
+        }
     }
 }
