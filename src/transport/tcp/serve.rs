@@ -7,12 +7,16 @@ use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::io::{outcome, token, Driven, IoVecs, Outcome, Submit, OP_RECV, OP_SEND};
 use super::wire::{decode_entries, Code, Entry, Header, Kind, ENTRY_LEN, HEADER_LEN};
 use crate::memory::{Access, Region, RegionLookup, Registry};
 
+/// How long a request may sit half-received (or a reply half-sent) without a byte moving
+/// before the connection is dropped: a stalled peer must not keep regions pinned (and
+/// `unregister` busy) forever.
+const STALL: Duration = Duration::from_secs(10);
 /// Responses queued before the connection stops reading requests (backpressure).
 const MAX_QUEUED: usize = 256;
 /// Scratch for discarding the payload of a refused WRITE.
@@ -110,6 +114,8 @@ pub(super) struct ServerConn {
     hdr_got: usize,
     /// Payload bytes of the last request (small ones make the thread poll for the next).
     last_request_bytes: u64,
+    /// When bytes last moved on this connection.
+    last_progress: Instant,
     entry_bytes: Vec<u8>,
     entries: Vec<Entry>,
     scratch: Vec<u8>,
@@ -139,6 +145,7 @@ impl ServerConn {
             hdr: Box::new([0; HEADER_LEN + ENTRY_LEN]),
             hdr_got: 0,
             last_request_bytes: 0,
+            last_progress: Instant::now(),
             entry_bytes: Vec::new(),
             entries: Vec::new(),
             scratch: Vec::new(),
@@ -413,6 +420,7 @@ impl Driven for ServerConn {
             Outcome::Broken(why) => return self.close(why),
             _ => return,
         };
+        self.last_progress = Instant::now();
         if op == OP_SEND {
             if self.send.advance(n) {
                 // The bytes left: drop the responses (unpinning READ regions).
@@ -432,10 +440,22 @@ impl Driven for ServerConn {
         }
     }
 
-    fn tick(&mut self, _now: Instant) {}
+    fn tick(&mut self, now: Instant) {
+        if self.busy() && now.saturating_duration_since(self.last_progress) > STALL {
+            self.close(format!(
+                "the peer stalled for {} s in the middle of a request; its regions are released",
+                STALL.as_secs()
+            ));
+        }
+    }
 
+    /// Mid-request (entries or payload partly in) or with replies not yet out: the
+    /// connection holds pins, so it is watched for stalls.
     fn busy(&self) -> bool {
-        false
+        matches!(self.rx, Rx::Entries(_) | Rx::Payload { .. })
+            || self.hdr_got > 0
+            || !self.out.is_empty()
+            || !self.sending.is_empty()
     }
 
     fn latency_sensitive(&self) -> bool {
@@ -468,6 +488,50 @@ impl Driven for ServerConn {
 mod tests {
     use super::*;
     use crate::memory::{Location, RegionSpec};
+
+    /// A peer that stops in the middle of a WRITE's payload is dropped after [`STALL`],
+    /// which unpins the target region.
+    #[test]
+    fn a_stalled_request_is_dropped_and_unpinned() {
+        let registry = Arc::new(Registry::new());
+        let mut target = vec![0u8; 4096];
+        registry
+            .register(vec![RegionSpec::caller(
+                target.as_mut_ptr() as u64,
+                4096,
+                Some(Location::Any),
+                Access::ALL,
+            )])
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mut conn = ServerConn::new(server, Arc::clone(&registry));
+        let entry = Entry {
+            addr: target.as_ptr() as u64,
+            len: 4096,
+        };
+        let pins = check(&registry, &[entry], Access::REMOTE_WRITE).unwrap();
+        conn.rx = Rx::Payload {
+            id: 1,
+            pins: Some(pins),
+            refused: None,
+            discard_left: 0,
+        };
+        assert!(conn.busy());
+        let region = registry.lookup(target.as_ptr() as u64).unwrap();
+        assert_eq!(region.pins(), 1);
+        conn.tick(Instant::now() + STALL / 2);
+        assert!(!conn.closing(), "dropped before the stall limit");
+        conn.tick(Instant::now() + STALL + Duration::from_secs(1));
+        assert!(conn.closing(), "a stalled request was not dropped");
+        conn.finish();
+        assert_eq!(
+            region.pins(),
+            0,
+            "the stalled request's region stayed pinned"
+        );
+    }
 
     #[test]
     fn check_refuses_outside_and_wrong_rights() {
