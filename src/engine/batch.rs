@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::net::{Inbox, Notification};
 use super::progress::{Outcome, Progress, StopReason};
-use super::remote::{Link, Notifier};
+use super::remote::Link;
 use super::slicing::Pins;
 use super::stats::Counters;
 use super::Error;
@@ -35,12 +35,8 @@ pub(crate) enum PendingNotify {
         from: String,
         bytes: Vec<u8>,
     },
-    /// To a peer, through the notifier thread.
-    Remote {
-        notifier: Arc<Notifier>,
-        link: Arc<Link>,
-        bytes: Vec<u8>,
-    },
+    /// To a peer, through its link's notifier thread.
+    Remote { link: Arc<Link>, bytes: Vec<u8> },
 }
 
 impl std::fmt::Debug for PendingNotify {
@@ -192,13 +188,9 @@ impl Batch {
                 inbox.push(Notification { from, bytes });
                 false
             }
-            Some(PendingNotify::Remote {
-                notifier,
-                link,
-                bytes,
-            }) => match self.me.upgrade() {
+            Some(PendingNotify::Remote { link, bytes }) => match self.me.upgrade() {
                 Some(me) => {
-                    notifier.send(me, link, bytes);
+                    link.notify_later(me, bytes);
                     true
                 }
                 None => false,

@@ -24,7 +24,7 @@ pub use stats::EngineStats;
 use batch::{far_future, Batch, PendingNotify};
 use net::{Inbox, Net};
 use progress::StopReason;
-use remote::{Notifier, RemotePeer};
+use remote::RemotePeer;
 use slab::GenSlab;
 use slicing::{AddressSpaces, Pins};
 use stats::Counters;
@@ -134,7 +134,6 @@ pub struct Engine {
     counters: Arc<Counters>,
     net: Option<Net>,
     inbox: Arc<Inbox>,
-    notifier: Option<Arc<Notifier>>,
     /// Open remote peers by session id.
     sessions: Mutex<HashMap<String, PeerId>>,
 }
@@ -156,12 +155,9 @@ impl Engine {
         })));
         let registry = Arc::new(Registry::new());
         let inbox = Arc::new(Inbox::default());
-        let (net, notifier) = match &config.listen {
-            Some(listen) => (
-                Some(Net::start(&config, listen, &registry, &inbox)?),
-                Some(Arc::new(Notifier::start()?)),
-            ),
-            None => (None, None),
+        let net = match &config.listen {
+            Some(listen) => Some(Net::start(&config, listen, &registry, &inbox)?),
+            None => None,
         };
         log::debug!("engine started: {config:?}");
         Ok(Engine {
@@ -174,7 +170,6 @@ impl Engine {
             counters: Arc::default(),
             net,
             inbox,
-            notifier,
             sessions: Mutex::new(HashMap::new()),
         })
     }
@@ -536,7 +531,6 @@ impl Engine {
                 None
             }
             (Some(bytes), Some(link)) => Some(PendingNotify::Remote {
-                notifier: Arc::clone(self.notifier.as_ref().ok_or(Error::NoListener)?),
                 link: Arc::clone(link),
                 bytes: bytes.to_vec(),
             }),
@@ -677,9 +671,6 @@ impl Drop for Engine {
         }
         if let Some(net) = &self.net {
             net.shutdown();
-        }
-        if let Some(notifier) = &self.notifier {
-            notifier.shutdown();
         }
         // No batch can touch memory any more; stop the copy threads now rather than when
         // the last batch handle goes, so none outlives the engine.

@@ -8,7 +8,6 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::batch::Batch;
@@ -27,6 +26,7 @@ pub(super) struct Link {
     pub(super) control: ControlClient,
     pub(super) tcp: Arc<TcpTransport>,
     regions: Mutex<(u64, RemoteRegions)>,
+    notifier: Notifier,
 }
 
 impl Link {
@@ -149,6 +149,7 @@ impl RemotePeer {
             control,
             tcp: Arc::new(tcp),
             regions: Mutex::new((u64::MAX, Arc::default())),
+            notifier: Notifier::default(),
         })
     }
 
@@ -175,24 +176,31 @@ fn data_address(session: &str, port: u16) -> std::result::Result<SocketAddr, Str
         .ok_or_else(|| format!("{host} resolves to no address"))
 }
 
-/// Delivers notifications of completed batches on its own thread, so that I/O threads
-/// (which complete batches) never wait for a peer.
-#[derive(Debug)]
-pub(super) struct Notifier {
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
+/// A notification to deliver for a batch whose bytes have all moved.
 struct Job {
     batch: Arc<Batch>,
     link: Arc<Link>,
     bytes: Vec<u8>,
 }
 
+/// Delivers one peer's notifications on a thread of its own (started on first use, ended
+/// when the link goes), so I/O threads never wait for a peer and a hung peer delays only
+/// its own notifications.
+#[derive(Debug, Default)]
+pub(super) struct Notifier {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+}
+
 impl Notifier {
-    pub(super) fn start() -> Result<Notifier> {
+    fn sender(&self) -> std::io::Result<mpsc::Sender<Job>> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = jobs.as_ref() {
+            return Ok(tx.clone());
+        }
         let (tx, rx) = mpsc::channel::<Job>();
-        let thread = std::thread::Builder::new()
+        // The thread holds only the receiver (and each job's link while it runs it), so
+        // it ends once the link, which holds the sender, is dropped.
+        std::thread::Builder::new()
             .name("kvx-notify".into())
             .spawn(move || {
                 for job in rx {
@@ -205,41 +213,29 @@ impl Notifier {
                         .map_err(|e| e.to_string());
                     job.batch.notified(result);
                 }
-            })
-            .map_err(|e| Error::Start(format!("cannot start the notifier thread: {e}")))?;
-        Ok(Notifier {
-            jobs: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
-        })
+            })?;
+        *jobs = Some(tx.clone());
+        Ok(tx)
     }
+}
 
-    /// Queues the notification of `batch`, whose bytes have all moved.
-    pub(super) fn send(&self, batch: Arc<Batch>, link: Arc<Link>, bytes: Vec<u8>) {
-        let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
-        let job = Job { batch, link, bytes };
-        let refused = match jobs.as_ref() {
-            Some(tx) => tx.send(job).err().map(|e| e.0),
-            None => Some(job),
+impl Link {
+    /// Queues the notification of `batch` (every byte moved) for delivery to this peer.
+    pub(super) fn notify_later(self: &Arc<Self>, batch: Arc<Batch>, bytes: Vec<u8>) {
+        let job = Job {
+            batch,
+            link: Arc::clone(self),
+            bytes,
         };
-        if let Some(job) = refused {
-            job.batch
-                .notified(Err("the engine is shutting down".into()));
-        }
-    }
-
-    /// Finishes queued jobs and joins the thread.
-    pub(super) fn shutdown(&self) {
-        self.jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(t) = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            let _ = t.join();
+        let refused = match self.notifier.sender() {
+            Ok(tx) => tx
+                .send(job)
+                .err()
+                .map(|e| (e.0, "the notifier stopped".to_string())),
+            Err(e) => Some((job, format!("cannot start a notifier thread: {e}"))),
+        };
+        if let Some((job, why)) = refused {
+            job.batch.notified(Err(why));
         }
     }
 }
