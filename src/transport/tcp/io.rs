@@ -219,6 +219,8 @@ impl Conn {
 /// Pushes submission entries, submitting first when the queue is full.
 pub(super) struct Submit<'a> {
     ring: &'a mut IoUring,
+    /// Completions reaped early to make room (see `push`), handled in the next round.
+    reaped: &'a mut Vec<(u64, i32)>,
 }
 
 impl Submit<'_> {
@@ -233,8 +235,14 @@ impl Submit<'_> {
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return;
             }
-            if let Err(e) = self.ring.submit() {
-                log::error!("kvxfer: io_uring submit failed: {e}");
+            match self.ring.submit() {
+                Ok(_) => {}
+                // The completion queue is full: move completions aside so the kernel can
+                // post more, else this loop would never end.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self
+                    .reaped
+                    .extend(self.ring.completion().map(|c| (c.user_data(), c.result()))),
+                Err(e) => log::error!("kvxfer: io_uring submit failed: {e}"),
             }
         }
     }
@@ -253,6 +261,8 @@ struct EventLoop {
     last_tick: Instant,
     /// Whether the last round reaped completions (then `wait` polls briefly first).
     active: bool,
+    /// Completions reaped while submitting, not yet handled.
+    reaped: Vec<(u64, i32)>,
 }
 
 impl EventLoop {
@@ -267,6 +277,7 @@ impl EventLoop {
             eventfd_armed: false,
             last_tick: Instant::now(),
             active: false,
+            reaped: Vec::new(),
         }
     }
 
@@ -288,6 +299,7 @@ impl EventLoop {
                 if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
                     let mut sq = Submit {
                         ring: &mut self.ring,
+                        reaped: &mut self.reaped,
                     };
                     conn.driven().pump(slot, &mut sq);
                 }
@@ -384,6 +396,7 @@ impl EventLoop {
         .user_data(EVENTFD_TOKEN);
         let mut sq = Submit {
             ring: &mut self.ring,
+            reaped: &mut self.reaped,
         };
         // SAFETY: the 8-byte buffer is leaked, so it outlives any completion.
         unsafe { sq.push(&entry) };
@@ -391,6 +404,13 @@ impl EventLoop {
     }
 
     fn wait(&mut self) {
+        if !self.reaped.is_empty() {
+            // Completions moved aside while submitting are waiting to be handled.
+            if let Err(e) = self.ring.submit() {
+                log::error!("kvxfer: io_uring submit failed: {e}");
+            }
+            return;
+        }
         if self.active && self.poll_briefly() {
             return;
         }
@@ -449,11 +469,8 @@ impl EventLoop {
     }
 
     fn completions(&mut self) {
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let mut done = std::mem::take(&mut self.reaped);
+        done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         self.active = false;
         for (token, res) in done {
             if token == EVENTFD_TOKEN {
