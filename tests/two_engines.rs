@@ -1,9 +1,13 @@
 //! Two engines in one process talking over real loopback sockets: the control plane,
 //! TCP lanes, remote checks and notifications, without process management.
 
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use kvxfer::{Access, Engine, EngineConfig, Error, Location, Op};
+use kvxfer::{Access, BatchState, Engine, EngineConfig, Error, Location, Op};
 
 fn engine() -> Engine {
     Engine::new(EngineConfig::default()).unwrap()
@@ -188,4 +192,118 @@ fn small_mixed_batch_moves_each_op_in_its_own_direction() {
             assert_eq!((rv[at], dv[at]), (0xbb, 0xbb), "op {i} (read)");
         }
     }
+}
+
+/// Forwards one connection to `to` until `frozen` is set; then holds everything it reads.
+fn freezable_proxy(to: String) -> (String, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let stop = Arc::clone(&frozen);
+    std::thread::spawn(move || {
+        let (client, _) = listener.accept().unwrap();
+        let server = TcpStream::connect(&to).unwrap();
+        for (mut from, mut into) in [
+            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+            (server, client),
+        ] {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 || stop.load(Ordering::SeqCst) || into.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                // Frozen or closed: keep both sockets open and silent.
+                std::mem::forget((from, into));
+            });
+        }
+    });
+    (addr, frozen)
+}
+
+/// Two engines, the initiator opening the target through a proxy it can freeze, with one
+/// notified batch already delivered (so the link is up).
+fn frozen_pair(batch_timeout: Duration) -> (Engine, Engine, kvxfer::PeerId, Arc<AtomicBool>) {
+    let a = Engine::new(
+        EngineConfig::builder()
+            .batch_timeout(batch_timeout)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let b = engine();
+    let (proxy, frozen) = freezable_proxy(b.session_id().unwrap().to_string());
+    let peer = a.open_peer(&proxy).unwrap();
+    a.transfer_sync(peer, &[]).unwrap();
+    (a, b, peer, frozen)
+}
+
+/// A notified batch to a peer that stops answering ends at cancel, not when the peer
+/// answers (or the notification times out).
+#[test]
+fn cancel_does_not_wait_for_a_hung_peers_notification() {
+    let (a, b, peer, frozen) = frozen_pair(Duration::from_secs(30));
+    let src = a.allocate(4096, Location::Any).unwrap();
+    let dst = b.allocate(4096, Location::Any).unwrap();
+    let op = [Op::write(src.addr(), dst.addr(), 4096)];
+    let id = a.submit_with_notify(peer, &op, b"first").unwrap();
+    assert!(a
+        .wait(id, Duration::from_secs(5))
+        .unwrap()
+        .into_result()
+        .unwrap());
+    a.free(id).unwrap();
+    assert_eq!(
+        b.wait_notification(Duration::from_secs(5)).unwrap().bytes,
+        b"first"
+    );
+
+    frozen.store(true, Ordering::SeqCst);
+    let id = a.submit_with_notify(peer, &op, b"second").unwrap();
+    let start = Instant::now();
+    let state = a.cancel(id).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "cancel took {:?}",
+        start.elapsed()
+    );
+    assert!(matches!(state, BatchState::Cancelled), "{state:?}");
+    a.free(id).unwrap();
+    let start = Instant::now();
+    drop(a);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "drop took {:?}",
+        start.elapsed()
+    );
+}
+
+/// The same at the batch's deadline: the wait ends then, not at the end of the wait.
+#[test]
+fn deadline_does_not_wait_for_a_hung_peers_notification() {
+    let (a, b, peer, frozen) = frozen_pair(Duration::from_millis(500));
+    let src = a.allocate(4096, Location::Any).unwrap();
+    let dst = b.allocate(4096, Location::Any).unwrap();
+    let op = [Op::write(src.addr(), dst.addr(), 4096)];
+    // While the proxy still forwards: the initiator learns the new region.
+    a.transfer_sync(peer, &op).unwrap();
+    frozen.store(true, Ordering::SeqCst);
+    let id = a.submit_with_notify(peer, &op, b"late").unwrap();
+    let start = Instant::now();
+    let state = a.wait(id, Duration::from_secs(10)).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "wait took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        matches!(
+            state,
+            BatchState::TimedOut | BatchState::Failed(Error::Notify(_))
+        ),
+        "{state:?}"
+    );
+    a.free(id).unwrap();
 }

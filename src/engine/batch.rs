@@ -2,7 +2,7 @@
 //! waiting machinery around the pure [`Progress`] state machine.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Instant;
 
@@ -52,6 +52,10 @@ impl std::fmt::Debug for PendingNotify {
 pub(crate) struct Batch {
     me: Weak<Batch>,
     notify: Mutex<Option<PendingNotify>>,
+    /// Every byte moved; the notification is being delivered.
+    notifying: AtomicBool,
+    /// The outcome was published (see `publish`).
+    published: AtomicBool,
     progress: Progress,
     slices: Vec<Slice>,
     pins: Mutex<Pins>,
@@ -89,6 +93,8 @@ impl Batch {
         let batch = Batch {
             me,
             notify: Mutex::new(notify),
+            notifying: AtomicBool::new(false),
+            published: AtomicBool::new(false),
             progress,
             slices,
             pins: Mutex::new(pins),
@@ -120,6 +126,15 @@ impl Batch {
     pub(crate) fn stop(&self, reason: StopReason) {
         if let Some(outcome) = self.progress.stop(reason) {
             self.end(outcome);
+        } else if self.notifying.load(Ordering::Acquire) {
+            // Every byte moved and only the notification is outstanding: nothing touches
+            // the buffers any more, so a cancel or deadline ends the batch now (the
+            // notification may still arrive at the peer).
+            match reason {
+                StopReason::Cancelled => self.publish(Outcome::Cancelled),
+                StopReason::TimedOut => self.publish(Outcome::TimedOut),
+                StopReason::Failed => {}
+            }
         }
     }
 
@@ -169,8 +184,22 @@ impl Batch {
     /// outcome visible (so a caller who sees it can unregister at once), then wake waiters.
     fn end(&self, outcome: Outcome) {
         self.release_pins();
-        if outcome == Outcome::Completed && self.deliver_notification() {
-            return;
+        let notifies = self
+            .notify
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        if outcome == Outcome::Completed && notifies {
+            // Cancelled or timed out while the last bytes were moving: the batch ends as
+            // it was told to, and its notification is not sent.
+            match self.progress.stop_reason() {
+                Some(StopReason::Cancelled) => return self.publish(Outcome::Cancelled),
+                Some(StopReason::TimedOut) => return self.publish(Outcome::TimedOut),
+                _ => {}
+            }
+            if self.deliver_notification() {
+                return;
+            }
         }
         self.publish(outcome);
     }
@@ -190,10 +219,19 @@ impl Batch {
             }
             Some(PendingNotify::Remote { link, bytes }) => match self.me.upgrade() {
                 Some(me) => {
+                    self.notifying.store(true, Ordering::Release);
                     link.notify_later(me, bytes);
                     true
                 }
-                None => false,
+                None => {
+                    // Cannot happen while the engine holds the batch; never report a
+                    // notification delivered that was not.
+                    let _ = self
+                        .error
+                        .set(Error::Notify("the batch was dropped".into()));
+                    self.publish(Outcome::Failed);
+                    true
+                }
             },
         }
     }
@@ -209,7 +247,12 @@ impl Batch {
         }
     }
 
+    /// Makes the outcome visible and wakes waiters; only the first call counts (a batch
+    /// waiting for its notification can be ended by a cancel or its deadline first).
     fn publish(&self, outcome: Outcome) {
+        if self.published.swap(true, Ordering::AcqRel) {
+            return;
+        }
         self.counters
             .ended(outcome, self.moved.load(Ordering::Acquire));
         self.progress.publish(outcome);

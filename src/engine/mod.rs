@@ -511,6 +511,12 @@ impl Engine {
         notification: Option<&[u8]>,
     ) -> Result<BatchId> {
         let empty = slices.is_empty();
+        if self.batches().len() >= self.config.max_batches {
+            // Checked before a notification of an empty batch is delivered below.
+            return Err(Error::TooManyBatches {
+                max: self.config.max_batches,
+            });
+        }
         let transport: Arc<dyn Transport> = match &link {
             None => Arc::clone(&self.local) as Arc<dyn Transport>,
             Some(l) => Arc::clone(&l.tcp) as Arc<dyn Transport>,

@@ -108,6 +108,16 @@ impl Progress {
         self.stop.load(Ordering::Acquire) != RUNNING
     }
 
+    /// Why the batch was stopped, if it was.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        match self.stop.load(Ordering::Acquire) {
+            1 => Some(StopReason::Cancelled),
+            2 => Some(StopReason::TimedOut),
+            3 => Some(StopReason::Failed),
+            _ => None,
+        }
+    }
+
     /// The outcome once published; `None` while the batch runs.
     pub fn outcome(&self) -> Option<Outcome> {
         match self.outcome.load(Ordering::Acquire) {

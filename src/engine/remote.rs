@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::batch::Batch;
 use super::net::{split_host_port, Net};
 use super::{Error, Result};
-use crate::control::{ControlClient, SegmentDescriptor};
+use crate::control::{ControlClient, ControlError, SegmentDescriptor};
 use crate::memory::{AddrRange, Backing, Region};
 use crate::transport::tcp::TcpTransport;
 
@@ -110,6 +110,7 @@ impl RemotePeer {
                 .last_error()
                 .unwrap_or_else(|| "control connection lost".into());
             log::info!("kvxfer: reconnecting to peer {} ({why})", self.session);
+            old.tcp.close();
             old.control.close();
         }
         let fresh = Arc::new(self.connect(net, lanes, timeout)?);
@@ -122,6 +123,7 @@ impl RemotePeer {
             session: self.session.clone(),
             reason,
         };
+        let deadline = Instant::now() + timeout;
         let control = ControlClient::connect(&self.session, &net.shared.descriptor(), timeout)
             .map_err(|e| peer_err(e.to_string()))?;
         let descriptor = control.descriptor();
@@ -143,7 +145,8 @@ impl RemotePeer {
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| peer_err("its tcp offer has no valid port".into()))?;
         let addr = data_address(&self.session, port).map_err(peer_err)?;
-        let tcp = TcpTransport::connect(&net.pool, &self.session, addr, lanes, timeout)
+        let left = deadline.saturating_duration_since(Instant::now());
+        let tcp = TcpTransport::connect(&net.pool, &self.session, addr, lanes, left)
             .map_err(|e| peer_err(format!("cannot open data lanes to {addr}: {e}")))?;
         Ok(Link {
             control,
@@ -205,13 +208,22 @@ impl Notifier {
             .spawn(move || {
                 for job in rx {
                     let left = job.batch.deadline.saturating_duration_since(Instant::now());
-                    let timeout = left.clamp(Duration::from_millis(100), Duration::from_secs(10));
-                    let result = job
-                        .link
-                        .control
-                        .notify(&job.bytes, timeout)
-                        .map_err(|e| e.to_string());
-                    job.batch.notified(result);
+                    if left.is_zero() {
+                        // The batch has timed out (or will be told so): do not send late.
+                        job.batch.notified(Err(
+                            "the batch's deadline passed before its notification was sent".into(),
+                        ));
+                        continue;
+                    }
+                    let timeout = left.min(Duration::from_secs(10));
+                    let result = job.link.control.notify(&job.bytes, timeout);
+                    if let Err(ControlError::Timeout { .. }) = &result {
+                        // A peer that does not answer within the deadline is treated as
+                        // gone: the link counts as broken, later notifications fail at
+                        // once, and the next submit reconnects.
+                        job.link.control.close();
+                    }
+                    job.batch.notified(result.map_err(|e| e.to_string()));
                 }
             })?;
         *jobs = Some(tx.clone());

@@ -50,9 +50,18 @@ impl TcpTransport {
             alive: AtomicUsize::new(0),
             last_error: Mutex::new(None),
         });
+        // One deadline for all lanes: opening a peer takes at most `timeout`.
+        let deadline = std::time::Instant::now() + timeout;
         let mut streams = Vec::new();
         for _ in 0..lanes.max(1) {
-            let stream = TcpStream::connect_timeout(&remote, timeout)?;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(stdio::Error::new(
+                    stdio::ErrorKind::TimedOut,
+                    format!("connecting {lanes} lanes took longer than {timeout:?}"),
+                ));
+            }
+            let stream = TcpStream::connect_timeout(&remote, left)?;
             stream.set_nodelay(true)?;
             // Bounds how long a direct send from a submitting thread can block (io_uring's
             // own sends never block on it).
