@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use kvxfer::control::{
     error_code, kind, ControlClient, ControlError, ControlHandler, ControlServer, FrameHeader,
-    Message, RegionInfo, SegmentDescriptor, TransportOffer, HEADER_LEN, MAX_BODY, MAX_NOTIFY,
+    Message, RegionInfo, SegmentDescriptor, ServerLimits, TransportOffer, HANDSHAKE_TIMEOUT,
+    HEADER_LEN, MAX_BODY, MAX_CONNECTIONS, MAX_NOTIFY,
 };
 use kvxfer::{Access, Location};
 
@@ -48,11 +49,13 @@ fn initiator() -> SegmentDescriptor {
     descriptor(0x1111, "127.0.0.1:1", 7, 1)
 }
 
-/// Serves a settable descriptor and records notifications (sender's engine id, bytes).
+/// Serves a settable descriptor and records notifications (sender's engine id, bytes),
+/// or refuses them with the reason in `refuse`.
 struct TestHandler {
     descriptor: Mutex<SegmentDescriptor>,
     notes: Mutex<Vec<(u64, Vec<u8>)>>,
     noted: Condvar,
+    refuse: Mutex<Option<String>>,
 }
 
 impl TestHandler {
@@ -78,9 +81,13 @@ impl ControlHandler for TestHandler {
         self.descriptor.lock().unwrap().clone()
     }
 
-    fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) {
+    fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) -> Result<(), String> {
+        if let Some(reason) = self.refuse.lock().unwrap().clone() {
+            return Err(reason);
+        }
         self.notes.lock().unwrap().push((from.engine_id, bytes));
         self.noted.notify_all();
+        Ok(())
     }
 }
 
@@ -91,14 +98,23 @@ struct Fixture {
 }
 
 fn start() -> Fixture {
+    start_limited(None)
+}
+
+/// A server under `limits` (the defaults if `None`, through `ControlServer::start`).
+fn start_limited(limits: Option<ServerLimits>) -> Fixture {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let session = listener.local_addr().unwrap().to_string();
     let handler = Arc::new(TestHandler {
         descriptor: Mutex::new(descriptor(0x2222, &session, 9, 1)),
         notes: Mutex::new(Vec::new()),
         noted: Condvar::new(),
+        refuse: Mutex::new(None),
     });
-    let server = ControlServer::start(listener, handler.clone()).unwrap();
+    let server = match limits {
+        None => ControlServer::start(listener, handler.clone()).unwrap(),
+        Some(limits) => ControlServer::start_with(listener, handler.clone(), limits).unwrap(),
+    };
     assert_eq!(server.local_addr().to_string(), session);
     Fixture {
         server,
@@ -754,4 +770,291 @@ fn a_slow_reply_times_out_and_the_late_reply_is_ignored() {
     assert!(client.is_alive());
     drop(client);
     thread.join().unwrap();
+}
+
+// ---- limits: refused notifications, connection caps, handshake deadline, body sizes ----
+
+#[test]
+fn a_refused_notification_is_a_busy_peer_error_and_the_connection_stays() {
+    let f = start();
+    let client = connect(&f.session);
+    *f.handler.refuse.lock().unwrap() = Some("inbox full (64 of 64)".into());
+    match client.notify(b"one too many", T) {
+        Err(
+            e @ ControlError::PeerError {
+                code: error_code::BUSY,
+                ..
+            },
+        ) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("BUSY") && text.contains("inbox full (64 of 64)"),
+                "{text}"
+            );
+        }
+        other => panic!("expected PeerError BUSY, got {other:?}"),
+    }
+    assert!(client.is_alive());
+    assert!(f.handler.notes.lock().unwrap().is_empty());
+    // The same request id gets the Error on a raw connection too.
+    let mut stream = raw_handshake(&f.session);
+    stream
+        .write_all(&message_frame(&Message::Notify { bytes: vec![1] }, 12))
+        .unwrap();
+    let message = expect_error(&mut stream, error_code::BUSY, 12);
+    assert_eq!(message, "inbox full (64 of 64)");
+    // Once the handler takes notifications again, the same connections work.
+    *f.handler.refuse.lock().unwrap() = None;
+    client.notify(b"again", T).unwrap();
+    stream
+        .write_all(&message_frame(&Message::Notify { bytes: vec![2] }, 13))
+        .unwrap();
+    assert!(matches!(read_frame(&mut stream), Some((h, Message::NotifyAck)) if h.request_id == 13));
+    assert_eq!(
+        f.handler.wait_notes(2),
+        vec![(0x1111, b"again".to_vec()), (0x1111, vec![2])]
+    );
+}
+
+#[test]
+fn default_limits_are_the_documented_ones() {
+    let limits = ServerLimits::default();
+    assert_eq!(limits.max_connections, MAX_CONNECTIONS);
+    assert_eq!(MAX_CONNECTIONS, 1024);
+    assert_eq!(limits.handshake_timeout, HANDSHAKE_TIMEOUT);
+    assert_eq!(HANDSHAKE_TIMEOUT, Duration::from_secs(10));
+}
+
+#[test]
+fn a_connection_that_does_not_handshake_in_time_is_closed() {
+    let timeout = Duration::from_millis(300);
+    let f = start_limited(Some(ServerLimits {
+        handshake_timeout: timeout,
+        ..ServerLimits::default()
+    }));
+    // Handshaken before the others: its deadline passes too, and must not matter.
+    let early = connect(&f.session);
+    let opened = Instant::now();
+    let mut silent = raw(&f.session);
+    // Unknown kinds are answered, but do not extend the deadline.
+    let mut chatty = raw(&f.session);
+    chatty.write_all(&frame(200, 5, b"hi")).unwrap();
+    expect_error(&mut chatty, error_code::UNKNOWN_KIND, 5);
+    // Half a header, then nothing.
+    let mut stalled = raw(&f.session);
+    stalled
+        .write_all(&FrameHeader::new(kind::HANDSHAKE, 100, 1).encode()[..9])
+        .unwrap();
+    expect_closed(&mut silent);
+    assert!(
+        opened.elapsed() >= timeout,
+        "closed after {:?}",
+        opened.elapsed()
+    );
+    expect_closed(&mut chatty);
+    expect_closed(&mut stalled);
+    wait_until("the server to drop the three", || {
+        f.server.connections() == 1
+    });
+    // The handshaken connection outlived its handshake deadline.
+    assert!(early.is_alive());
+    early.probe(T).unwrap();
+    assert_healthy(&f, Some(&early));
+}
+
+#[test]
+fn connections_beyond_the_cap_are_closed_and_the_others_keep_working() {
+    let f = start_limited(Some(ServerLimits {
+        max_connections: 2,
+        ..ServerLimits::default()
+    }));
+    let a = connect(&f.session);
+    let b = connect(&f.session);
+    assert_eq!(f.server.connections(), 2);
+    for _ in 0..3 {
+        let mut extra = raw(&f.session);
+        expect_closed(&mut extra);
+    }
+    match ControlClient::connect(&f.session, &initiator(), T) {
+        Err(ControlError::Disconnected { .. }) => {}
+        other => panic!("expected the capped handshake to be Disconnected, got {other:?}"),
+    }
+    assert_eq!(f.server.connections(), 2);
+    a.probe(T).unwrap();
+    b.notify(b"still served", T).unwrap();
+    assert_eq!(
+        f.handler.wait_notes(1),
+        vec![(0x1111, b"still served".to_vec())]
+    );
+    // A freed place is taken again.
+    drop(a);
+    wait_until("the server to see the drop", || f.server.connections() == 1);
+    let c = connect(&f.session);
+    c.probe(T).unwrap();
+    b.probe(T).unwrap();
+}
+
+#[test]
+fn a_body_longer_than_its_kind_allows_is_refused_from_the_header() {
+    let f = start();
+    let old = connect(&f.session);
+    // 1 MiB announced for a Probe (8 bytes), none sent: the server must answer without
+    // waiting for (or allocating) the body.
+    let cases = [
+        (kind::PROBE, 1 << 20),
+        (kind::PROBE_REPLY, 9),
+        (kind::DESCRIPTOR_REQUEST, 1),
+        (kind::NOTIFY_ACK, 1),
+        (kind::NOTIFY, MAX_NOTIFY as u32 + 5),
+        (kind::ERROR, 1 << 20),
+    ];
+    for (k, len) in cases {
+        let mut stream = raw_handshake(&f.session);
+        stream
+            .write_all(&FrameHeader::new(k, len, 21).encode())
+            .unwrap();
+        let message = expect_error(&mut stream, error_code::MALFORMED, 21);
+        assert!(
+            message.contains("exceeds") && message.contains(&len.to_string()),
+            "{message}"
+        );
+        expect_closed(&mut stream);
+    }
+    // Before the handshake too (and a non-Handshake is refused from its header).
+    let mut stream = raw(&f.session);
+    stream
+        .write_all(&FrameHeader::new(kind::PROBE, 1 << 20, 3).encode())
+        .unwrap();
+    expect_error(&mut stream, error_code::MALFORMED, 3);
+    expect_closed(&mut stream);
+    let mut stream = raw(&f.session);
+    stream
+        .write_all(&FrameHeader::new(kind::NOTIFY, 1000, 4).encode())
+        .unwrap();
+    expect_error(&mut stream, error_code::UNEXPECTED, 4);
+    expect_closed(&mut stream);
+    assert!(f.handler.notes.lock().unwrap().is_empty());
+    assert_healthy(&f, Some(&old));
+}
+
+/// A valid descriptor with `regions` regions (about 29 bytes each on the wire).
+fn big_descriptor(session: &str, version: u64, regions: usize) -> SegmentDescriptor {
+    let mut d = descriptor(0x2222, session, 9, version);
+    d.regions = (0..regions as u64)
+        .map(|i| RegionInfo {
+            addr: 0x1_0000_0000 + i * 0x2000,
+            len: 0x1000,
+            location: Location::Cpu(0),
+            access: Access::ALL,
+        })
+        .collect();
+    d
+}
+
+#[test]
+fn publish_does_not_wait_for_a_peer_that_does_not_read() {
+    let f = start();
+    // Handshaken, then never reads: the pushes pile up in the socket buffers.
+    let stuck = raw_handshake(&f.session);
+    let client = connect(&f.session);
+    assert_eq!(f.server.connections(), 2);
+    let fast = Duration::from_millis(50);
+    let mut version = 1;
+    let started = Instant::now();
+    // Each round pushes ~5.8 MB to the stuck peer; the socket buffers fill within a few
+    // rounds, then the publisher gives up on that peer after its 1 s deadline.
+    for round in 0.. {
+        assert!(round < 20, "the stuck peer was never disconnected");
+        version += 1;
+        let d = big_descriptor(&f.session, version, 200_000);
+        let t = Instant::now();
+        f.server.publish(&d);
+        assert!(t.elapsed() < fast, "publish took {:?}", t.elapsed());
+        // Again while the publisher is (likely) busy writing to the stuck peer.
+        version += 1;
+        let d = big_descriptor(&f.session, version, 200_000);
+        let t = Instant::now();
+        f.server.publish(&d);
+        assert!(t.elapsed() < fast, "publish took {:?}", t.elapsed());
+        // The well-behaved client gets the newest (it is served after the stuck one).
+        wait_until("the client to get the newest descriptor", || {
+            client.descriptor().version == version
+        });
+        assert_eq!(client.descriptor().regions.len(), 200_000);
+        if f.server.connections() == 1 {
+            break;
+        }
+    }
+    wait_until("the stuck peer to be dropped", || {
+        f.server.connections() == 1
+    });
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    drop(stuck);
+    assert!(client.is_alive());
+    client.probe(T).unwrap();
+    // Small descriptors still flow.
+    let small = descriptor(0x2222, &f.session, 9, version + 1);
+    f.server.publish(&small);
+    wait_until("the small descriptor", || {
+        client.descriptor().version == version + 1
+    });
+}
+
+#[test]
+fn publish_with_no_handshaken_peer_returns_at_once_and_latecomers_get_the_newest() {
+    let f = start();
+    // A connection that has not handshaken is not pushed to.
+    let mut pending = raw(&f.session);
+    let big = big_descriptor(&f.session, 2, 200_000);
+    let t = Instant::now();
+    f.server.publish(&big);
+    assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    // The handler still serves version 1: a peer handshaking now gets version 1, then
+    // the published version 2 right after.
+    pending
+        .write_all(&message_frame(&Message::Handshake(initiator()), 1))
+        .unwrap();
+    assert!(matches!(
+        read_frame(&mut pending),
+        Some((h, Message::HandshakeReply(d))) if h.request_id == 1 && d.version == 1
+    ));
+    match read_frame(&mut pending) {
+        Some((h, Message::Refresh(d))) => {
+            assert_eq!(h.request_id, 0);
+            assert_eq!(d, big);
+        }
+        other => panic!("expected the pushed Refresh, got {other:?}"),
+    }
+    let client = connect(&f.session);
+    wait_until("the latecomer to get version 2", || {
+        client.descriptor().version == 2
+    });
+    // No older version is pushed after a newer one.
+    f.server.publish(&descriptor(0x2222, &f.session, 9, 1));
+    f.server.publish(&descriptor(0x2222, &f.session, 9, 3));
+    match read_frame(&mut pending) {
+        Some((_, Message::Refresh(d))) => assert_eq!(d.version, 3),
+        other => panic!("expected Refresh version 3, got {other:?}"),
+    }
+}
+
+#[test]
+fn dropping_the_server_is_prompt_with_a_stuck_peer() {
+    let f = start();
+    let stuck = raw_handshake(&f.session);
+    let client = connect(&f.session);
+    for version in 2..6 {
+        f.server
+            .publish(&big_descriptor(&f.session, version, 200_000));
+    }
+    let Fixture { server, .. } = f;
+    let t = Instant::now();
+    drop(server);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "drop took {:?}",
+        t.elapsed()
+    );
+    wait_until("the client to see the server go", || !client.is_alive());
+    drop(stuck);
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::error::ControlError;
 use super::frame::{self, encode_frame};
-use super::message::{kind, kind_name, Message, SegmentDescriptor, MAX_NOTIFY};
+use super::message::{kind, kind_name, max_body, Message, SegmentDescriptor, MAX_NOTIFY};
 
 /// Longest wait honoured; larger timeouts are cut to this.
 const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -166,6 +166,14 @@ impl ControlClient {
         if let Err(e) = header.check_version() {
             return Err(malformed(e.to_string()));
         }
+        if header.len > max_body(header.kind) {
+            return Err(malformed(format!(
+                "a {} of {} bytes answered the Handshake (at most {} bytes)",
+                kind_name(header.kind),
+                header.len,
+                max_body(header.kind)
+            )));
+        }
         let body = frame::read_body(&mut reader, header.len).map_err(read_failed)?;
         if header.request_id != HANDSHAKE_ID {
             return Err(malformed(format!(
@@ -287,7 +295,9 @@ impl ControlClient {
     /// which the peer sends once its handler has taken the notification.
     ///
     /// Errors: [`ControlError::NotifyTooLarge`], [`ControlError::Timeout`],
-    /// [`ControlError::Disconnected`], [`ControlError::PeerError`],
+    /// [`ControlError::Disconnected`], [`ControlError::PeerError`] (code
+    /// [`error_code::BUSY`](super::error_code::BUSY) when the peer's handler refused the
+    /// notification, e.g. its inbox is full: the connection stays up, retry later),
     /// [`ControlError::MalformedReply`].
     pub fn notify(&self, bytes: &[u8], timeout: Duration) -> Result<(), ControlError> {
         if bytes.len() > MAX_NOTIFY {
@@ -591,6 +601,14 @@ fn read_one(inner: &Inner, reader: &mut BufReader<TcpStream>) -> Result<bool, St
             header.kind
         );
         return Ok(true);
+    }
+    let max = max_body(header.kind);
+    if header.len > max {
+        return Err(format!(
+            "a {} of {} bytes (request {id}) exceeds the limit of {max} bytes for its kind",
+            kind_name(header.kind),
+            header.len
+        ));
     }
     let body = frame::read_body(reader, header.len).map_err(|e| e.to_string())?;
     let message = Message::decode(header.kind, &body).map_err(|e| e.to_string())?;

@@ -55,6 +55,9 @@ pub mod error_code {
     pub const UNEXPECTED: u16 = 4;
     /// The serving side failed (e.g. its own descriptor is invalid).
     pub const INTERNAL: u16 = 5;
+    /// The serving side cannot take the request now (e.g. its notification inbox is
+    /// full); the connection stays usable, retry later.
+    pub const BUSY: u16 = 6;
 
     /// The name of a code (`"UNKNOWN"` for codes this build does not know).
     pub fn name(code: u16) -> &'static str {
@@ -64,6 +67,7 @@ pub mod error_code {
             MALFORMED => "MALFORMED",
             UNEXPECTED => "UNEXPECTED",
             INTERNAL => "INTERNAL",
+            BUSY => "BUSY",
             _ => "UNKNOWN",
         }
     }
@@ -79,6 +83,30 @@ pub const MAX_TRANSPORTS: usize = 64;
 pub const MAX_PARAMS: usize = 64;
 /// Longest string (in bytes) in a message.
 pub const MAX_STRING: usize = 4096;
+
+/// The largest body a frame of a known `kind` can carry and still decode (a length prefix
+/// plus [`MAX_NOTIFY`] for Notify, a code, a length prefix and [`MAX_STRING`] for Error,
+/// [`MAX_BODY`](super::MAX_BODY) for the descriptor kinds and for unknown kinds). A header
+/// announcing more is refused before its body is read.
+pub(crate) fn max_body(kind: u16) -> u32 {
+    const MAX_NOTIFY_BODY: u32 = 4 + MAX_NOTIFY as u32;
+    const MAX_ERROR_BODY: u32 = 2 + 4 + MAX_STRING as u32;
+    match kind {
+        kind::PROBE | kind::PROBE_REPLY => 8,
+        kind::DESCRIPTOR_REQUEST | kind::NOTIFY_ACK => 0,
+        kind::NOTIFY => MAX_NOTIFY_BODY,
+        kind::ERROR => MAX_ERROR_BODY,
+        _ => super::frame::MAX_BODY,
+    }
+}
+
+/// The body of a Handshake, HandshakeReply or Refresh carrying `d`, encoded from a
+/// reference (no copy of the descriptor).
+pub(crate) fn descriptor_body(d: &SegmentDescriptor) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.descriptor(d);
+    w.0
+}
 
 /// The name of a message kind (`"unknown"` for kinds this build does not know).
 pub fn kind_name(kind: u16) -> &'static str {
@@ -574,6 +602,37 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn max_body_admits_the_largest_valid_message_of_each_kind() {
+        let largest = [
+            Message::Probe { nonce: u64::MAX },
+            Message::ProbeReply { nonce: 1 },
+            Message::DescriptorRequest,
+            Message::NotifyAck,
+            Message::Notify {
+                bytes: vec![7; MAX_NOTIFY],
+            },
+            Message::error(error_code::BUSY, "x".repeat(MAX_STRING + 10)),
+        ];
+        for message in largest {
+            let (kind, body) = message.encode();
+            assert_eq!(body.len() as u32, max_body(kind), "{message}");
+            assert_eq!(Message::decode(kind, &body).unwrap(), message);
+        }
+        for kind in [
+            kind::HANDSHAKE,
+            kind::HANDSHAKE_REPLY,
+            kind::REFRESH,
+            0,
+            200,
+        ] {
+            assert_eq!(max_body(kind), super::super::frame::MAX_BODY);
+        }
+        let d = descriptor(4);
+        assert_eq!(descriptor_body(&d), Message::Refresh(d.clone()).encode().1);
+        assert_eq!(error_code::name(error_code::BUSY), "BUSY");
+    }
     use proptest::collection::vec;
     use proptest::prelude::*;
 

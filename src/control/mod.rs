@@ -6,8 +6,11 @@
 //!   id) and frame encoding;
 //! - [`Message`]: the messages and their bodies, with [`SegmentDescriptor`] (an engine's
 //!   identity, registered regions and transport offers);
-//! - [`ControlServer`]: the listener of an engine, one thread per peer connection,
-//!   serving a [`ControlHandler`] and pushing descriptor changes ([`ControlServer::publish`]);
+//! - [`ControlServer`]: the listener of an engine, one thread per peer connection (at
+//!   most [`ServerLimits::max_connections`], each to handshake within
+//!   [`ServerLimits::handshake_timeout`]), serving a [`ControlHandler`] and pushing
+//!   descriptor changes from a publisher thread ([`ControlServer::publish`] never blocks
+//!   on a peer);
 //! - [`ControlClient`]: a connection to a peer's server, with request/reply matching by
 //!   request id and pushed descriptors applied as they come.
 //!
@@ -26,8 +29,9 @@
 //!     fn descriptor(&self) -> SegmentDescriptor {
 //!         self.0.clone()
 //!     }
-//!     fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) {
+//!     fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) -> Result<(), String> {
 //!         println!("{} says {bytes:?}", from.session);
+//!         Ok(()) // Err("inbox full".into()) would answer the peer BUSY
 //!     }
 //! }
 //!
@@ -66,4 +70,4 @@ pub use message::{
     error_code, kind, kind_name, Message, RegionInfo, SegmentDescriptor, TransportOffer,
     MAX_NOTIFY, MAX_PARAMS, MAX_REGIONS, MAX_STRING, MAX_TRANSPORTS,
 };
-pub use server::{ControlHandler, ControlServer};
+pub use server::{ControlHandler, ControlServer, ServerLimits, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};

@@ -1,26 +1,43 @@
-//! The control server: one accept thread plus one thread per connection (peers are few).
+//! The control server: one accept thread, one publisher thread, plus one thread per
+//! connection (peers are few; at most [`ServerLimits::max_connections`] at once).
 //!
-//! Per connection the first frame must be a Handshake, answered with the handler's
-//! descriptor; then DescriptorRequest, Probe and Notify are served until the peer closes.
-//! Frames this side cannot make sense of are answered with an Error frame; those after
-//! which the stream cannot be trusted (bad magic, oversized or malformed body, unknown
-//! version) also close the connection — that connection only.
+//! Per connection the first frame must be a Handshake (within
+//! [`ServerLimits::handshake_timeout`]), answered with the handler's descriptor; then
+//! DescriptorRequest, Probe and Notify are served until the peer closes. Frames this side
+//! cannot make sense of are answered with an Error frame; those after which the stream
+//! cannot be trusted (bad magic, oversized or malformed body, unknown version) also close
+//! the connection — that connection only. A body longer than its kind allows is refused
+//! from the header, before it is read.
+//!
+//! [`ControlServer::publish`] never writes to a socket: it stores the newest descriptor
+//! and wakes the publisher thread, which pushes it to every handshaken peer that has not
+//! got it, each frame within a deadline of 1 s (a peer that does not read in time is
+//! disconnected).
 
-use std::io::{BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::error::ControlError;
 use super::frame::{self, encode_frame};
-use super::message::{error_code, kind, kind_name, Message, SegmentDescriptor};
+use super::message::{
+    descriptor_body, error_code, kind, kind_name, max_body, Message, SegmentDescriptor,
+};
 
-/// How long a write to one peer may block before that peer is disconnected.
+/// Default cap on live connections per server ([`ServerLimits::max_connections`]).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Default time a new connection has to complete its Handshake
+/// ([`ServerLimits::handshake_timeout`]).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long writing one frame to one peer may take in all before that peer is
+/// disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a connection closed after an error waits for the peer to read the Error
-/// frame and close its side.
+/// How long a connection closed after an error waits (in all) for the peer to read the
+/// Error frame and close its side.
 const LINGER: Duration = Duration::from_secs(1);
 /// How much a lingering connection reads (and drops) at most.
 const LINGER_BYTES: u64 = 1 << 20;
@@ -33,26 +50,71 @@ pub trait ControlHandler: Send + Sync + 'static {
     /// This engine's descriptor now.
     fn descriptor(&self) -> SegmentDescriptor;
     /// A peer (named by the descriptor it handshook with) sent a notification. Called on
-    /// the connection's thread; the peer gets its NotifyAck when this returns.
-    fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>);
+    /// the connection's thread; it must not block for long.
+    ///
+    /// `Ok(())`: the notification was taken; the peer gets its NotifyAck. `Err(reason)`:
+    /// it was refused (e.g. the inbox is full); the peer gets an Error of code
+    /// [`error_code::BUSY`](super::error_code::BUSY) with `reason` (its
+    /// [`ControlClient::notify`](super::ControlClient::notify) returns
+    /// [`ControlError::PeerError`]) and the connection stays up.
+    fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) -> Result<(), String>;
+}
+
+/// Limits of a [`ControlServer`] (see [`ControlServer::start_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Time a connection has, from its accept, to complete its Handshake; a connection
+    /// that has not is closed. Default [`HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Duration,
+    /// Most live connections; a connection beyond it is accepted and closed at once.
+    /// Default [`MAX_CONNECTIONS`].
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> ServerLimits {
+        ServerLimits {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
 }
 
 /// The engine's control listener. Dropping it stops accepting, shuts every connection
-/// down and joins all its threads.
+/// down and joins all its threads (bounded: shut-down sockets end every read and write).
 pub struct ControlServer {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     accept: Option<JoinHandle<()>>,
+    publisher: Option<JoinHandle<()>>,
 }
 
 struct Shared {
     handler: Arc<dyn ControlHandler>,
+    limits: ServerLimits,
     stopping: AtomicBool,
     next_id: AtomicU64,
     conns: Mutex<Vec<ConnSlot>>,
-    /// The newest descriptor given to `publish`: its (epoch, version) and its Refresh
-    /// frame (request id 0).
-    latest: Mutex<Option<(Stamp, Arc<Vec<u8>>)>>,
+    /// The newest descriptor given to `publish`, with its Refresh frame once encoded.
+    latest: Mutex<Option<Latest>>,
+    /// Work for the publisher thread.
+    publish: Mutex<PublishState>,
+    publish_wake: Condvar,
+}
+
+struct Latest {
+    stamp: Stamp,
+    descriptor: Arc<SegmentDescriptor>,
+    /// The Refresh frame (request id 0), encoded on first need; `Err` if it cannot be.
+    frame: Option<Result<Arc<Vec<u8>>, ()>>,
+}
+
+#[derive(Default)]
+struct PublishState {
+    /// A descriptor was published since the publisher last looked.
+    dirty: bool,
+    /// The server is being dropped.
+    stopping: bool,
 }
 
 struct ConnSlot {
@@ -60,7 +122,7 @@ struct ConnSlot {
     thread: Option<JoinHandle<()>>,
 }
 
-/// One peer connection, shared between its thread and `publish`.
+/// One peer connection, shared between its thread and the publisher thread.
 struct Conn {
     id: u64,
     peer: SocketAddr,
@@ -73,7 +135,7 @@ struct Conn {
 
 struct ConnWriter {
     stream: TcpStream,
-    /// Set once the HandshakeReply is written: from then on `publish` pushes Refresh.
+    /// Set once the HandshakeReply is written: from then on the publisher pushes Refresh.
     handshaken: bool,
     /// (epoch, version) of the newest descriptor sent to this peer.
     sent: Option<Stamp>,
@@ -94,14 +156,61 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Writes all of `bytes` within `timeout` in all (not per `write` call, so a peer that
+/// reads a trickle cannot stretch it). On error part of the frame may have been written:
+/// the stream is then out of sync and must be closed.
+fn write_frame(stream: &TcpStream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut written = 0;
+    while written < bytes.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the peer did not read a {}-byte frame within {timeout:?} ({written} bytes written)",
+                    bytes.len()
+                ),
+            ));
+        }
+        stream.set_write_timeout(Some(left))?;
+        match (&mut &*stream).write(&bytes[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The timeout of this call: loop to report it against the deadline.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl ControlServer {
-    /// Starts serving on `listener` (already bound, blocking mode).
+    /// Starts serving on `listener` (already bound, blocking mode) with the default
+    /// [`ServerLimits`].
     ///
-    /// Errors: [`ControlError::Io`] if the listener's address cannot be read or the accept
-    /// thread cannot be started.
+    /// Errors: [`ControlError::Io`] if the listener's address cannot be read or a thread
+    /// cannot be started.
     pub fn start(
         listener: TcpListener,
         handler: Arc<dyn ControlHandler>,
+    ) -> Result<ControlServer, ControlError> {
+        ControlServer::start_with(listener, handler, ServerLimits::default())
+    }
+
+    /// Starts serving on `listener` (already bound, blocking mode) under `limits`.
+    ///
+    /// Errors: [`ControlError::Io`] if the listener's address cannot be read or a thread
+    /// cannot be started.
+    pub fn start_with(
+        listener: TcpListener,
+        handler: Arc<dyn ControlHandler>,
+        limits: ServerLimits,
     ) -> Result<ControlServer, ControlError> {
         let local_addr = listener
             .local_addr()
@@ -111,23 +220,40 @@ impl ControlServer {
             .map_err(|e| ControlError::io("making the listener blocking", e))?;
         let shared = Arc::new(Shared {
             handler,
+            limits,
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             conns: Mutex::new(Vec::new()),
             latest: Mutex::new(None),
+            publish: Mutex::new(PublishState::default()),
+            publish_wake: Condvar::new(),
         });
+        let publisher = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("kvx-ctl-publish".into())
+                .spawn(move || publish_loop(&shared))
+                .map_err(|e| ControlError::io("starting the publisher thread", e))?
+        };
         let accept = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("kvx-ctl-accept".into())
                 .spawn(move || accept_loop(&shared, listener))
-                .map_err(|e| ControlError::io("starting the accept thread", e))?
+        };
+        let accept = match accept {
+            Ok(accept) => accept,
+            Err(e) => {
+                stop_publisher(&shared, publisher);
+                return Err(ControlError::io("starting the accept thread", e));
+            }
         };
         log::info!("control server listening on {local_addr}");
         Ok(ControlServer {
             shared,
             local_addr,
             accept: Some(accept),
+            publisher: Some(publisher),
         })
     }
 
@@ -136,14 +262,16 @@ impl ControlServer {
         self.local_addr
     }
 
-    /// Pushes `Refresh(descriptor)` to every connected peer that has handshaken and has
-    /// not yet been sent this version or a newer one of the same epoch. A peer whose
-    /// write fails or times out (1 s) is disconnected. Called from user threads on
-    /// register/unregister; it blocks at most 1 s per stuck peer.
+    /// Has `Refresh(descriptor)` pushed to every connected peer that has handshaken and
+    /// has not yet been sent this version or a newer one of the same epoch. Never blocks
+    /// on the network: it stores the descriptor as the newest and wakes the publisher
+    /// thread, which encodes it only if some peer needs it and writes it to each such
+    /// peer within 1 s (a peer that does not take it in time is disconnected). Called
+    /// from user threads on register/unregister.
     ///
-    /// A descriptor that does not validate is not sent (an error is logged). Peers that
-    /// handshake concurrently get this descriptor right after their HandshakeReply if
-    /// theirs was older.
+    /// A descriptor that does not validate is not sent (an error is logged); neither is
+    /// one older than a descriptor already published. Peers that handshake concurrently
+    /// get the newest descriptor right after their HandshakeReply if theirs was older.
     pub fn publish(&self, descriptor: &SegmentDescriptor) {
         if let Err(e) = descriptor.validate() {
             log::error!(
@@ -152,52 +280,27 @@ impl ControlServer {
             );
             return;
         }
-        let frame = match encode_frame(&Message::Refresh(descriptor.clone()), 0) {
-            Ok(frame) => Arc::new(frame),
-            Err(e) => {
-                log::error!(
-                    "control server: not publishing descriptor version {}: {e}",
-                    descriptor.version
-                );
-                return;
-            }
-        };
-        let version = descriptor.version;
-        let stamp = (descriptor.epoch, version);
+        let stamp = (descriptor.epoch, descriptor.version);
         {
             let mut latest = lock(&self.shared.latest);
             if latest
                 .as_ref()
-                .is_none_or(|(sent, _)| *sent == stamp || supersedes(stamp, Some(*sent)))
+                .is_some_and(|l| l.stamp != stamp && !supersedes(stamp, Some(l.stamp)))
             {
-                *latest = Some((stamp, Arc::clone(&frame)));
+                log::debug!(
+                    "control server: not publishing descriptor version {}: a newer one was",
+                    descriptor.version
+                );
+                return;
             }
+            *latest = Some(Latest {
+                stamp,
+                descriptor: Arc::new(descriptor.clone()),
+                frame: None,
+            });
         }
-        let conns: Vec<Arc<Conn>> = lock(&self.shared.conns)
-            .iter()
-            .map(|slot| Arc::clone(&slot.conn))
-            .collect();
-        for conn in conns {
-            if conn.finished.load(Ordering::Acquire) {
-                continue;
-            }
-            let mut w = lock(&conn.writer);
-            if !w.handshaken || !supersedes(stamp, w.sent) {
-                continue;
-            }
-            match w.stream.write_all(&frame) {
-                Ok(()) => w.sent = Some(stamp),
-                Err(e) => {
-                    drop(w);
-                    log::warn!(
-                        "control server: disconnecting {} (connection {}): pushing descriptor version {version} failed: {e}",
-                        conn.peer,
-                        conn.id
-                    );
-                    let _ = conn.control.shutdown(Shutdown::Both);
-                }
-            }
-        }
+        lock(&self.shared.publish).dirty = true;
+        self.shared.publish_wake.notify_one();
     }
 
     /// Number of live connections (for tests).
@@ -242,9 +345,14 @@ impl Drop for ControlServer {
                 ),
             }
         }
+        // No connection is added from here on. Shutting the sockets down ends every
+        // blocked read and write (the publisher's included) at once.
         let slots = std::mem::take(&mut *lock(&self.shared.conns));
         for slot in &slots {
             let _ = slot.conn.control.shutdown(Shutdown::Both);
+        }
+        if let Some(publisher) = self.publisher.take() {
+            stop_publisher(&self.shared, publisher);
         }
         for mut slot in slots {
             if let Some(thread) = slot.thread.take() {
@@ -260,7 +368,121 @@ impl Drop for ControlServer {
     }
 }
 
+fn stop_publisher(shared: &Shared, publisher: JoinHandle<()>) {
+    lock(&shared.publish).stopping = true;
+    shared.publish_wake.notify_all();
+    if publisher.join().is_err() {
+        log::error!("control server: the publisher thread panicked");
+    }
+}
+
+fn publish_loop(shared: &Shared) {
+    loop {
+        {
+            let mut state = lock(&shared.publish);
+            while !state.dirty && !state.stopping {
+                state = shared
+                    .publish_wake
+                    .wait(state)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            if state.stopping {
+                break;
+            }
+            state.dirty = false;
+        }
+        push_latest(shared);
+    }
+    log::debug!("control server: publisher thread ends");
+}
+
+/// The newest published descriptor's stamp and Refresh frame (request id 0), encoding it
+/// if no one has yet. `None` if nothing was published or it cannot be encoded.
+fn latest_frame(shared: &Shared) -> Option<(Stamp, Arc<Vec<u8>>)> {
+    let (stamp, descriptor) = {
+        let latest = lock(&shared.latest);
+        let latest = latest.as_ref()?;
+        match &latest.frame {
+            Some(Ok(frame)) => return Some((latest.stamp, Arc::clone(frame))),
+            Some(Err(())) => return None,
+            None => (latest.stamp, Arc::clone(&latest.descriptor)),
+        }
+    };
+    // Encoded outside the lock: `publish` never waits for an encoding.
+    let encoded = frame::frame_bytes(kind::REFRESH, 0, &descriptor_body(&descriptor))
+        .map(Arc::new)
+        .map_err(|e| {
+            log::error!(
+                "control server: cannot push descriptor version {}: {e}",
+                descriptor.version
+            )
+        });
+    let mut latest = lock(&shared.latest);
+    if let Some(latest) = latest.as_mut().filter(|l| l.stamp == stamp) {
+        if Arc::ptr_eq(&latest.descriptor, &descriptor) {
+            latest.frame = Some(encoded.clone());
+        }
+    }
+    encoded.ok().map(|frame| (stamp, frame))
+}
+
+/// Sends the newest descriptor to every handshaken connection that has not got it (or a
+/// newer one), each within [`WRITE_TIMEOUT`]; a connection that fails is shut down.
+fn push_latest(shared: &Shared) {
+    let Some(mut stamp) = lock(&shared.latest).as_ref().map(|l| l.stamp) else {
+        return;
+    };
+    let conns: Vec<Arc<Conn>> = lock(&shared.conns)
+        .iter()
+        .map(|slot| Arc::clone(&slot.conn))
+        .collect();
+    let mut frame: Option<Arc<Vec<u8>>> = None;
+    for conn in conns {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if conn.finished.load(Ordering::Acquire) {
+            continue;
+        }
+        let mut w = lock(&conn.writer);
+        if !w.handshaken || !supersedes(stamp, w.sent) {
+            continue;
+        }
+        let bytes = match &frame {
+            Some(bytes) => Arc::clone(bytes),
+            None => {
+                // Encoded only once some peer needs it. If a newer descriptor came
+                // meanwhile, that one is sent (and the next round finds it sent).
+                let Some((newest, bytes)) = latest_frame(shared) else {
+                    return;
+                };
+                stamp = newest;
+                frame = Some(Arc::clone(&bytes));
+                if !supersedes(stamp, w.sent) {
+                    continue;
+                }
+                bytes
+            }
+        };
+        match write_frame(&w.stream, &bytes, WRITE_TIMEOUT) {
+            Ok(()) => w.sent = Some(stamp),
+            Err(e) => {
+                drop(w);
+                log::warn!(
+                    "control server: disconnecting {} (connection {}): pushing descriptor version {} failed: {e}",
+                    conn.peer,
+                    conn.id,
+                    stamp.1
+                );
+                let _ = conn.control.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
 fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
+    // Connections refused since the cap was last reached (logged once per burst).
+    let mut refused: u64 = 0;
     loop {
         let accepted = listener.accept();
         if shared.stopping.load(Ordering::SeqCst) {
@@ -268,10 +490,30 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
         }
         match accepted {
             Ok((stream, peer)) => {
+                reap(shared);
+                let live = lock(&shared.conns).len();
+                if live >= shared.limits.max_connections {
+                    if refused == 0 {
+                        log::warn!(
+                            "control server: {live} connections, the limit; refusing new ones \
+                             (first: {peer}) until some close"
+                        );
+                    }
+                    refused += 1;
+                    drop(stream);
+                    continue;
+                }
+                if refused > 0 {
+                    log::warn!(
+                        "control server: accepting connections again; {refused} were refused \
+                         at the limit of {}",
+                        shared.limits.max_connections
+                    );
+                    refused = 0;
+                }
                 if let Err(e) = spawn_connection(shared, stream, peer) {
                     log::warn!("control server: dropping connection from {peer}: {e}");
                 }
-                reap(shared);
             }
             Err(e) => {
                 log::warn!("control server: accept failed: {e}");
@@ -328,6 +570,12 @@ fn spawn_connection(
         control,
         finished: AtomicBool::new(false),
     });
+    // The handshake deadline runs from the accept.
+    let reader = ConnReader {
+        stream,
+        deadline: Some(Instant::now() + shared.limits.handshake_timeout),
+        what: "no Handshake arrived in time",
+    };
     // Registered before the thread starts, so `Drop` always finds it to shut it down.
     let mut conns = lock(&shared.conns);
     let thread = {
@@ -335,7 +583,7 @@ fn spawn_connection(
         let conn = Arc::clone(&conn);
         std::thread::Builder::new()
             .name(format!("kvx-ctl-conn-{id}"))
-            .spawn(move || serve(&shared, &conn, stream))
+            .spawn(move || serve(&shared, &conn, reader))
             .map_err(|e| ControlError::io("starting a connection thread", e))?
     };
     log::debug!("control server: connection {id} from {peer}");
@@ -344,6 +592,55 @@ fn spawn_connection(
         thread: Some(thread),
     });
     Ok(())
+}
+
+/// The reading side of a connection, with an optional overall deadline (until the
+/// handshake, and while lingering) enforced through the socket's read timeout.
+struct ConnReader {
+    stream: TcpStream,
+    deadline: Option<Instant>,
+    /// What passing the deadline means (the error's text).
+    what: &'static str,
+}
+
+impl ConnReader {
+    /// Sets (or clears) the deadline; clearing it also clears the socket's read timeout.
+    fn set_deadline(&mut self, deadline: Option<Instant>, what: &'static str) -> io::Result<()> {
+        self.deadline = deadline;
+        self.what = what;
+        if deadline.is_none() {
+            self.stream.set_read_timeout(None)?;
+        }
+        Ok(())
+    }
+
+    fn expired(&self) -> io::Error {
+        io::Error::new(io::ErrorKind::TimedOut, self.what)
+    }
+}
+
+impl Read for ConnReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(deadline) = self.deadline else {
+            return self.stream.read(buf);
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.expired());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        match self.stream.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(self.expired())
+            }
+            other => other,
+        }
+    }
 }
 
 /// Marks the connection finished and shuts its socket down when the connection's thread
@@ -368,9 +665,9 @@ enum End {
     FailedAndAnswered(ControlError),
 }
 
-fn serve(shared: &Shared, conn: &Conn, stream: TcpStream) {
+fn serve(shared: &Shared, conn: &Conn, reader: ConnReader) {
     let _guard = FinishGuard(conn);
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
     match serve_frames(shared, conn, &mut reader) {
         End::Closed => log::debug!(
             "control server: connection {} from {} closed",
@@ -400,21 +697,24 @@ fn log_end(shared: &Shared, conn: &Conn, e: &ControlError) {
     }
 }
 
-/// Half-closes and drops what the peer still sends until it closes (bounded in time and
-/// bytes), so that the Error frame is not lost to a reset caused by unread data.
-fn linger(conn: &Conn, mut stream: TcpStream) {
-    let _ = stream.shutdown(Shutdown::Write);
-    if stream.set_read_timeout(Some(LINGER)).is_ok() {
-        let _ = std::io::copy(&mut (&mut stream).take(LINGER_BYTES), &mut std::io::sink());
+/// Half-closes and drops what the peer still sends until it closes (bounded in time, in
+/// all, and bytes), so that the Error frame is not lost to a reset caused by unread data.
+fn linger(conn: &Conn, mut reader: ConnReader) {
+    let _ = reader.stream.shutdown(Shutdown::Write);
+    if reader
+        .set_deadline(Some(Instant::now() + LINGER), "lingering ended")
+        .is_ok()
+    {
+        let _ = io::copy(&mut (&mut reader).take(LINGER_BYTES), &mut io::sink());
     }
     log::trace!("control server: connection {} lingered", conn.id);
 }
 
-/// Writes one frame under the connection's writer lock.
+/// Writes one frame under the connection's writer lock, within [`WRITE_TIMEOUT`].
 fn send(conn: &Conn, message: &Message, request_id: u32) -> Result<(), ControlError> {
     let frame = encode_frame(message, request_id)?;
-    let mut w = lock(&conn.writer);
-    w.stream.write_all(&frame).map_err(|e| {
+    let w = lock(&conn.writer);
+    write_frame(&w.stream, &frame, WRITE_TIMEOUT).map_err(|e| {
         ControlError::io(
             format!("writing {} to {}", kind_name(message.kind()), conn.peer),
             e,
@@ -445,7 +745,7 @@ fn fail_answered(conn: &Conn, request_id: u32, code: u16, e: ControlError) -> En
     }
 }
 
-fn serve_frames<R: Read>(shared: &Shared, conn: &Conn, reader: &mut R) -> End {
+fn serve_frames(shared: &Shared, conn: &Conn, reader: &mut BufReader<ConnReader>) -> End {
     let mut peer: Option<SegmentDescriptor> = None;
     loop {
         let header = match frame::read_header(reader) {
@@ -471,6 +771,26 @@ fn serve_frames<R: Read>(shared: &Shared, conn: &Conn, reader: &mut R) -> End {
             }
             continue;
         }
+        let max = max_body(header.kind);
+        if header.len > max {
+            let e = ControlError::Malformed {
+                kind: header.kind,
+                reason: format!(
+                    "a body of {} bytes exceeds the limit of {max} bytes for this kind",
+                    header.len
+                ),
+            };
+            return fail_answered(conn, id, error_code::MALFORMED, e);
+        }
+        if peer.is_none() && header.kind != kind::HANDSHAKE {
+            // Refused from the header: the body of a frame that cannot be served is not
+            // read.
+            let e = ControlError::Unexpected {
+                kind: header.kind,
+                reason: "the first message of a connection must be Handshake".into(),
+            };
+            return fail_answered(conn, id, error_code::UNEXPECTED, e);
+        }
         let body = match frame::read_body(reader, header.len) {
             Ok(body) => body,
             Err(e) => return End::Failed(e),
@@ -491,6 +811,9 @@ fn serve_frames<R: Read>(shared: &Shared, conn: &Conn, reader: &mut R) -> End {
                 }
                 let result = send_descriptor(conn, Message::HandshakeReply(own), id, Some(shared));
                 if result.is_ok() {
+                    if let Err(e) = reader.get_mut().set_deadline(None, "") {
+                        return End::Failed(ControlError::io("clearing the read timeout", e));
+                    }
                     log::info!(
                         "control server: {} (engine {:#x}, epoch {}) handshook from {}",
                         descriptor.session,
@@ -517,10 +840,16 @@ fn serve_frames<R: Read>(shared: &Shared, conn: &Conn, reader: &mut R) -> End {
                 send_descriptor(conn, Message::Refresh(descriptor), id, None)
             }
             (Some(_), Message::Probe { nonce }) => send(conn, &Message::ProbeReply { nonce }, id),
-            (Some(from), Message::Notify { bytes }) => {
-                shared.handler.notified(from, bytes);
-                send(conn, &Message::NotifyAck, id)
-            }
+            (Some(from), Message::Notify { bytes }) => match shared.handler.notified(from, bytes) {
+                Ok(()) => send(conn, &Message::NotifyAck, id),
+                Err(reason) => {
+                    log::debug!(
+                            "control server: connection {}: notification (request {id}) refused: {reason}",
+                            conn.id
+                        );
+                    send(conn, &Message::error(error_code::BUSY, reason), id)
+                }
+            },
             (Some(from), Message::Error { code, message }) => {
                 log::warn!(
                     "control server: {} sent an Error (request {id}): {} {code}: {message}",
@@ -550,7 +879,7 @@ fn internal_error(conn: &Conn, request_id: u32, e: ControlError) -> End {
 }
 
 /// Sends a HandshakeReply or Refresh reply and records its version. For a handshake
-/// (`shared` given) the connection becomes a `publish` target under the same lock, and
+/// (`shared` given) the connection becomes a publisher target under the same lock, and
 /// the newest published descriptor follows if it is newer than the reply's.
 fn send_descriptor(
     conn: &Conn,
@@ -570,7 +899,7 @@ fn send_descriptor(
             e,
         )
     };
-    w.stream.write_all(&frame).map_err(context)?;
+    write_frame(&w.stream, &frame, WRITE_TIMEOUT).map_err(context)?;
     if let Some(stamp) = stamp {
         if supersedes(stamp, w.sent) {
             w.sent = Some(stamp);
@@ -578,11 +907,15 @@ fn send_descriptor(
     }
     if let Some(shared) = shared {
         w.handshaken = true;
-        let latest = lock(&shared.latest).clone();
-        if let Some((latest, frame)) = latest {
-            if supersedes(latest, w.sent) {
-                w.stream.write_all(&frame).map_err(context)?;
-                w.sent = Some(latest);
+        let newer = lock(&shared.latest)
+            .as_ref()
+            .is_some_and(|l| supersedes(l.stamp, w.sent));
+        if newer {
+            if let Some((latest, frame)) = latest_frame(shared) {
+                if supersedes(latest, w.sent) {
+                    write_frame(&w.stream, &frame, WRITE_TIMEOUT).map_err(context)?;
+                    w.sent = Some(latest);
+                }
             }
         }
     }

@@ -214,7 +214,11 @@ impl Batch {
         match pending {
             None => false,
             Some(PendingNotify::Local { inbox, from, bytes }) => {
-                inbox.push(Notification { from, bytes });
+                if let Err(reason) = inbox.push(Notification { from, bytes }) {
+                    let _ = self.error.set(Error::Notify(reason));
+                    self.publish(Outcome::Failed);
+                    return true;
+                }
                 false
             }
             Some(PendingNotify::Remote { link, bytes }) => match self.me.upgrade() {

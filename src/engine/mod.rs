@@ -543,7 +543,9 @@ impl Engine {
         };
         let notify = match notify {
             Some(PendingNotify::Local { inbox, from, bytes }) if empty => {
-                inbox.push(Notification { from, bytes });
+                inbox
+                    .push(Notification { from, bytes })
+                    .map_err(Error::Notify)?;
                 None
             }
             other => other,

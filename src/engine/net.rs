@@ -41,35 +41,63 @@ pub struct Notification {
     pub bytes: Vec<u8>,
 }
 
+/// Notifications queued at most before senders are refused.
+const INBOX_MAX: usize = 64 << 10;
+/// Bytes of queued notifications at most before senders are refused.
+const INBOX_MAX_BYTES: usize = 256 << 20;
+
 /// Received notifications, waiting to be drained.
 #[derive(Debug, Default)]
 pub(super) struct Inbox {
-    queue: Mutex<VecDeque<Notification>>,
+    queue: Mutex<Queued>,
     arrived: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct Queued {
+    notes: VecDeque<Notification>,
+    bytes: usize,
+}
+
+impl Queued {
+    fn pop(&mut self) -> Option<Notification> {
+        let n = self.notes.pop_front()?;
+        self.bytes -= n.bytes.len();
+        Some(n)
+    }
+}
+
 impl Inbox {
-    pub(super) fn push(&self, n: Notification) {
-        self.queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_back(n);
+    /// Queues `n`, unless the queue is full (the application is not draining it): then
+    /// the sender is told so instead of this process running out of memory.
+    pub(super) fn push(&self, n: Notification) -> Result<(), String> {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if q.notes.len() >= INBOX_MAX || q.bytes + n.bytes.len() > INBOX_MAX_BYTES {
+            return Err(format!(
+                "the notification queue is full ({} notifications, {} bytes; at most \
+                 {INBOX_MAX} and {INBOX_MAX_BYTES} bytes): the application is not draining it",
+                q.notes.len(),
+                q.bytes
+            ));
+        }
+        q.bytes += n.bytes.len();
+        q.notes.push_back(n);
+        drop(q);
         self.arrived.notify_all();
+        Ok(())
     }
 
     pub(super) fn drain(&self) -> Vec<Notification> {
-        self.queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drain(..)
-            .collect()
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        q.bytes = 0;
+        q.notes.drain(..).collect()
     }
 
     pub(super) fn wait_one(&self, timeout: Duration) -> Option<Notification> {
         let until = Instant::now().checked_add(timeout);
         let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            if let Some(n) = q.pop_front() {
+            if let Some(n) = q.pop() {
                 return Some(n);
             }
             let left = match until {
@@ -130,11 +158,11 @@ impl ControlHandler for NetShared {
         NetShared::descriptor(self)
     }
 
-    fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) {
+    fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) -> Result<(), String> {
         self.inbox.push(Notification {
             from: from.session.clone(),
             bytes,
-        });
+        })
     }
 }
 
@@ -290,6 +318,32 @@ mod tests {
         for bad in ["", "host", ":80", "h:99999", "h:x", "h:-1"] {
             assert!(split_host_port(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A full inbox refuses (the sender is told) instead of growing; draining makes room.
+    #[test]
+    fn inbox_is_bounded() {
+        let inbox = Inbox::default();
+        let note = |len| Notification {
+            from: "peer:1".into(),
+            bytes: vec![0; len],
+        };
+        for _ in 0..INBOX_MAX {
+            inbox.push(note(0)).unwrap();
+        }
+        let err = inbox.push(note(0)).unwrap_err();
+        assert!(err.contains("queue is full"), "{err}");
+        assert_eq!(inbox.drain().len(), INBOX_MAX);
+        inbox.push(note(INBOX_MAX_BYTES - 10)).unwrap();
+        assert!(
+            inbox.push(note(11)).is_err(),
+            "the byte limit was not enforced"
+        );
+        assert_eq!(
+            inbox.wait_one(Duration::ZERO).unwrap().bytes.len(),
+            INBOX_MAX_BYTES - 10
+        );
+        inbox.push(note(11)).unwrap();
     }
 
     #[test]
