@@ -91,7 +91,7 @@ fn oversized_notification_is_refused_before_anything_moves() {
     let err = a
         .submit_with_notify(peer, &[Op::write(src.addr(), dst.addr(), 4096)], &huge)
         .unwrap_err();
-    assert!(matches!(err, Error::Notify(_)), "{err}");
+    assert!(matches!(err, Error::NotificationTooLarge { .. }), "{err}");
     assert_eq!(a.live_batches(), 0);
     assert!(dst.to_vec().iter().all(|&x| x == 0));
     assert!(b.notifications().is_empty());

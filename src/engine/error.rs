@@ -147,6 +147,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A notification larger than peers accept; nothing was submitted.
+    #[error("a notification of {len} bytes exceeds the limit of {max} bytes; nothing was sent")]
+    NotificationTooLarge {
+        /// Bytes given.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Every byte moved but the notification could not be delivered.
     #[error("the batch's bytes moved but its notification was not delivered: {0}")]
     Notify(String),

@@ -209,6 +209,9 @@ impl Engine {
     /// Closes a peer opened with [`Engine::open_peer`]: its connections close and its
     /// requests still in flight fail; the id becomes invalid.
     pub fn close_peer(&self, peer: PeerId) -> Result<()> {
+        // Sessions first (the order open_peer takes them in), so that no open_peer can
+        // hand out this id while it is being closed.
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         let closed = {
             let mut peers = self.peers_mut();
             let p = peers.get(peer.0).ok_or(Error::UnknownPeer(peer.0))?;
@@ -219,10 +222,8 @@ impl Engine {
         };
         if let Some(p) = closed {
             if let Segment::Remote(r) = &p.segment {
-                self.sessions
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&r.session);
+                sessions.remove(&r.session);
+                drop(sessions);
                 r.close();
             }
         }
@@ -410,11 +411,10 @@ impl Engine {
     ) -> Result<BatchId> {
         if notification.len() > crate::control::MAX_NOTIFY {
             self.counters.refused();
-            return Err(Error::Notify(format!(
-                "a notification of {} bytes exceeds the limit of {} bytes; nothing was sent",
-                notification.len(),
-                crate::control::MAX_NOTIFY
-            )));
+            return Err(Error::NotificationTooLarge {
+                len: notification.len(),
+                max: crate::control::MAX_NOTIFY,
+            });
         }
         let deadline = deadline_after(self.config.batch_timeout);
         let submitted = self.try_submit(peer, ops, deadline, Some(notification));

@@ -87,6 +87,8 @@ pub(super) struct RemotePeer {
     link: Mutex<Option<Arc<Link>>>,
     /// Epoch of the process last reached under this session id (0: never reached).
     epoch: AtomicU64,
+    /// Set by `close`: a submit that raced with it must not reconnect.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl RemotePeer {
@@ -95,12 +97,19 @@ impl RemotePeer {
             session,
             link: Mutex::new(None),
             epoch: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// The open link, reconnecting (and re-handshaking) if the peer went away.
     pub(super) fn link(&self, net: &Net, lanes: usize, timeout: Duration) -> Result<Arc<Link>> {
         let mut link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Peer {
+                session: self.session.clone(),
+                reason: "the peer was closed".into(),
+            });
+        }
         if let Some(l) = link.as_ref().filter(|l| !l.is_broken()) {
             return Ok(Arc::clone(l));
         }
@@ -158,6 +167,7 @@ impl RemotePeer {
 
     /// Closes the link (in-flight requests fail).
     pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         if let Some(link) = self
             .link
             .lock()

@@ -101,6 +101,7 @@ pub(crate) fn status_of(error: &Error) -> kvx_status {
         Error::Peer { .. } => KVX_ERR_PEER,
         Error::BadSession { .. } => KVX_ERR_INVALID_ARGUMENT,
         Error::Notify(_) => KVX_ERR_NOTIFY,
+        Error::NotificationTooLarge { .. } => KVX_ERR_INVALID_ARGUMENT,
         Error::NoListener => KVX_ERR_CONFIG,
     }
 }
