@@ -1346,10 +1346,16 @@ fn served_request_pins_its_region_until_the_connection_drops() {
         Code::NotRegistered,
         "{message}"
     );
-    // The target pushed its new descriptor before it answered `unregister ok`; a probe's
-    // reply comes after that push on the same connection, so the initiator has it now.
-    e.probe_peer(p).unwrap();
-    assert!(!e.peer_regions(p).unwrap().iter().any(|r| r.addr == t.extra));
+    // The target pushes its new descriptor from its publisher thread (never from the
+    // thread that unregistered); it reaches the initiator shortly after.
+    let until = Instant::now() + Duration::from_secs(5);
+    while e.peer_regions(p).unwrap().iter().any(|r| r.addr == t.extra) {
+        assert!(
+            Instant::now() < until,
+            "the unregistered region was never unpublished"
+        );
+        std::thread::yield_now();
+    }
     match e.submit(p, &[Op::write(src.addr(), t.extra, PAGE as u64)]) {
         Err(Error::NotRegistered {
             side: Side::Remote, ..
