@@ -1010,7 +1010,11 @@ fn publish_with_no_handshaken_peer_returns_at_once_and_latecomers_get_the_newest
     let big = big_descriptor(&f.session, 2, 200_000);
     let t = Instant::now();
     f.server.publish(&big);
-    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
     // The handler still serves version 1: a peer handshaking now gets version 1, then
     // the published version 2 right after.
     pending
