@@ -551,6 +551,21 @@ impl IoVecs {
         self.left += len;
     }
 
+    /// Starts a new list from `pieces`: `(true, offset, len)` is a range of `base` (the
+    /// owner's frame bytes, complete and no longer growing), `(false, addr, len)` memory
+    /// at `addr`.
+    pub(super) fn set_pieces(&mut self, base: *const u8, pieces: &[(bool, usize, usize)]) {
+        self.clear();
+        for &(own, at, len) in pieces {
+            let ptr = if own {
+                base.wrapping_add(at)
+            } else {
+                at as *const u8
+            };
+            self.push(ptr, len);
+        }
+    }
+
     /// Bytes not yet moved.
     pub(super) fn left(&self) -> usize {
         self.left

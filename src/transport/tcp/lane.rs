@@ -14,7 +14,7 @@ use super::io::{
     outcome, token, Command, Driven, IoThread, IoVecs, Outcome, Submit, OP_RECV, OP_SEND,
 };
 use super::wire::{Code, Entry, Header, Kind, ENTRY_LEN, HEADER_LEN, MAX_ENTRIES};
-use crate::transport::{OpKind, SliceSource, TransportError, TransportKind};
+use crate::transport::{OpKind, Slice, SliceSource, TransportError, TransportKind};
 
 /// Bytes of requests a lane keeps in flight, at most (one group may exceed it).
 const WINDOW_BYTES: u64 = 16 << 20;
@@ -150,23 +150,8 @@ impl LaneShared {
         let kind = slices[0].kind;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut head = Vec::with_capacity(HEADER_LEN + slices.len() * ENTRY_LEN);
-        head.extend_from_slice(
-            &Header {
-                kind: wire_kind(kind),
-                count: slices.len() as u32,
-                status: 0,
-                id,
-            }
-            .encode(),
-        );
+        encode_request(kind, id, slices, &mut head);
         let mut iov = Vec::with_capacity(1 + slices.len());
-        for s in slices {
-            Entry {
-                addr: s.remote,
-                len: s.len,
-            }
-            .encode_into(&mut head);
-        }
         iov.push(libc::iovec {
             iov_base: head.as_ptr() as *mut libc::c_void,
             iov_len: head.len(),
@@ -263,10 +248,25 @@ pub(super) fn fail_all(work: &dyn SliceSource, reason: &str) {
     }
 }
 
-fn wire_kind(kind: OpKind) -> Kind {
-    match kind {
+/// Appends the header and entries of a request for `slices` (all of direction `kind`).
+fn encode_request(kind: OpKind, id: u64, slices: &[Slice], out: &mut Vec<u8>) {
+    let kind = match kind {
         OpKind::Write => Kind::Write,
         OpKind::Read => Kind::Read,
+    };
+    let header = Header {
+        kind,
+        count: slices.len() as u32,
+        status: 0,
+        id,
+    };
+    out.extend_from_slice(&header.encode());
+    for s in slices {
+        Entry {
+            addr: s.remote,
+            len: s.len,
+        }
+        .encode_into(out);
     }
 }
 
@@ -495,20 +495,7 @@ impl ClientLane {
                 break;
             }
             let start = self.send_bytes.len();
-            let header = Header {
-                kind: wire_kind(g.kind),
-                count: slices.len() as u32,
-                status: 0,
-                id: g.id,
-            };
-            self.send_bytes.extend_from_slice(&header.encode());
-            for s in slices {
-                Entry {
-                    addr: s.remote,
-                    len: s.len,
-                }
-                .encode_into(&mut self.send_bytes);
-            }
+            encode_request(g.kind, g.id, slices, &mut self.send_bytes);
             pieces.push((true, start, self.send_bytes.len() - start));
             total += self.send_bytes.len() - start;
             if g.kind == OpKind::Write {
@@ -519,16 +506,7 @@ impl ClientLane {
             }
             end += 1;
         }
-        self.send.clear();
-        let base = self.send_bytes.as_ptr();
-        for &(own, at, len) in &pieces {
-            let ptr = if own {
-                base.wrapping_add(at)
-            } else {
-                at as *const u8
-            };
-            self.send.push(ptr, len);
-        }
+        self.send.set_pieces(self.send_bytes.as_ptr(), &pieces);
         self.pieces = pieces;
         self.queued = end;
         self.send_end = end;

@@ -341,16 +341,7 @@ impl ServerConn {
             }
             self.sending.push(r);
         }
-        self.send.clear();
-        let base = self.send_bytes.as_ptr();
-        for &(own, at, len) in &pieces {
-            let ptr = if own {
-                base.wrapping_add(at)
-            } else {
-                at as *const u8
-            };
-            self.send.push(ptr, len);
-        }
+        self.send.set_pieces(self.send_bytes.as_ptr(), &pieces);
         self.pieces = pieces;
     }
 }
