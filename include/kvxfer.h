@@ -14,7 +14,17 @@
 #define KVX_ABI_VERSION_MAJOR 1
 
 // Minor version of the C ABI: changes when declarations are added.
-#define KVX_ABI_VERSION_MINOR 0
+// 1: `kvx_config.transports`, `kvx_peer_transport`, `kvx_batch_transport`, `KVX_TRANSPORT_*`.
+#define KVX_ABI_VERSION_MINOR 1
+
+// Transport: in-process copies (the engine is its own peer).
+#define KVX_TRANSPORT_LOCAL 1
+
+// Transport: same host, another process (shared memory, cross-memory attach).
+#define KVX_TRANSPORT_SHM 2
+
+// Transport: TCP over io_uring.
+#define KVX_TRANSPORT_TCP 3
 
 // Access right: this engine may read the region (source of a WRITE).
 #define KVX_ACCESS_LOCAL_READ 1
@@ -100,6 +110,12 @@ typedef struct kvx_config {
   uint32_t io_threads;
   // TCP connections ("lanes") opened to each peer (1 .. 64). Default 2.
   uint32_t tcp_lanes;
+  // Transports to other processes in order of preference, comma-separated: `"shm,tcp"`
+  // (the default, also for NULL), `"tcp"`, `"shm"`, `"tcp,shm"`. A batch goes over the
+  // first that can carry it. Read only during `kvx_engine_new`; the environment
+  // variable `KVX_TRANSPORTS` overrides it. (ABI 1.1; a caller built against 1.0 has a
+  // shorter struct and gets the default.)
+  const char *transports;
 } kvx_config;
 
 // Result of a kvxfer call: `KVX_OK`, `KVX_IN_PROGRESS`, or a negative `KVX_ERR_*`.
@@ -120,6 +136,9 @@ typedef struct kvx_region {
 // Names a peer; 0 is never a valid id.
 typedef uint64_t kvx_peer_id;
 
+// Names a batch; 0 is never a valid id.
+typedef uint64_t kvx_batch_id;
+
 // One transfer request.
 typedef struct kvx_op {
   // `KVX_OP_READ` or `KVX_OP_WRITE`.
@@ -133,9 +152,6 @@ typedef struct kvx_op {
   // Bytes.
   uint64_t len;
 } kvx_op;
-
-// Names a batch; 0 is never a valid id.
-typedef uint64_t kvx_batch_id;
 
 // Counters of an engine since it started (see `kvx_engine_stats`).
 typedef struct kvx_stats {
@@ -313,6 +329,13 @@ void kvx_buffer_free(struct kvx_buffer *buffer);
 
 // The id of the engine's own peer (its remote memory is its own registry).
 kvx_status kvx_local_peer(const struct kvx_engine *engine, kvx_peer_id *out);
+
+// The transport batches to `peer` prefer (`KVX_TRANSPORT_*`) goes to `*out`: local for
+// the engine itself, shm for a peer proven to share this host's memory, else tcp.
+kvx_status kvx_peer_transport(const struct kvx_engine *engine, kvx_peer_id peer, uint32_t *out);
+
+// The transport that moves (or moved) `batch` (`KVX_TRANSPORT_*`) goes to `*out`.
+kvx_status kvx_batch_transport(const struct kvx_engine *engine, kvx_batch_id batch, uint32_t *out);
 
 // Submits `count` ops to `peer`; the batch id goes to `*out`. Every op is checked first:
 // on any bad op nothing moves, the status names the error and `kvx_last_error()` the op.

@@ -1509,13 +1509,19 @@ fn local_peer_and_config() {
     assert_eq!(engine.peer_transport(me).unwrap(), TransportKind::Local);
     assert_eq!(engine.peer_name(me).unwrap(), "self");
     let transports = engine.transports();
-    assert_eq!(transports.len(), 2);
+    assert_eq!(transports.len(), 3);
     assert_eq!(transports[0].kind, TransportKind::Local);
-    assert_eq!(transports[1].kind, TransportKind::Tcp);
+    assert_eq!(transports[1].kind, TransportKind::Shm);
     assert!(
-        transports[1].detail.contains(engine.session_id().unwrap()),
+        transports[1].detail.contains("serving @kvxfer."),
         "{}",
         transports[1].detail
+    );
+    assert_eq!(transports[2].kind, TransportKind::Tcp);
+    assert!(
+        transports[2].detail.contains(engine.session_id().unwrap()),
+        "{}",
+        transports[2].detail
     );
 
     let bad = EngineConfig {

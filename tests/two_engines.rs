@@ -1,5 +1,7 @@
 //! Two engines in one process talking over real loopback sockets: the control plane,
-//! TCP lanes, remote checks and notifications, without process management.
+//! TCP lanes and same-host shared memory (two engines of one process share a host, so
+//! they prove it and use shm unless told otherwise), remote checks and notifications,
+//! without process management. The data tests run once per transport.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -7,77 +9,98 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvxfer::{Access, BatchState, Engine, EngineConfig, Error, Location, Op};
+use kvxfer::{Access, BatchState, Engine, EngineConfig, Error, Location, Op, TransportKind};
 
 fn engine() -> Engine {
     Engine::new(EngineConfig::default()).unwrap()
 }
 
+/// An initiator that uses only `kind` to other processes, and a default target.
+fn pair(kind: TransportKind) -> (Engine, Engine) {
+    let config = EngineConfig::builder().transports(&[kind]).build().unwrap();
+    (Engine::new(config).unwrap(), engine())
+}
+
+/// Runs `test` once over TCP and once over same-host shared memory.
+fn each_transport(test: impl Fn(TransportKind)) {
+    for kind in [TransportKind::Tcp, TransportKind::Shm] {
+        test(kind);
+    }
+}
+
 #[test]
 fn write_read_and_notify_between_two_engines() {
-    let (a, b) = (engine(), engine());
-    let src = a.allocate(8 << 20, Location::Any).unwrap();
-    let dst = b.allocate(8 << 20, Location::Any).unwrap();
-    for i in 0..(8 << 20) / 4096 {
-        src.fill(i * 4096, 4096, (i % 251) as u8).unwrap();
-    }
-    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
-    assert_eq!(a.open_peer(b.session_id().unwrap()).unwrap(), peer);
-    let ops: Vec<Op> = (0..128u64)
-        .map(|i| Op::write(src.addr() + i * 65536, dst.addr() + i * 65536, 65536))
-        .collect();
-    let id = a.submit_with_notify(peer, &ops, b"pages ready").unwrap();
-    let state = a.wait(id, Duration::from_secs(10)).unwrap();
-    assert!(state.into_result().unwrap());
-    let n = b
-        .wait_notification(Duration::from_secs(5))
-        .expect("notification");
-    assert_eq!(n.bytes, b"pages ready");
-    assert_eq!(n.from, a.session_id().unwrap());
-    assert_eq!(dst.to_vec(), src.to_vec());
+    each_transport(|kind| {
+        let (a, b) = pair(kind);
+        let src = a.allocate(8 << 20, Location::Any).unwrap();
+        let dst = b.allocate(8 << 20, Location::Any).unwrap();
+        for i in 0..(8 << 20) / 4096 {
+            src.fill(i * 4096, 4096, (i % 251) as u8).unwrap();
+        }
+        let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+        assert_eq!(a.open_peer(b.session_id().unwrap()).unwrap(), peer);
+        assert_eq!(a.peer_transport(peer).unwrap(), kind);
+        let ops: Vec<Op> = (0..128u64)
+            .map(|i| Op::write(src.addr() + i * 65536, dst.addr() + i * 65536, 65536))
+            .collect();
+        let id = a.submit_with_notify(peer, &ops, b"pages ready").unwrap();
+        assert_eq!(a.batch_transport(id).unwrap(), kind);
+        let state = a.wait(id, Duration::from_secs(10)).unwrap();
+        assert!(state.into_result().unwrap());
+        let n = b
+            .wait_notification(Duration::from_secs(5))
+            .expect("notification");
+        assert_eq!(n.bytes, b"pages ready");
+        assert_eq!(n.from, a.session_id().unwrap());
+        assert_eq!(dst.to_vec(), src.to_vec());
 
-    // READ it back into a fresh buffer.
-    let back = a.allocate(8 << 20, Location::Any).unwrap();
-    a.transfer_sync(peer, &[Op::read(back.addr(), dst.addr(), 8 << 20)])
-        .unwrap();
-    assert_eq!(back.to_vec(), src.to_vec());
-    assert!(a.probe_peer(peer).unwrap() < Duration::from_secs(1));
+        // READ it back into a fresh buffer.
+        let back = a.allocate(8 << 20, Location::Any).unwrap();
+        a.transfer_sync(peer, &[Op::read(back.addr(), dst.addr(), 8 << 20)])
+            .unwrap();
+        assert_eq!(back.to_vec(), src.to_vec());
+        assert!(a.probe_peer(peer).unwrap() < Duration::from_secs(1));
+    });
 }
 
 #[test]
 fn remote_checks_refuse_and_nothing_is_written() {
-    let (a, b) = (engine(), engine());
-    let src = a.allocate(1 << 20, Location::Any).unwrap();
-    let ro = b
-        .allocate_with_access(
-            1 << 20,
-            Location::Any,
-            Access::REMOTE_READ | Access::LOCAL_READ | Access::LOCAL_WRITE,
-        )
-        .unwrap();
-    src.fill(0, 1 << 20, 9).unwrap();
-    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
-    let err = a
-        .transfer_sync(peer, &[Op::write(src.addr(), ro.addr(), 4096)])
-        .unwrap_err();
-    assert!(matches!(err, Error::AccessDenied { .. }), "{err}");
-    let err = a
-        .transfer_sync(peer, &[Op::write(src.addr(), 0x1000, 4096)])
-        .unwrap_err();
-    assert!(matches!(err, Error::NotRegistered { .. }), "{err}");
-    assert!(ro.to_vec().iter().all(|&x| x == 0));
+    each_transport(|kind| {
+        let (a, b) = pair(kind);
+        let src = a.allocate(1 << 20, Location::Any).unwrap();
+        let ro = b
+            .allocate_with_access(
+                1 << 20,
+                Location::Any,
+                Access::REMOTE_READ | Access::LOCAL_READ | Access::LOCAL_WRITE,
+            )
+            .unwrap();
+        src.fill(0, 1 << 20, 9).unwrap();
+        let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+        let err = a
+            .transfer_sync(peer, &[Op::write(src.addr(), ro.addr(), 4096)])
+            .unwrap_err();
+        assert!(matches!(err, Error::AccessDenied { .. }), "{err}");
+        let err = a
+            .transfer_sync(peer, &[Op::write(src.addr(), 0x1000, 4096)])
+            .unwrap_err();
+        assert!(matches!(err, Error::NotRegistered { .. }), "{err}");
+        assert!(ro.to_vec().iter().all(|&x| x == 0));
+    });
 }
 
 #[test]
 fn memory_registered_later_is_seen_by_the_peer() {
-    let (a, b) = (engine(), engine());
-    let src = a.allocate(1 << 20, Location::Any).unwrap();
-    src.fill(0, 1 << 20, 3).unwrap();
-    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
-    let late = b.allocate(1 << 20, Location::Any).unwrap();
-    a.transfer_sync(peer, &[Op::write(src.addr(), late.addr(), 1 << 20)])
-        .unwrap();
-    assert!(late.to_vec().iter().all(|&x| x == 3));
+    each_transport(|kind| {
+        let (a, b) = pair(kind);
+        let src = a.allocate(1 << 20, Location::Any).unwrap();
+        src.fill(0, 1 << 20, 3).unwrap();
+        let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+        let late = b.allocate(1 << 20, Location::Any).unwrap();
+        a.transfer_sync(peer, &[Op::write(src.addr(), late.addr(), 1 << 20)])
+            .unwrap();
+        assert!(late.to_vec().iter().all(|&x| x == 3));
+    });
 }
 
 #[test]
@@ -102,96 +125,100 @@ fn oversized_notification_is_refused_before_anything_moves() {
 /// requests and every byte lands where it was sent.
 #[test]
 fn small_and_large_batches_from_many_threads_interleave_correctly() {
-    let (a, b) = (engine(), engine());
-    const THREADS: usize = 4;
-    const ROUNDS: usize = 300;
-    let src = a.allocate(THREADS * (1 << 20), Location::Any).unwrap();
-    let dst = b.allocate(THREADS * (1 << 20), Location::Any).unwrap();
-    let back = a.allocate(THREADS * (1 << 20), Location::Any).unwrap();
-    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
-    std::thread::scope(|scope| {
-        for t in 0..THREADS {
-            let (a, src, dst, back) = (&a, &src, &dst, &back);
-            scope.spawn(move || {
-                let base = (t << 20) as u64;
-                for round in 0..ROUNDS {
-                    let byte = (t * 61 + round) as u8;
-                    // Alternate a 4 KiB op, a batch of 8 small ops, and a 1 MiB op.
-                    let (ops, len): (Vec<Op>, u64) = match round % 3 {
-                        0 => (
-                            vec![Op::write(src.addr() + base, dst.addr() + base, 4096)],
-                            4096,
-                        ),
-                        1 => (
-                            (0..8u64)
-                                .map(|i| {
-                                    Op::write(
-                                        src.addr() + base + i * 4096,
-                                        dst.addr() + base + i * 4096,
-                                        4096,
-                                    )
-                                })
-                                .collect(),
-                            8 * 4096,
-                        ),
-                        _ => (
-                            vec![Op::write(src.addr() + base, dst.addr() + base, 1 << 20)],
-                            1 << 20,
-                        ),
-                    };
-                    src.fill(base as usize, len as usize, byte).unwrap();
-                    a.transfer_sync(peer, &ops).unwrap();
-                    a.transfer_sync(
-                        peer,
-                        &[Op::read(back.addr() + base, dst.addr() + base, len)],
-                    )
-                    .unwrap();
-                    let mut got = vec![0u8; len as usize];
-                    back.read_at(base as usize, &mut got).unwrap();
-                    assert!(
-                        got.iter().all(|&x| x == byte),
-                        "thread {t} round {round}: wrong bytes"
-                    );
-                }
-            });
-        }
+    each_transport(|kind| {
+        let (a, b) = pair(kind);
+        const THREADS: usize = 4;
+        const ROUNDS: usize = 300;
+        let src = a.allocate(THREADS * (1 << 20), Location::Any).unwrap();
+        let dst = b.allocate(THREADS * (1 << 20), Location::Any).unwrap();
+        let back = a.allocate(THREADS * (1 << 20), Location::Any).unwrap();
+        let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..THREADS {
+                let (a, src, dst, back) = (&a, &src, &dst, &back);
+                scope.spawn(move || {
+                    let base = (t << 20) as u64;
+                    for round in 0..ROUNDS {
+                        let byte = (t * 61 + round) as u8;
+                        // Alternate a 4 KiB op, a batch of 8 small ops, and a 1 MiB op.
+                        let (ops, len): (Vec<Op>, u64) = match round % 3 {
+                            0 => (
+                                vec![Op::write(src.addr() + base, dst.addr() + base, 4096)],
+                                4096,
+                            ),
+                            1 => (
+                                (0..8u64)
+                                    .map(|i| {
+                                        Op::write(
+                                            src.addr() + base + i * 4096,
+                                            dst.addr() + base + i * 4096,
+                                            4096,
+                                        )
+                                    })
+                                    .collect(),
+                                8 * 4096,
+                            ),
+                            _ => (
+                                vec![Op::write(src.addr() + base, dst.addr() + base, 1 << 20)],
+                                1 << 20,
+                            ),
+                        };
+                        src.fill(base as usize, len as usize, byte).unwrap();
+                        a.transfer_sync(peer, &ops).unwrap();
+                        a.transfer_sync(
+                            peer,
+                            &[Op::read(back.addr() + base, dst.addr() + base, len)],
+                        )
+                        .unwrap();
+                        let mut got = vec![0u8; len as usize];
+                        back.read_at(base as usize, &mut got).unwrap();
+                        assert!(
+                            got.iter().all(|&x| x == byte),
+                            "thread {t} round {round}: wrong bytes"
+                        );
+                    }
+                });
+            }
+        });
+        assert_eq!(a.live_batches(), 0);
     });
-    assert_eq!(a.live_batches(), 0);
 }
 
 /// A small batch mixing WRITEs and READs (small enough for the direct path) moves each op
 /// in its own direction.
 #[test]
 fn small_mixed_batch_moves_each_op_in_its_own_direction() {
-    let (a, b) = (engine(), engine());
-    const N: u64 = 64;
-    const L: u64 = 1024;
-    let src = a.allocate((N * L) as usize, Location::Any).unwrap();
-    let dst = a.allocate((N * L) as usize, Location::Any).unwrap();
-    let remote = b.allocate((N * L) as usize, Location::Any).unwrap();
-    src.fill(0, (N * L) as usize, 0xaa).unwrap();
-    dst.fill(0, (N * L) as usize, 0x11).unwrap();
-    remote.fill(0, (N * L) as usize, 0xbb).unwrap();
-    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
-    let ops: Vec<Op> = (0..N)
-        .map(|i| {
+    each_transport(|kind| {
+        let (a, b) = pair(kind);
+        const N: u64 = 64;
+        const L: u64 = 1024;
+        let src = a.allocate((N * L) as usize, Location::Any).unwrap();
+        let dst = a.allocate((N * L) as usize, Location::Any).unwrap();
+        let remote = b.allocate((N * L) as usize, Location::Any).unwrap();
+        src.fill(0, (N * L) as usize, 0xaa).unwrap();
+        dst.fill(0, (N * L) as usize, 0x11).unwrap();
+        remote.fill(0, (N * L) as usize, 0xbb).unwrap();
+        let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+        let ops: Vec<Op> = (0..N)
+            .map(|i| {
+                if i % 2 == 0 {
+                    Op::write(src.addr() + i * L, remote.addr() + i * L, L)
+                } else {
+                    Op::read(dst.addr() + i * L, remote.addr() + i * L, L)
+                }
+            })
+            .collect();
+        a.transfer_sync(peer, &ops).unwrap();
+        let (rv, dv) = (remote.to_vec(), dst.to_vec());
+        for i in 0..N as usize {
+            let at = i * L as usize;
             if i % 2 == 0 {
-                Op::write(src.addr() + i * L, remote.addr() + i * L, L)
+                assert_eq!(rv[at], 0xaa, "op {i} (write)");
             } else {
-                Op::read(dst.addr() + i * L, remote.addr() + i * L, L)
+                assert_eq!((rv[at], dv[at]), (0xbb, 0xbb), "op {i} (read)");
             }
-        })
-        .collect();
-    a.transfer_sync(peer, &ops).unwrap();
-    let (rv, dv) = (remote.to_vec(), dst.to_vec());
-    for i in 0..N as usize {
-        let at = i * L as usize;
-        if i % 2 == 0 {
-            assert_eq!(rv[at], 0xaa, "op {i} (write)");
-        } else {
-            assert_eq!((rv[at], dv[at]), (0xbb, 0xbb), "op {i} (read)");
         }
-    }
+    });
 }
 
 /// Forwards one connection to `to` until `frozen` is set; then holds everything it reads.

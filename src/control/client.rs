@@ -322,6 +322,13 @@ impl ControlClient {
         self.inner.alive.load(Ordering::Acquire)
     }
 
+    /// A cheap check of [`ControlClient::is_alive`] that can be kept apart from the client
+    /// (by a transport that must notice the peer going away).
+    pub fn liveness(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        let inner = Arc::clone(&self.inner);
+        Arc::new(move || inner.alive.load(Ordering::Acquire))
+    }
+
     /// Closes the connection and joins the reader thread (also done on drop). Waiting
     /// callers get [`ControlError::Disconnected`].
     pub fn close(&self) {

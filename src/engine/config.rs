@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::{Error, Result};
+use crate::transport::{parse_transport_list, TransportKind};
 
 /// How an engine runs. Build one with [`EngineConfig::builder`] or `Default`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +29,10 @@ pub struct EngineConfig {
     pub tcp_lanes: usize,
     /// How long opening a peer (connect and handshake) may take. Default 5 s.
     pub connect_timeout: Duration,
+    /// Transports to other processes, in order of preference: `Shm` (same host, proven
+    /// during the handshake) and `Tcp`. A batch goes over the first one that can carry it.
+    /// The engine itself is always reached in-process. Default `[Shm, Tcp]`.
+    pub transports: Vec<TransportKind>,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +48,7 @@ impl Default for EngineConfig {
             io_threads: 1,
             tcp_lanes: 2,
             connect_timeout: Duration::from_secs(5),
+            transports: vec![TransportKind::Shm, TransportKind::Tcp],
         }
     }
 }
@@ -101,6 +107,21 @@ impl EngineConfig {
         if self.connect_timeout.is_zero() {
             return Err(Error::Config("connect_timeout is zero".into()));
         }
+        if self.transports.is_empty() {
+            return Err(Error::Config(
+                "transports is empty: list shm and/or tcp".into(),
+            ));
+        }
+        for (i, kind) in self.transports.iter().enumerate() {
+            if !matches!(kind, TransportKind::Shm | TransportKind::Tcp) {
+                return Err(Error::Config(format!(
+                    "transports: {kind} cannot be chosen for other processes (only shm and tcp)"
+                )));
+            }
+            if self.transports[..i].contains(kind) {
+                return Err(Error::Config(format!("transports lists {kind} twice")));
+            }
+        }
         if let Some(listen) = &self.listen {
             super::net::split_host_port(listen).map_err(Error::Config)?;
         }
@@ -108,7 +129,8 @@ impl EngineConfig {
     }
 
     /// Applies `KVX_SLICE_SIZE`, `KVX_COPY_THREADS`, `KVX_BATCH_TIMEOUT_MS`, `KVX_LISTEN`
-    /// (`none` turns the listener off), `KVX_IO_THREADS` and `KVX_TCP_LANES` from
+    /// (`none` turns the listener off), `KVX_IO_THREADS`, `KVX_TCP_LANES` and
+    /// `KVX_TRANSPORTS` (comma-separated, in order of preference: `shm,tcp`) from
     /// `lookup` (the process environment when called by the engine). A variable that is set
     /// but unparsable is an error naming it.
     pub fn with_env_overrides(mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
@@ -136,6 +158,10 @@ impl EngineConfig {
         }
         if let Some(v) = lookup("KVX_TCP_LANES") {
             self.tcp_lanes = parse("KVX_TCP_LANES", &v)?;
+        }
+        if let Some(v) = lookup("KVX_TRANSPORTS") {
+            self.transports = parse_transport_list(&v)
+                .map_err(|e| Error::Config(format!("KVX_TRANSPORTS={v:?}: {e}")))?;
         }
         Ok(self)
     }
@@ -200,6 +226,12 @@ impl EngineConfigBuilder {
         self
     }
 
+    /// See [`EngineConfig::transports`].
+    pub fn transports(mut self, kinds: &[TransportKind]) -> Self {
+        self.0.transports = kinds.to_vec();
+        self
+    }
+
     /// The configuration, validated.
     pub fn build(self) -> Result<EngineConfig> {
         self.0.validate()?;
@@ -246,5 +278,27 @@ mod tests {
             err.to_string().contains("KVX_COPY_THREADS=\"many\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn transport_lists() {
+        let env = |v: &'static str| move |n: &str| (n == "KVX_TRANSPORTS").then(|| v.to_string());
+        let cfg = EngineConfig::default()
+            .with_env_overrides(env("tcp, shm"))
+            .unwrap();
+        assert_eq!(cfg.transports, [TransportKind::Tcp, TransportKind::Shm]);
+        for bad in ["", "tcp,tcp", "rdma", "shm,,tcp"] {
+            let err = EngineConfig::default()
+                .with_env_overrides(env(bad))
+                .unwrap_err();
+            assert!(err.to_string().contains("KVX_TRANSPORTS"), "{bad}: {err}");
+        }
+        let err = EngineConfig::builder().transports(&[]).build().unwrap_err();
+        assert!(err.to_string().contains("transports is empty"), "{err}");
+        let err = EngineConfig::builder()
+            .transports(&[TransportKind::Local])
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("only shm and tcp"), "{err}");
     }
 }

@@ -197,7 +197,7 @@ impl Engine {
             return Ok(id);
         }
         let remote = RemotePeer::new(session.to_string());
-        remote.link(net, self.config.tcp_lanes, self.config.connect_timeout)?;
+        remote.link(net, &self.config, self.local.pool())?;
         let id = PeerId(self.peers_mut().insert(Arc::new(Peer {
             name: session.to_string(),
             segment: Segment::Remote(remote),
@@ -268,7 +268,7 @@ impl Engine {
 
     fn link(&self, remote: &RemotePeer) -> Result<Arc<remote::Link>> {
         let net = self.net.as_ref().ok_or(Error::NoListener)?;
-        remote.link(net, self.config.tcp_lanes, self.config.connect_timeout)
+        remote.link(net, &self.config, self.local.pool())
     }
 
     /// The configuration in force (after environment overrides).
@@ -338,12 +338,31 @@ impl Engine {
         self.loopback
     }
 
-    /// The transport batches to `peer` use.
+    /// The transport batches to `peer` prefer: `Local` for this engine itself, `Shm` for a
+    /// peer proven to share this host's memory, else `Tcp`. A batch touching memory the
+    /// preferred transport cannot reach goes over the next one
+    /// ([`Engine::batch_transport`] tells which).
     pub fn peer_transport(&self, peer: PeerId) -> Result<TransportKind> {
-        Ok(match self.peer(peer)?.segment {
+        let p = self.peer(peer)?;
+        Ok(match &p.segment {
             Segment::Loopback => TransportKind::Local,
-            Segment::Remote(_) => TransportKind::Tcp,
+            Segment::Remote(r) => self.link(r)?.preferred(),
         })
+    }
+
+    /// Why `peer` does not use same-host shared memory, or not for all of its memory
+    /// (`None` when it does, and for the local peer).
+    pub fn peer_shm_note(&self, peer: PeerId) -> Result<Option<String>> {
+        let p = self.peer(peer)?;
+        Ok(match &p.segment {
+            Segment::Loopback => None,
+            Segment::Remote(r) => self.link(r)?.shm_note.clone(),
+        })
+    }
+
+    /// The transport that moves (or moved) `batch`.
+    pub fn batch_transport(&self, batch: BatchId) -> Result<TransportKind> {
+        Ok(self.batch(batch)?.transport.kind())
     }
 
     /// The name of `peer` (`self` for the local peer).
@@ -358,6 +377,39 @@ impl Engine {
             detail: self.local.describe(),
         }];
         out.push(TransportInfo {
+            kind: TransportKind::Shm,
+            detail: match self.net.as_ref().map(|n| &n.shm) {
+                Some(Ok(server)) => {
+                    let (mut using, mut notes) = (0, Vec::new());
+                    for (name, link) in self.open_links() {
+                        match (&link.shm, &link.shm_note) {
+                            (Some(_), None) => using += 1,
+                            (Some(_), Some(note)) => {
+                                using += 1;
+                                notes.push(format!("{name}: {note}"));
+                            }
+                            (None, note) => notes.push(format!(
+                                "{name}: not used: {}",
+                                note.as_deref().unwrap_or("unknown")
+                            )),
+                        }
+                    }
+                    let mut detail = format!(
+                        "same-host memfd mappings and cross-memory attach: serving @{} ({} peers attached); used with {using} open peers",
+                        server.name(),
+                        server.connections()
+                    );
+                    for note in notes {
+                        detail.push_str("; ");
+                        detail.push_str(&note);
+                    }
+                    detail
+                }
+                Some(Err(why)) => why.clone(),
+                None => "not used: the engine does not listen (config listen = None)".into(),
+            },
+        });
+        out.push(TransportInfo {
             kind: TransportKind::Tcp,
             detail: match &self.net {
                 Some(net) => format!(
@@ -371,6 +423,18 @@ impl Engine {
             },
         });
         out
+    }
+
+    /// Open links to remote peers (without reconnecting), with their session ids.
+    fn open_links(&self) -> Vec<(String, Arc<remote::Link>)> {
+        let peers = self.peers.read().unwrap_or_else(PoisonError::into_inner);
+        peers
+            .values()
+            .filter_map(|p| match &p.segment {
+                Segment::Remote(r) => r.current().map(|l| (r.session.clone(), l)),
+                Segment::Loopback => None,
+            })
+            .collect()
     }
 
     /// Submits `ops` to `peer` with the default deadline (`batch_timeout` from now).
@@ -445,11 +509,28 @@ impl Engine {
             {
                 // The peer may have registered the memory after its last refresh reached us.
                 let (slices, pins) = self.prepare(ops, link.as_deref())?;
-                self.start_batch(slices, pins, deadline, link, notification)
+                self.route(&peer, slices, pins, deadline, link, notification)
             }
             Err(e) => Err(e),
-            Ok((slices, pins)) => self.start_batch(slices, pins, deadline, link, notification),
+            Ok((slices, pins)) => self.route(&peer, slices, pins, deadline, link, notification),
         }
+    }
+
+    /// Picks the transport for checked slices and starts the batch.
+    fn route(
+        &self,
+        peer: &Peer,
+        slices: Vec<Slice>,
+        pins: Pins,
+        deadline: Instant,
+        link: Option<Arc<remote::Link>>,
+        notification: Option<&[u8]>,
+    ) -> Result<BatchId> {
+        let transport = match &link {
+            None => Arc::clone(&self.local) as Arc<dyn Transport>,
+            Some(l) => l.choose(&peer.name, &slices, self.config.connect_timeout)?,
+        };
+        self.start_batch(slices, pins, deadline, transport, link, notification)
     }
 
     /// Checks `ops` against both sides and cuts them into slices.
@@ -507,6 +588,7 @@ impl Engine {
         slices: Vec<Slice>,
         pins: Pins,
         deadline: Instant,
+        transport: Arc<dyn Transport>,
         link: Option<Arc<remote::Link>>,
         notification: Option<&[u8]>,
     ) -> Result<BatchId> {
@@ -517,10 +599,6 @@ impl Engine {
                 max: self.config.max_batches,
             });
         }
-        let transport: Arc<dyn Transport> = match &link {
-            None => Arc::clone(&self.local) as Arc<dyn Transport>,
-            Some(l) => Arc::clone(&l.tcp) as Arc<dyn Transport>,
-        };
         let from = self.session_id().unwrap_or("self").to_string();
         let notify = match (notification, &link) {
             (None, _) => None,

@@ -12,7 +12,9 @@ use crate::control::{
     ControlHandler, ControlServer, RegionInfo, SegmentDescriptor, TransportOffer,
 };
 use crate::memory::Registry;
+use crate::transport::shm::ShmServer;
 use crate::transport::tcp::{IoPool, TcpServer};
+use crate::transport::TransportKind;
 
 /// Splits `host:port` (or `[v6]:port`) into its host and port.
 pub(crate) fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
@@ -172,6 +174,8 @@ pub(super) struct Net {
     pub(super) control: Arc<ControlServer>,
     pub(super) tcp: TcpServer,
     pub(super) pool: Arc<IoPool>,
+    /// The same-host listener, or why there is none.
+    pub(super) shm: std::result::Result<Arc<ShmServer>, String>,
 }
 
 impl std::fmt::Debug for Net {
@@ -212,6 +216,21 @@ impl Net {
         );
         let tcp = TcpServer::start(data_listener, Arc::clone(registry), Arc::clone(&pool))
             .map_err(|e| start_err("cannot start the data listener", &e))?;
+        let engine_id = random_u64();
+        let shm = start_shm(config, engine_id, registry);
+        let mut offers = vec![TransportOffer {
+            kind: "tcp".into(),
+            params: vec![
+                ("port".into(), data_port.to_string()),
+                ("lanes".into(), config.tcp_lanes.to_string()),
+            ],
+        }];
+        if let Ok(server) = &shm {
+            offers.push(TransportOffer {
+                kind: "shm".into(),
+                params: vec![("socket".into(), server.name().to_string())],
+            });
+        }
         let session = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -220,16 +239,10 @@ impl Net {
         let shared = Arc::new(NetShared {
             registry: Arc::clone(registry),
             session,
-            engine_id: random_u64(),
+            engine_id,
             host: host_identity(),
             epoch: epoch_now(),
-            offers: vec![TransportOffer {
-                kind: "tcp".into(),
-                params: vec![
-                    ("port".into(), data_port.to_string()),
-                    ("lanes".into(), config.tcp_lanes.to_string()),
-                ],
-            }],
+            offers,
             inbox: Arc::clone(inbox),
         });
         let control = Arc::new(
@@ -253,6 +266,7 @@ impl Net {
             control,
             tcp,
             pool,
+            shm,
         })
     }
 
@@ -260,9 +274,40 @@ impl Net {
     /// kernel is done with their buffers).
     pub(super) fn shutdown(&self) {
         self.shared.registry.set_observer(None);
+        self.shared.registry.set_revoker(None);
+        if let Ok(shm) = &self.shm {
+            shm.shutdown();
+        }
         self.tcp.shutdown();
         self.pool.shutdown();
     }
+}
+
+/// Starts the same-host listener when the configuration wants shared memory, and makes
+/// unregistering ask it first; otherwise says why there is none.
+fn start_shm(
+    config: &EngineConfig,
+    engine_id: u64,
+    registry: &Arc<Registry>,
+) -> std::result::Result<Arc<ShmServer>, String> {
+    if !config.transports.contains(&TransportKind::Shm) {
+        return Err("not used: the configuration's transports leave it out".into());
+    }
+    let name = format!("kvxfer.{engine_id:016x}.{}", std::process::id());
+    let server = match ShmServer::start(&name, engine_id, Arc::clone(registry)) {
+        Ok(server) => Arc::new(server),
+        Err(e) => {
+            let why = format!("not used: cannot listen on the abstract socket @{name}: {e}");
+            log::warn!("kvxfer: same-host shared memory {why}; peers on this host use tcp");
+            return Err(why);
+        }
+    };
+    let weak = Arc::downgrade(&server);
+    registry.set_revoker(Some(Arc::new(move |region, force| {
+        weak.upgrade()
+            .map_or(Ok(()), |server| server.revoke(region, force))
+    })));
+    Ok(server)
 }
 
 /// Epoch of this engine instance: start time in nanoseconds, so a restarted process under
@@ -293,7 +338,7 @@ fn random_u64() -> u64 {
 }
 
 /// `hostname/boot-id`: equal for two processes exactly when they share a running kernel.
-fn host_identity() -> String {
+pub(super) fn host_identity() -> String {
     let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
     let name = read("/proc/sys/kernel/hostname").unwrap_or_else(|_| "unknown".into());
     let boot = read("/proc/sys/kernel/random/boot_id").unwrap_or_else(|_| "unknown".into());

@@ -12,10 +12,13 @@ use std::time::{Duration, Instant};
 
 use super::batch::Batch;
 use super::net::{split_host_port, Net};
-use super::{Error, Result};
+use super::{EngineConfig, Error, Result};
 use crate::control::{ControlClient, ControlError, SegmentDescriptor};
-use crate::memory::{AddrRange, Backing, Region};
+use crate::memory::{AddrRange, Backing, Region, RegionLookup};
+use crate::transport::copy::CopyPool;
+use crate::transport::shm::{ShmLink, ShmTransport};
 use crate::transport::tcp::TcpTransport;
+use crate::transport::{Slice, Transport, TransportKind};
 
 /// The peer's registered regions, as the slicer looks them up.
 pub(super) type RemoteRegions = Arc<BTreeMap<u64, Arc<Region>>>;
@@ -24,7 +27,15 @@ pub(super) type RemoteRegions = Arc<BTreeMap<u64, Arc<Region>>>;
 #[derive(Debug)]
 pub(super) struct Link {
     pub(super) control: ControlClient,
-    pub(super) tcp: Arc<TcpTransport>,
+    /// The TCP lanes (unless the configuration leaves TCP out).
+    pub(super) tcp: Option<Arc<TcpTransport>>,
+    /// Same-host shared memory, when proven.
+    pub(super) shm: Option<Arc<ShmTransport>>,
+    /// Why shared memory is not used with this peer (or why its caller-owned memory is
+    /// not reachable through it).
+    pub(super) shm_note: Option<String>,
+    /// Transports in order of preference (the configuration's).
+    order: Vec<TransportKind>,
     regions: Mutex<(u64, RemoteRegions)>,
     notifier: Notifier,
 }
@@ -32,7 +43,66 @@ pub(super) struct Link {
 impl Link {
     /// Whether the peer went away (control connection or every lane lost).
     pub(super) fn is_broken(&self) -> bool {
-        !self.control.is_alive() || self.tcp.is_broken()
+        !self.control.is_alive() || self.tcp.as_ref().is_some_and(|t| t.is_broken())
+    }
+
+    /// The transport batches prefer: the first of the configured ones this link has.
+    pub(super) fn preferred(&self) -> TransportKind {
+        self.order
+            .iter()
+            .copied()
+            .find(|k| match k {
+                TransportKind::Shm => self.shm.is_some(),
+                TransportKind::Tcp => self.tcp.is_some(),
+                _ => false,
+            })
+            .unwrap_or(TransportKind::Tcp)
+    }
+
+    /// The first transport, in order of preference, that can carry every slice:
+    /// shared memory when it reaches every region the slices touch, else TCP.
+    pub(super) fn choose(
+        &self,
+        session: &str,
+        slices: &[Slice],
+        timeout: Duration,
+    ) -> Result<Arc<dyn Transport>> {
+        let mut why_not = Vec::new();
+        for kind in &self.order {
+            match kind {
+                TransportKind::Shm => match &self.shm {
+                    Some(shm) => {
+                        let regions = self.regions();
+                        let start = |addr| regions.region_at(addr).map(|r| r.range().start);
+                        match shm.link().reach(slices, start, timeout) {
+                            Ok(()) => return Ok(Arc::clone(shm) as Arc<dyn Transport>),
+                            Err(why) => {
+                                log::debug!(
+                                    "kvxfer: a batch to {session} cannot go over shm: {why}"
+                                );
+                                why_not.push(format!("shm: {why}"));
+                            }
+                        }
+                    }
+                    None => why_not.push(format!(
+                        "shm: {}",
+                        self.shm_note.as_deref().unwrap_or("not used")
+                    )),
+                },
+                TransportKind::Tcp => match &self.tcp {
+                    Some(tcp) => return Ok(Arc::clone(tcp) as Arc<dyn Transport>),
+                    None => why_not.push("tcp: left out by the configuration".into()),
+                },
+                _ => {}
+            }
+        }
+        Err(Error::Peer {
+            session: session.to_string(),
+            reason: format!(
+                "no configured transport can carry this batch ({})",
+                why_not.join("; ")
+            ),
+        })
     }
 
     /// The peer's regions as last published.
@@ -102,7 +172,12 @@ impl RemotePeer {
     }
 
     /// The open link, reconnecting (and re-handshaking) if the peer went away.
-    pub(super) fn link(&self, net: &Net, lanes: usize, timeout: Duration) -> Result<Arc<Link>> {
+    pub(super) fn link(
+        &self,
+        net: &Net,
+        config: &EngineConfig,
+        pool: &Arc<CopyPool>,
+    ) -> Result<Arc<Link>> {
         let mut link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Peer {
@@ -116,22 +191,26 @@ impl RemotePeer {
         if let Some(old) = link.take() {
             let why = old
                 .tcp
-                .last_error()
+                .as_ref()
+                .and_then(|t| t.last_error())
                 .unwrap_or_else(|| "control connection lost".into());
             log::info!("kvxfer: reconnecting to peer {} ({why})", self.session);
-            old.tcp.close();
+            if let Some(tcp) = &old.tcp {
+                tcp.close();
+            }
             old.control.close();
         }
-        let fresh = Arc::new(self.connect(net, lanes, timeout)?);
+        let fresh = Arc::new(self.connect(net, config, pool)?);
         *link = Some(Arc::clone(&fresh));
         Ok(fresh)
     }
 
-    fn connect(&self, net: &Net, lanes: usize, timeout: Duration) -> Result<Link> {
+    fn connect(&self, net: &Net, config: &EngineConfig, pool: &Arc<CopyPool>) -> Result<Link> {
         let peer_err = |reason: String| Error::Peer {
             session: self.session.clone(),
             reason,
         };
+        let timeout = config.connect_timeout;
         let deadline = Instant::now() + timeout;
         let control = ControlClient::connect(&self.session, &net.shared.descriptor(), timeout)
             .map_err(|e| peer_err(e.to_string()))?;
@@ -144,25 +223,119 @@ impl RemotePeer {
                 descriptor.epoch
             );
         }
+        let (shm, shm_note) = if config.transports.contains(&TransportKind::Shm) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.prove_same_host(net, &control, &descriptor, left, pool) {
+                Ok((shm, cma_note)) => (Some(Arc::new(shm)), cma_note.map(|why| format!("caller-owned memory of the peer is not reachable by cross-memory attach: {why}"))),
+                Err(why) => (None, Some(why)),
+            }
+        } else {
+            (None, Some("left out by the configuration".into()))
+        };
+        if let Some(why) = &shm_note {
+            if config.transports.contains(&TransportKind::Shm) {
+                let next = if shm.is_some() {
+                    "those regions use the next transport"
+                } else {
+                    "using the next transport"
+                };
+                log::info!(
+                    "kvxfer: peer {}: same-host shared memory: {why}; {next}",
+                    self.session
+                );
+            }
+        }
+        let tcp = if config.transports.contains(&TransportKind::Tcp) {
+            Some(Arc::new(
+                self.open_lanes(net, &descriptor, config.tcp_lanes, deadline)
+                    .map_err(peer_err)?,
+            ))
+        } else {
+            None
+        };
+        if tcp.is_none() && shm.is_none() {
+            return Err(peer_err(format!(
+                "no configured transport reaches it (shm: {})",
+                shm_note.as_deref().unwrap_or("not used")
+            )));
+        }
+        Ok(Link {
+            control,
+            tcp,
+            shm,
+            shm_note,
+            order: config.transports.clone(),
+            regions: Mutex::new((u64::MAX, Arc::default())),
+            notifier: Notifier::default(),
+        })
+    }
+
+    /// Same host, proven: the peer's kernel (boot id) is ours, its socket is reachable,
+    /// and both sides see each other's writes to a shared page.
+    fn prove_same_host(
+        &self,
+        net: &Net,
+        control: &ControlClient,
+        descriptor: &SegmentDescriptor,
+        timeout: Duration,
+        pool: &Arc<CopyPool>,
+    ) -> std::result::Result<(ShmTransport, Option<String>), String> {
+        let boot = |host: &str| host.rsplit_once('/').map(|(_, boot)| boot.to_string());
+        let (ours, theirs) = (boot(&net.shared.host), boot(&descriptor.host));
+        if ours.is_none() || ours != theirs {
+            return Err(format!(
+                "it runs on another host (its identity {:?}, ours {:?})",
+                descriptor.host, net.shared.host
+            ));
+        }
+        let offer = descriptor
+            .transports
+            .iter()
+            .find(|t| t.kind == "shm")
+            .ok_or("it offers no shared memory (left out of its configuration, or its socket could not be opened)")?;
+        let socket = offer
+            .param("socket")
+            .ok_or("its shm offer names no socket")?;
+        let (link, cma_note) = ShmLink::connect(
+            &self.session,
+            socket,
+            descriptor.engine_id,
+            net.shared.engine_id,
+            timeout,
+            control.liveness(),
+        )
+        .map_err(|e| e.0)?;
+        Ok((ShmTransport::new(link, Arc::clone(pool)), cma_note))
+    }
+
+    fn open_lanes(
+        &self,
+        net: &Net,
+        descriptor: &SegmentDescriptor,
+        lanes: usize,
+        deadline: Instant,
+    ) -> std::result::Result<TcpTransport, String> {
         let offer = descriptor
             .transports
             .iter()
             .find(|t| t.kind == "tcp")
-            .ok_or_else(|| peer_err("offers no transport this engine speaks (tcp)".into()))?;
+            .ok_or("offers no transport this engine speaks (tcp)")?;
         let port: u16 = offer
             .param("port")
             .and_then(|p| p.parse().ok())
-            .ok_or_else(|| peer_err("its tcp offer has no valid port".into()))?;
-        let addr = data_address(&self.session, port).map_err(peer_err)?;
+            .ok_or("its tcp offer has no valid port")?;
+        let addr = data_address(&self.session, port)?;
         let left = deadline.saturating_duration_since(Instant::now());
-        let tcp = TcpTransport::connect(&net.pool, &self.session, addr, lanes, left)
-            .map_err(|e| peer_err(format!("cannot open data lanes to {addr}: {e}")))?;
-        Ok(Link {
-            control,
-            tcp: Arc::new(tcp),
-            regions: Mutex::new((u64::MAX, Arc::default())),
-            notifier: Notifier::default(),
-        })
+        TcpTransport::connect(&net.pool, &self.session, addr, lanes, left)
+            .map_err(|e| format!("cannot open data lanes to {addr}: {e}"))
+    }
+
+    /// The link if one is open (no reconnect).
+    pub(super) fn current(&self) -> Option<Arc<Link>> {
+        self.link
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Closes the link (in-flight requests fail).
@@ -174,7 +347,9 @@ impl RemotePeer {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
         {
-            link.tcp.close();
+            if let Some(tcp) = &link.tcp {
+                tcp.close();
+            }
             link.control.close();
         }
     }

@@ -24,13 +24,21 @@ pub use status::*;
 
 use crate::engine::{BatchId, BatchState, Engine, EngineConfig, Notification, Op, PeerId};
 use crate::memory::{Access, Buffer, Location, RegionSpec};
-use crate::transport::OpKind;
+use crate::transport::{OpKind, TransportKind};
 
 /// Major version of the C ABI: changes when an existing declaration changes incompatibly.
 /// 1: `kvx_config` grew (network settings) and its `reserved` field became `struct_size`.
 pub const KVX_ABI_VERSION_MAJOR: u32 = 1;
 /// Minor version of the C ABI: changes when declarations are added.
-pub const KVX_ABI_VERSION_MINOR: u32 = 0;
+/// 1: `kvx_config.transports`, `kvx_peer_transport`, `kvx_batch_transport`, `KVX_TRANSPORT_*`.
+pub const KVX_ABI_VERSION_MINOR: u32 = 1;
+
+/// Transport: in-process copies (the engine is its own peer).
+pub const KVX_TRANSPORT_LOCAL: u32 = 1;
+/// Transport: same host, another process (shared memory, cross-memory attach).
+pub const KVX_TRANSPORT_SHM: u32 = 2;
+/// Transport: TCP over io_uring.
+pub const KVX_TRANSPORT_TCP: u32 = 3;
 
 /// Access right: this engine may read the region (source of a WRITE).
 pub const KVX_ACCESS_LOCAL_READ: u32 = 1;
@@ -126,6 +134,12 @@ pub struct kvx_config {
     pub io_threads: u32,
     /// TCP connections ("lanes") opened to each peer (1 .. 64). Default 2.
     pub tcp_lanes: u32,
+    /// Transports to other processes in order of preference, comma-separated: `"shm,tcp"`
+    /// (the default, also for NULL), `"tcp"`, `"shm"`, `"tcp,shm"`. A batch goes over the
+    /// first that can carry it. Read only during `kvx_engine_new`; the environment
+    /// variable `KVX_TRANSPORTS` overrides it. (ABI 1.1; a caller built against 1.0 has a
+    /// shorter struct and gets the default.)
+    pub transports: *const c_char,
 }
 
 /// One region a peer has registered (see `kvx_peer_regions`).
@@ -230,6 +244,7 @@ pub extern "C" fn kvx_config_init(config: *mut kvx_config) {
         listen: std::ptr::null(),
         io_threads: d.io_threads as u32,
         tcp_lanes: d.tcp_lanes as u32,
+        transports: std::ptr::null(),
     };
     // SAFETY: non-NULL was checked; the caller promises it points to a writable
     // kvx_config. `write` does not read the (possibly uninitialised) old value.
@@ -427,6 +442,41 @@ pub extern "C" fn kvx_local_peer(engine: *const kvx_engine, out: *mut kvx_peer_i
         let out = non_null(out, "out")?;
         // SAFETY: `out` is non-NULL and the caller promises it is writable.
         unsafe { out.write(engine.local_peer().raw()) };
+        Ok(KVX_OK)
+    })
+}
+
+/// The transport batches to `peer` prefer (`KVX_TRANSPORT_*`) goes to `*out`: local for
+/// the engine itself, shm for a peer proven to share this host's memory, else tcp.
+#[no_mangle]
+pub extern "C" fn kvx_peer_transport(
+    engine: *const kvx_engine,
+    peer: kvx_peer_id,
+    out: *mut u32,
+) -> kvx_status {
+    guard(|| {
+        let engine = engine_ref(engine)?;
+        let out = non_null(out, "out")?;
+        let kind = engine.peer_transport(PeerId::from_raw(peer))?;
+        // SAFETY: `out` is non-NULL and the caller promises it is writable.
+        unsafe { out.write(transport_code(kind)) };
+        Ok(KVX_OK)
+    })
+}
+
+/// The transport that moves (or moved) `batch` (`KVX_TRANSPORT_*`) goes to `*out`.
+#[no_mangle]
+pub extern "C" fn kvx_batch_transport(
+    engine: *const kvx_engine,
+    batch: kvx_batch_id,
+    out: *mut u32,
+) -> kvx_status {
+    guard(|| {
+        let engine = engine_ref(engine)?;
+        let out = non_null(out, "out")?;
+        let kind = engine.batch_transport(BatchId::from_raw(batch))?;
+        // SAFETY: `out` is non-NULL and the caller promises it is writable.
+        unsafe { out.write(transport_code(kind)) };
         Ok(KVX_OK)
     })
 }
@@ -991,8 +1041,10 @@ fn access_from_c(bits: u32) -> Result<Access, FfiError> {
     })
 }
 
-/// `sizeof(kvx_config)` in this library (the only layout it knows so far).
+/// `sizeof(kvx_config)` in this library.
 const CONFIG_SIZE: u32 = std::mem::size_of::<kvx_config>() as u32;
+/// `sizeof(kvx_config)` of ABI 1.0, which ended before `transports`.
+const CONFIG_SIZE_1_0: u32 = std::mem::offset_of!(kvx_config, transports) as u32;
 
 /// Reads a caller's config: `struct_size` first (every layout has it at the same place),
 /// and the rest only if the caller's struct is as large as ours.
@@ -1001,7 +1053,7 @@ fn config_from_c(config: *const kvx_config) -> Result<EngineConfig, FfiError> {
     // some ABI version; every version has `struct_size` at this offset (it was `reserved`
     // in ABI 0). We read just that field, not the whole struct, which may be shorter.
     let struct_size = unsafe { std::ptr::addr_of!((*config).struct_size).read_unaligned() };
-    if struct_size != CONFIG_SIZE {
+    if struct_size != CONFIG_SIZE && struct_size != CONFIG_SIZE_1_0 {
         return Err(FfiError::Invalid(if struct_size == 0 {
             "config.struct_size is 0: fill the config with kvx_config_init() first (a program \
              built against kvxfer ABI 0 must be rebuilt against this header)"
@@ -1013,9 +1065,26 @@ fn config_from_c(config: *const kvx_config) -> Result<EngineConfig, FfiError> {
             )
         }));
     }
-    // SAFETY: the caller's struct is as large as ours (struct_size), and the caller
-    // promises it is initialised and unchanged during the call.
-    let c = unsafe { &*config };
+    // SAFETY: the caller's struct is at least CONFIG_SIZE_1_0 bytes (struct_size), so
+    // every field before `transports` is there; the caller promises it is initialised and
+    // unchanged during the call. We copy those fields out one by one (no reference to the
+    // whole struct, which may be shorter than ours).
+    let c = unsafe { read_config_prefix(config) };
+    let transports = if struct_size == CONFIG_SIZE {
+        // SAFETY: the caller's struct is as large as ours, so it has this field.
+        let t = unsafe { std::ptr::addr_of!((*config).transports).read_unaligned() };
+        if t.is_null() {
+            None
+        } else {
+            let text = str_from_c(t, "config.transports")?;
+            Some(
+                crate::transport::parse_transport_list(text)
+                    .map_err(|e| crate::Error::Config(format!("config.transports: {e}")))?,
+            )
+        }
+    } else {
+        None
+    };
     let size = |v: u64, name: &str| {
         usize::try_from(v).map_err(|_| FfiError::Invalid(format!("config.{name} {v} is too large")))
     };
@@ -1035,7 +1104,43 @@ fn config_from_c(config: *const kvx_config) -> Result<EngineConfig, FfiError> {
         .listen(listen.as_deref())
         .io_threads(c.io_threads as usize)
         .tcp_lanes(c.tcp_lanes as usize)
+        .transports(&transports.unwrap_or_else(|| EngineConfig::default().transports))
         .build()?)
+}
+
+/// The ABI 1.0 fields of a caller's config (every field before `transports`).
+///
+/// # Safety
+/// `config` must point to at least `CONFIG_SIZE_1_0` initialised bytes of a `kvx_config`.
+unsafe fn read_config_prefix(config: *const kvx_config) -> kvx_config {
+    macro_rules! field {
+        ($name:ident) => {
+            // SAFETY: the field lies inside the caller's CONFIG_SIZE_1_0 bytes (the
+            // function's contract); read_unaligned needs no alignment.
+            unsafe { std::ptr::addr_of!((*config).$name).read_unaligned() }
+        };
+    }
+    kvx_config {
+        slice_size: field!(slice_size),
+        copy_threads: field!(copy_threads),
+        struct_size: field!(struct_size),
+        batch_timeout_ms: field!(batch_timeout_ms),
+        max_slices_per_batch: field!(max_slices_per_batch),
+        max_batches: field!(max_batches),
+        connect_timeout_ms: field!(connect_timeout_ms),
+        listen: field!(listen),
+        io_threads: field!(io_threads),
+        tcp_lanes: field!(tcp_lanes),
+        transports: std::ptr::null(),
+    }
+}
+
+fn transport_code(kind: TransportKind) -> u32 {
+    match kind {
+        TransportKind::Local => KVX_TRANSPORT_LOCAL,
+        TransportKind::Shm => KVX_TRANSPORT_SHM,
+        _ => KVX_TRANSPORT_TCP,
+    }
 }
 
 fn batch_state(state: BatchState) -> Result<kvx_status, FfiError> {

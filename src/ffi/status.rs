@@ -78,7 +78,7 @@ pub(crate) fn status_of(error: &Error) -> kvx_status {
             MemoryError::OwnedByBuffer { .. } => KVX_ERR_OWNED_BY_BUFFER,
             MemoryError::Overlap { .. } | MemoryError::OverlapInRequest { .. } => KVX_ERR_OVERLAP,
             MemoryError::NotRegistered { .. } => KVX_ERR_NOT_REGISTERED,
-            MemoryError::Busy { .. } => KVX_ERR_BUSY,
+            MemoryError::Busy { .. } | MemoryError::PeerBusy { .. } => KVX_ERR_BUSY,
             MemoryError::BadLocation(_) => KVX_ERR_BAD_LOCATION,
             MemoryError::UnsupportedLocation { .. } => KVX_ERR_UNSUPPORTED,
             MemoryError::AllocationFailed { .. } => KVX_ERR_OUT_OF_MEMORY,

@@ -63,6 +63,14 @@ pub enum MemoryError {
         /// How many batches hold it.
         batches: usize,
     },
+    /// A same-host peer is copying into or out of the region right now.
+    #[error("cannot unregister {range}: a same-host peer is copying into or out of it right now ({copies} copies); retry once its transfer is done")]
+    PeerBusy {
+        /// The region.
+        range: AddrRange,
+        /// Copies in flight.
+        copies: u64,
+    },
     /// A location string could not be parsed.
     #[error(transparent)]
     BadLocation(#[from] LocationParseError),

@@ -92,6 +92,14 @@ impl Region {
         }
     }
 
+    /// The memfd mapping behind engine-allocated memory (`None` for caller memory).
+    pub(crate) fn shared_mapping(&self) -> Option<&SharedMapping> {
+        match &self.backing {
+            Backing::Owned(mapping) => Some(mapping),
+            Backing::Caller => None,
+        }
+    }
+
     /// The registered address range.
     pub fn range(&self) -> AddrRange {
         self.range

@@ -54,6 +54,13 @@ impl RegionSpec {
 /// Called after every change of a registry (to publish the new set to peers).
 pub type ChangeObserver = Arc<dyn Fn() + Send + Sync>;
 
+/// Called with the registry's write lock held before a region leaves it, so that peers
+/// copying into it directly (same-host shared memory) lose access first. The flag is
+/// `force` (engine-owned memory, whose pages outlive the registration anyway). Returns
+/// `Err(copies)` when, without `force`, peers are copying into or out of it right now: the
+/// region then stays registered.
+pub type Revoker = Arc<dyn Fn(&Arc<Region>, bool) -> Result<(), u64> + Send + Sync>;
+
 /// The set of registered regions of one engine.
 #[derive(Default)]
 pub struct Registry {
@@ -61,6 +68,7 @@ pub struct Registry {
     /// Bumped on every change, so peers' cached copies can be checked for staleness.
     version: AtomicU64,
     observer: RwLock<Option<ChangeObserver>>,
+    revoker: RwLock<Option<Revoker>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -137,6 +145,20 @@ impl Registry {
             .unwrap_or_else(PoisonError::into_inner) = observer;
     }
 
+    /// Sets the function asked before a region is unregistered (see [`Revoker`]).
+    pub fn set_revoker(&self, revoker: Option<Revoker>) {
+        *self.revoker.write().unwrap_or_else(PoisonError::into_inner) = revoker;
+    }
+
+    fn revoke(&self, region: &Arc<Region>, force: bool) -> Result<(), u64> {
+        let revoker = self
+            .revoker
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        revoker.map_or(Ok(()), |revoke| revoke(region, force))
+    }
+
     /// How many changes the registry has seen.
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
@@ -172,6 +194,12 @@ impl Registry {
                 batches: pins,
             });
         }
+        if let Err(copies) = self.revoke(region, false) {
+            return Err(MemoryError::PeerBusy {
+                range: region.range(),
+                copies,
+            });
+        }
         let region = map
             .remove(&addr)
             .expect("present: looked up under the same lock");
@@ -188,6 +216,8 @@ impl Registry {
             .get(&region.range().start)
             .is_some_and(|r| Arc::ptr_eq(r, region))
         {
+            // Peers that mapped the pages keep them; they only lose the right to use them.
+            let _ = self.revoke(region, true);
             map.remove(&region.range().start);
             drop(map);
             self.changed();

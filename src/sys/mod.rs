@@ -3,9 +3,11 @@
 //!
 //! Later issues add `verbs` (libibverbs via `dlopen`) and `cuda` (driver API via `dlopen`).
 
+pub mod cma;
 pub mod meminfo;
 pub mod numa;
 pub mod shm;
+pub mod unix;
 
 /// The size of a virtual memory page on this machine.
 pub fn page_size() -> usize {

@@ -12,7 +12,9 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub mod copy;
 pub mod local;
+pub mod shm;
 pub mod tcp;
 
 /// Direction of an op, seen from the initiator.
@@ -87,6 +89,9 @@ pub trait Transport: Send + Sync + fmt::Debug {
 pub enum TransportKind {
     /// In-process copies (the engine is its own peer).
     Local,
+    /// Same host, another process: copies through shared mappings (memfd) or cross-memory
+    /// attach (`process_vm_readv` / `process_vm_writev`).
+    Shm,
     /// TCP connections driven by io_uring.
     Tcp,
 }
@@ -95,9 +100,38 @@ impl fmt::Display for TransportKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             TransportKind::Local => "local",
+            TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
         })
     }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "local" => Ok(TransportKind::Local),
+            "shm" => Ok(TransportKind::Shm),
+            "tcp" => Ok(TransportKind::Tcp),
+            other => Err(format!(
+                "unknown transport {other:?}: expected local, shm or tcp"
+            )),
+        }
+    }
+}
+
+/// Parses a comma-separated transport list (`"shm,tcp"`): in order, no repeats, not empty.
+pub fn parse_transport_list(s: &str) -> Result<Vec<TransportKind>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let kind: TransportKind = part.parse()?;
+        if out.contains(&kind) {
+            return Err(format!("transport {kind} is listed twice in {s:?}"));
+        }
+        out.push(kind);
+    }
+    Ok(out)
 }
 
 /// A transport as reported by `Engine::transports()`.

@@ -6,6 +6,7 @@
  * checks held. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "kvxfer.h"
@@ -48,7 +49,7 @@ static void two_engines(void) {
     kvx_config_init(&config);
     CHECK(config.struct_size == sizeof(kvx_config), "struct_size %u", config.struct_size);
     CHECK(config.listen == NULL && config.io_threads == 1 && config.tcp_lanes == 2 &&
-              config.connect_timeout_ms == 5000,
+              config.connect_timeout_ms == 5000 && config.transports == NULL,
           "network defaults: listen %p io_threads %u tcp_lanes %u connect_timeout_ms %llu",
           (const void *)config.listen, config.io_threads, config.tcp_lanes,
           (unsigned long long)config.connect_timeout_ms);
@@ -113,6 +114,25 @@ static void two_engines(void) {
     expect(kvx_local_peer(a, &local), KVX_OK, NULL, "local_peer A");
     CHECK(self == local && self != peer, "own session gave %llu, local peer is %llu",
           (unsigned long long)self, (unsigned long long)local);
+    uint32_t kind = 0;
+    expect(kvx_peer_transport(a, peer, &kind), KVX_OK, NULL, "peer_transport B");
+    CHECK(kind == KVX_TRANSPORT_SHM, "B (same process) is reached over transport %u", kind);
+    expect(kvx_peer_transport(a, self, &kind), KVX_OK, NULL, "peer_transport self");
+    CHECK(kind == KVX_TRANSPORT_LOCAL, "the local peer is reached over transport %u", kind);
+    expect(kvx_peer_transport(a, 0xdead, &kind), KVX_ERR_UNKNOWN_PEER, NULL, "peer_transport unknown peer");
+    {
+        /* An engine told to use TCP only reaches B over TCP. */
+        kvx_config tcp_only;
+        kvx_config_init(&tcp_only);
+        tcp_only.transports = "tcp";
+        kvx_engine *t = NULL;
+        kvx_peer_id tp = 0;
+        expect(kvx_engine_new(&tcp_only, &t), KVX_OK, NULL, "engine with transports \"tcp\"");
+        expect(kvx_open_peer(t, session_b, &tp), KVX_OK, NULL, "tcp-only engine opens B");
+        expect(kvx_peer_transport(t, tp, &kind), KVX_OK, NULL, "peer_transport, tcp only");
+        CHECK(kind == KVX_TRANSPORT_TCP, "the tcp-only engine reaches B over transport %u", kind);
+        kvx_engine_free(t);
+    }
 
     /* B's regions as A sees them: a count query, a short array, the full list. */
     size_t count = 0;
@@ -161,7 +181,13 @@ static void two_engines(void) {
     expect(kvx_submit_with_notify(a, peer, ops, PAGES, (const uint8_t *)msg, msg_len, &batch), KVX_OK, NULL,
            "submit_with_notify 64 page writes");
     expect(kvx_wait(a, batch, KVX_WAIT_FOREVER), KVX_OK, NULL, "wait for write + notify");
+    /* Two engines of one process share a host: the batch went through shared memory. */
+    uint32_t moved_by = 0;
+    expect(kvx_batch_transport(a, batch, &moved_by), KVX_OK, NULL, "batch_transport");
+    CHECK(moved_by == KVX_TRANSPORT_SHM, "the write batch went over transport %u", moved_by);
+    expect(kvx_batch_transport(a, batch, NULL), KVX_ERR_INVALID_ARGUMENT, "out is NULL", "batch_transport NULL out");
     expect(kvx_free_batch(a, batch), KVX_OK, NULL, "free write batch");
+    expect(kvx_batch_transport(a, batch, &moved_by), KVX_ERR_UNKNOWN_BATCH, NULL, "batch_transport of a freed batch");
     int same = 1;
     for (unsigned p = 0; p < PAGES && same; p++)
         same = memcmp(src + p * PAGE, b_pool + (PAGES - 1 - p) * PAGE, PAGE) == 0;
@@ -378,7 +404,16 @@ int main(void) {
     expect(kvx_engine_new(&config, &other), KVX_ERR_INVALID_ARGUMENT, "kvx_config_init", "config struct_size 0");
     config.struct_size = 40; /* the ABI 0 layout */
     expect(kvx_engine_new(&config, &other), KVX_ERR_INVALID_ARGUMENT, "struct_size 40", "config struct_size of another ABI");
+    config.struct_size = (uint32_t)offsetof(kvx_config, transports); /* the ABI 1.0 layout */
+    expect(kvx_engine_new(&config, &other), KVX_OK, NULL, "config of ABI 1.0 (no transports field)");
+    kvx_engine_free(other);
+    other = NULL;
     config.struct_size = (uint32_t)sizeof(kvx_config);
+    config.transports = "udp,tcp";
+    expect(kvx_engine_new(&config, &other), KVX_ERR_CONFIG, "udp", "unknown transport");
+    config.transports = "tcp,tcp";
+    expect(kvx_engine_new(&config, &other), KVX_ERR_CONFIG, "twice", "transport listed twice");
+    config.transports = NULL;
     config.slice_size = 1;
     expect(kvx_engine_new(&config, &other), KVX_ERR_CONFIG, "slice_size 1", "bad slice size");
     kvx_config_init(&config);

@@ -1,0 +1,549 @@
+//! The initiating side of the same-host transport: proves to the peer that both processes
+//! share memory, then attaches the peer's regions (a pin-table slot each, plus a mapping of
+//! the memfd for engine-allocated memory) and copies slices itself: through the mapping,
+//! or with `process_vm_readv` / `process_vm_writev` for caller-owned memory.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use super::table::{PinTable, SLOT_BYTES};
+use super::wire::{self, code, MapKind, Message, NONCE_LEN};
+use crate::memory::Access;
+use crate::sys::cma::{self, Piece};
+use crate::sys::shm::PeerMapping;
+use crate::sys::unix::{Received, SeqPacket};
+use crate::transport::copy::Mover;
+use crate::transport::{OpKind, Slice, TransportError, TransportKind};
+
+/// A region of the peer, attached for this connection.
+#[derive(Debug)]
+pub struct Attached {
+    /// Start in the peer's address space.
+    pub addr: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Rights the peer granted, as it saw them when attaching.
+    pub access: Access,
+    slot: u32,
+    gen: u64,
+    /// The peer's memfd mapped here (engine-allocated memory).
+    map: Option<PeerMapping>,
+}
+
+impl Attached {
+    fn end(&self) -> u64 {
+        self.addr + self.len
+    }
+
+    fn holds(&self, addr: u64, len: u64) -> bool {
+        addr >= self.addr && addr.checked_add(len).is_some_and(|end| end <= self.end())
+    }
+
+    /// Whether a slice of `kind` can be moved by this process: through the mapping (which
+    /// must be writable for a WRITE) or, without one, by cross-memory attach.
+    fn reachable(&self, kind: OpKind, cma: bool) -> bool {
+        match (&self.map, kind) {
+            (Some(m), OpKind::Write) => m.is_writable() || cma,
+            (Some(_), OpKind::Read) => true,
+            (None, _) => cma,
+        }
+    }
+}
+
+/// Tells whether the peer's engine is still there (its control connection is up).
+pub type Alive = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// A proven same-host connection to one peer.
+pub struct ShmLink {
+    session: String,
+    sock: Mutex<SeqPacket>,
+    table: PinTable,
+    /// The peer's pid as our pid namespace sees it, when cross-memory attach works.
+    pid: i32,
+    cma: AtomicBool,
+    attached: RwLock<BTreeMap<u64, Arc<Attached>>>,
+    alive: Alive,
+    next_req: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for ShmLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmLink")
+            .field("session", &self.session)
+            .field("pid", &self.pid)
+            .field("cma", &self.cma.load(Ordering::Relaxed))
+            .field("attached", &self.attached_count())
+            .finish()
+    }
+}
+
+/// Why same-host memory is not used with a peer (one line for the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotShared(pub String);
+
+impl ShmLink {
+    /// Connects to the peer's abstract socket `name` and proves that both sides share
+    /// memory. On success also checks whether cross-memory attach to the peer works; the
+    /// second value says why not when it does not.
+    pub fn connect(
+        session: &str,
+        name: &str,
+        target_engine: u64,
+        own_engine: u64,
+        timeout: Duration,
+        alive: Alive,
+    ) -> Result<(ShmLink, Option<String>), NotShared> {
+        let deadline = Instant::now() + timeout;
+        let fail = |what: String| NotShared(what);
+        let sock = SeqPacket::connect_abstract(name.as_bytes(), timeout).map_err(|e| {
+            fail(format!(
+                "cannot reach its socket @{name} ({e}): it runs in another network namespace (a container) or on another host"
+            ))
+        })?;
+        let cred = sock
+            .peer_cred()
+            .map_err(|e| fail(format!("cannot read the socket's peer credentials: {e}")))?;
+        let client_nonce = super::random_nonce();
+        let hello = Message::Hello {
+            target_engine,
+            client_engine: own_engine,
+            client_nonce,
+        };
+        sock.send(&hello.encode(1), &[])
+            .map_err(|e| fail(format!("cannot send Hello: {e}")))?;
+        let (reply, fds) = round_trip_reply(&sock, 1, deadline).map_err(fail)?;
+        let Message::HelloReply {
+            engine_id,
+            proof_addr,
+            proof_len,
+            table_slots,
+            ..
+        } = reply
+        else {
+            return Err(fail(format!("answered Hello with {}", describe(&reply))));
+        };
+        if engine_id != target_engine {
+            return Err(fail(format!(
+                "its socket belongs to engine {engine_id:016x}, not {target_engine:016x}"
+            )));
+        }
+        let mut fds = fds.into_iter();
+        let (Some(proof_fd), Some(table_fd)) = (fds.next(), fds.next()) else {
+            return Err(fail("its HelloReply carried no shared pages".into()));
+        };
+        let proof = PeerMapping::map(proof_fd, 0, proof_len as usize, true)
+            .map_err(|e| fail(format!("cannot map its proof page: {e}")))?;
+        let mut server_nonce = [0u8; NONCE_LEN];
+        // SAFETY: the mapping is at least MIN_PROOF_LEN (32) bytes (the decoder enforces
+        // it) and writable; the peer only wrote the first 16 bytes before replying and
+        // reads the next 16 after our Confirm, so nobody writes these bytes concurrently.
+        unsafe {
+            std::ptr::copy_nonoverlapping(proof.as_ptr(), server_nonce.as_mut_ptr(), NONCE_LEN);
+            std::ptr::copy_nonoverlapping(
+                client_nonce.as_ptr(),
+                proof.as_ptr().add(NONCE_LEN),
+                NONCE_LEN,
+            );
+        }
+        let confirm = Message::Confirm { server_nonce };
+        sock.send(&confirm.encode(2), &[])
+            .map_err(|e| fail(format!("cannot send Confirm: {e}")))?;
+        match round_trip_reply(&sock, 2, deadline).map_err(fail)?.0 {
+            Message::Proven => {}
+            other => {
+                return Err(fail(format!(
+                    "did not accept the proof: {}",
+                    describe(&other)
+                )))
+            }
+        }
+        drop(proof);
+        let table_len = table_slots as usize * SLOT_BYTES;
+        let table_map = PeerMapping::map(table_fd, 0, table_len, true)
+            .map_err(|e| fail(format!("cannot map its pin table: {e}")))?;
+        let base = table_map.as_ptr();
+        // SAFETY: `base` starts a shared, writable mapping of `table_len` bytes that the
+        // table keeps alive (it owns `table_map`); the peer sealed the memfd against
+        // shrinking (checked by PeerMapping::map), so the pages stay valid; both sides
+        // access it only through the table's atomics.
+        let table = unsafe { PinTable::new(base, table_len, table_slots, Box::new(table_map)) }
+            .ok_or_else(|| fail("its pin table is misaligned".into()))?;
+        let cma_note = probe_cma(cred.pid, proof_addr, &server_nonce);
+        let link = ShmLink {
+            session: session.to_string(),
+            sock: Mutex::new(sock),
+            table,
+            pid: cred.pid,
+            cma: AtomicBool::new(cma_note.is_none()),
+            attached: RwLock::new(BTreeMap::new()),
+            alive,
+            next_req: std::sync::atomic::AtomicU64::new(3),
+        };
+        Ok((link, cma_note))
+    }
+
+    /// Whether cross-memory attach to the peer works (else only its engine-allocated
+    /// memory is reachable).
+    pub fn cma(&self) -> bool {
+        self.cma.load(Ordering::Acquire)
+    }
+
+    /// Regions attached now.
+    pub fn attached_count(&self) -> usize {
+        self.attached
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// The attached region holding `[addr, addr + len)`.
+    fn find(&self, addr: u64, len: u64) -> Option<Arc<Attached>> {
+        let attached = self.attached.read().unwrap_or_else(PoisonError::into_inner);
+        attached
+            .range(..=addr)
+            .next_back()
+            .map(|(_, a)| a)
+            .filter(|a| a.holds(addr, len))
+            .cloned()
+    }
+
+    fn forget(&self, a: &Attached) {
+        let mut attached = self
+            .attached
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if attached
+            .get(&a.addr)
+            .is_some_and(|x| x.gen == a.gen && x.slot == a.slot)
+        {
+            attached.remove(&a.addr);
+        }
+    }
+
+    /// Attaches the peer's region starting at `region_start` (asks the peer once; later
+    /// calls hit the cache).
+    pub fn attach(&self, region_start: u64, timeout: Duration) -> Result<Arc<Attached>, String> {
+        let sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(a) = self
+            .find(region_start, 1)
+            .filter(|a| a.addr == region_start)
+        {
+            return Ok(a);
+        }
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        sock.send(&Message::Attach { addr: region_start }.encode(req), &[])
+            .map_err(|e| format!("cannot ask to attach {region_start:#x}: {e}"))?;
+        let (reply, fds) = round_trip_reply(&sock, req, Instant::now() + timeout)?;
+        drop(sock);
+        let Message::Attached(att) = reply else {
+            return Err(format!(
+                "refused to attach {region_start:#x}: {}",
+                describe(&reply)
+            ));
+        };
+        if att.addr != region_start {
+            return Err(format!(
+                "attached {:#x} when asked for {region_start:#x}",
+                att.addr
+            ));
+        }
+        let access = Access::from_bits_truncate(att.access);
+        let map = match (att.map, fds.into_iter().next()) {
+            (MapKind::None, _) | (_, None) => None,
+            (MapKind::ReadOnly { offset, .. }, Some(fd)) => self.map(fd, offset, att.len, false),
+            (MapKind::ReadWrite { offset, .. }, Some(fd)) => self.map(fd, offset, att.len, true),
+        };
+        let attached = Arc::new(Attached {
+            addr: att.addr,
+            len: att.len,
+            access,
+            slot: att.slot,
+            gen: att.gen,
+            map,
+        });
+        self.attached
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(att.addr, Arc::clone(&attached));
+        Ok(attached)
+    }
+
+    fn map(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        offset: u64,
+        len: u64,
+        writable: bool,
+    ) -> Option<PeerMapping> {
+        match usize::try_from(len)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+            .and_then(|len| PeerMapping::map(fd, offset, len, writable))
+        {
+            Ok(m) => Some(m),
+            Err(e) => {
+                log::debug!(
+                    "kvxfer: cannot map a region of peer {} ({e}); using cross-memory attach for it",
+                    self.session
+                );
+                None
+            }
+        }
+    }
+
+    /// Checks that every slice can be moved through shared memory, attaching the regions
+    /// it needs; `region_start` gives the start of the peer's region holding an address
+    /// (from its published descriptor). `Err` says why not (the batch goes another way).
+    pub fn reach(
+        &self,
+        slices: &[Slice],
+        region_start: impl Fn(u64) -> Option<u64>,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let cma = self.cma();
+        let mut last: Option<Arc<Attached>> = None;
+        for s in slices {
+            let len = u64::from(s.len);
+            if last
+                .as_ref()
+                .is_some_and(|a| a.holds(s.remote, len) && a.reachable(s.kind, cma))
+            {
+                continue;
+            }
+            let a = match self.find(s.remote, len) {
+                Some(a) => a,
+                None => {
+                    let start = region_start(s.remote).ok_or_else(|| {
+                        format!("{:#x} is in no region the peer published", s.remote)
+                    })?;
+                    self.attach(start, timeout)?
+                }
+            };
+            if !a.holds(s.remote, len) {
+                return Err(format!(
+                    "the peer's region at {:#x} is {} bytes now, too short for {:#x}+{len}",
+                    a.addr, a.len, s.remote
+                ));
+            }
+            let need = match s.kind {
+                OpKind::Write => Access::REMOTE_WRITE,
+                OpKind::Read => Access::REMOTE_READ,
+            };
+            if !a.access.contains(need) {
+                return Err(format!(
+                    "the peer's region at {:#x} does not grant {need}",
+                    a.addr
+                ));
+            }
+            if !a.reachable(s.kind, cma) {
+                return Err(format!(
+                    "the peer's region at {:#x} is its own memory, reachable only by cross-memory attach, which is not available",
+                    a.addr
+                ));
+            }
+            last = Some(a);
+        }
+        Ok(())
+    }
+
+    fn error(&self, reason: String) -> TransportError {
+        TransportError {
+            transport: TransportKind::Shm,
+            reason,
+        }
+    }
+
+    /// Moves consecutive slices that lie in one attached region, with it pinned.
+    fn move_in(&self, a: &Attached, slices: &[Slice]) -> Result<(), TransportError> {
+        if !self.table.pin(a.slot, a.gen) {
+            self.forget(a);
+            return Err(self.error(format!(
+                "peer {} unregistered its region at {:#x} during the transfer",
+                self.session, a.addr
+            )));
+        }
+        // A read-only mapping serves READs; WRITEs into it go by cross-memory attach.
+        let via_map = a
+            .map
+            .as_ref()
+            .filter(|m| m.is_writable() || slices.iter().all(|s| s.kind == OpKind::Read));
+        let moved = match via_map {
+            Some(m) => {
+                for s in slices {
+                    let remote = m.as_ptr().wrapping_add((s.remote - a.addr) as usize);
+                    let local = s.local as *mut u8;
+                    let len = s.len as usize;
+                    // SAFETY: `reach` checked the slice lies inside the attached region,
+                    // which is mapped here for its whole length (writable when this is a
+                    // WRITE, checked above; the peer sealed the file so it cannot shrink).
+                    // The pin keeps the peer from giving the region back to its caller
+                    // while we copy. The local range was checked against our registry and
+                    // is pinned by the batch. The two are different mappings.
+                    unsafe {
+                        match s.kind {
+                            OpKind::Write => std::ptr::copy_nonoverlapping(local, remote, len),
+                            OpKind::Read => std::ptr::copy_nonoverlapping(remote, local, len),
+                        }
+                    }
+                }
+                Ok(())
+            }
+            None => self.cma_move(a, slices),
+        };
+        self.table.unpin(a.slot);
+        moved
+    }
+
+    /// Moves slices by cross-memory attach (the region is pinned by the caller).
+    fn cma_move(&self, a: &Attached, slices: &[Slice]) -> Result<(), TransportError> {
+        let mut start = 0;
+        while start < slices.len() {
+            let kind = slices[start].kind;
+            let end = slices[start..]
+                .iter()
+                .position(|s| s.kind != kind)
+                .map_or(slices.len(), |n| start + n);
+            let pieces: Vec<Piece> = slices[start..end]
+                .iter()
+                .map(|s| Piece {
+                    local: s.local,
+                    remote: s.remote,
+                    len: s.len as usize,
+                })
+                .collect();
+            // SAFETY: every local range was checked against our registry (with the right
+            // this direction needs) and is pinned by the batch until it completes; the
+            // remote ranges lie in the attached region, pinned by our caller.
+            let done = unsafe {
+                match kind {
+                    OpKind::Write => cma::write_to(self.pid, &pieces),
+                    OpKind::Read => cma::read_from(self.pid, &pieces),
+                }
+            };
+            if let Err(e) = done {
+                if e.raw_os_error() == Some(libc::EPERM) && self.cma.swap(false, Ordering::AcqRel) {
+                    log::warn!(
+                        "kvxfer: cross-memory attach to peer {} (pid {}) is no longer permitted ({e}); its own memory is reached over the next transport from now on",
+                        self.session,
+                        self.pid
+                    );
+                }
+                return Err(self.error(format!(
+                    "cross-memory {} of region {:#x} of peer {} (pid {}) failed: {e}",
+                    kind, a.addr, self.session, self.pid
+                )));
+            }
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+impl Mover for ShmLink {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Shm
+    }
+
+    fn move_slices(&self, slices: &[Slice]) -> Result<(), TransportError> {
+        if !(self.alive)() {
+            return Err(self.error(format!("peer {} is gone", self.session)));
+        }
+        let mut start = 0;
+        while start < slices.len() {
+            let first = &slices[start];
+            let a = self
+                .find(first.remote, u64::from(first.len))
+                .ok_or_else(|| {
+                    self.error(format!(
+                        "region {:#x} of peer {} is no longer attached (it was unregistered)",
+                        first.remote, self.session
+                    ))
+                })?;
+            let end = slices[start..]
+                .iter()
+                .position(|s| !a.holds(s.remote, u64::from(s.len)))
+                .map_or(slices.len(), |n| start + n);
+            self.move_in(&a, &slices[start..end])?;
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// Whether process_vm_readv of the proof page gives the nonce back: `None` when it does
+/// (cross-memory attach works), else why not.
+fn probe_cma(pid: i32, proof_addr: u64, nonce: &[u8; NONCE_LEN]) -> Option<String> {
+    if pid <= 0 {
+        return Some("the peer's pid is not visible here (another pid namespace)".into());
+    }
+    let mut seen = [0u8; NONCE_LEN];
+    let piece = Piece {
+        local: seen.as_mut_ptr() as u64,
+        remote: proof_addr,
+        len: NONCE_LEN,
+    };
+    // SAFETY: `seen` is a local array valid for NONCE_LEN bytes of writes, not otherwise
+    // referenced during the call.
+    match unsafe { cma::read_from(pid, &[piece]) } {
+        Ok(()) if &seen == nonce => None,
+        Ok(()) => Some(format!(
+            "pid {pid} is not the peer's process here (another pid namespace)"
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Some(format!(
+            "the kernel does not permit it ({e}): another user, or kernel.yama.ptrace_scope ≥ 1 and the peer is not our descendant, or the peer is not dumpable"
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            Some("the kernel has no process_vm_readv (CONFIG_CROSS_MEMORY_ATTACH)".into())
+        }
+        Err(e) => Some(format!("process_vm_readv of pid {pid} failed: {e}")),
+    }
+}
+
+/// Waits for the reply to request `req`; Refused becomes the error text.
+fn round_trip_reply(
+    sock: &SeqPacket,
+    req: u64,
+    deadline: Instant,
+) -> Result<(Message, Vec<std::os::fd::OwnedFd>), String> {
+    let mut buf = [0u8; wire::MAX_MESSAGE];
+    let left = deadline.saturating_duration_since(Instant::now());
+    let Received {
+        len,
+        fds,
+        truncated,
+        fds_truncated,
+    } = sock
+        .recv(&mut buf, Some(left))
+        .map_err(|e| format!("no reply ({e})"))?;
+    if len == 0 && fds.is_empty() {
+        return Err("the peer closed the connection".into());
+    }
+    if truncated || fds_truncated {
+        return Err("a reply was too long".into());
+    }
+    let (got_req, msg) = wire::decode(&buf[..len]).map_err(|e| format!("bad reply: {e}"))?;
+    if let Message::Refused { code: c, reason } = &msg {
+        return Err(format!("refused ({}): {reason}", code::name(*c)));
+    }
+    if got_req != req {
+        return Err(format!("a reply to request {got_req}, expected {req}"));
+    }
+    if fds.len() != msg.fds() {
+        return Err(format!(
+            "{} carried {} file descriptors, expected {}",
+            msg.kind_name(),
+            fds.len(),
+            msg.fds()
+        ));
+    }
+    Ok((msg, fds))
+}
+
+fn describe(msg: &Message) -> String {
+    match msg {
+        Message::Refused { code: c, reason } => format!("refused ({}): {reason}", code::name(*c)),
+        other => format!("unexpected {}", other.kind_name()),
+    }
+}

@@ -1,0 +1,234 @@
+//! The pin table one same-host peer connection shares with the engine it reads and writes:
+//! a memfd of 16-byte slots, one per attached region. The serving engine writes a slot's
+//! `state` (its generation: odd while the region is live, the next even number once it was
+//! unregistered); the peer counts its copies in flight in `pins`. Both sides use
+//! sequentially consistent atomics in the shared pages, the two halves of Dekker's
+//! handshake:
+//!
+//! - peer: `pins += 1`, then read `state`; go ahead only if it is the generation it was
+//!   given, else `pins -= 1` and fail the op;
+//! - engine, on unregister: write `state = dead`, then read `pins`; non-zero means a copy
+//!   may be running, so it restores `state` and answers `Busy`.
+//!
+//! At least one side sees the other's write, so a copy never runs into memory that
+//! `unregister` has already given back to the caller. A peer that dies with pins held
+//! loses its connection, and with it its table: its pins stop counting.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes per slot.
+pub const SLOT_BYTES: usize = 16;
+
+#[repr(C, align(16))]
+struct Slot {
+    state: AtomicU64,
+    pins: AtomicU64,
+}
+
+/// A pin table mapped in this process.
+pub struct PinTable {
+    base: *const Slot,
+    slots: u32,
+    /// Keeps the mapping `base` points into alive.
+    _mapping: Box<dyn Any + Send + Sync>,
+}
+
+// SAFETY: the table is only accessed through atomics in memory that stays mapped as long
+// as the table lives (`_mapping`); the raw pointer is just its address.
+unsafe impl Send for PinTable {}
+// SAFETY: as above: every access is an atomic operation.
+unsafe impl Sync for PinTable {}
+
+impl std::fmt::Debug for PinTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinTable")
+            .field("slots", &self.slots)
+            .finish()
+    }
+}
+
+/// What a slot's `state` says of a region: live under `gen` (odd).
+fn is_live(gen: u64) -> bool {
+    gen % 2 == 1
+}
+
+impl PinTable {
+    /// The table in `mapping`, whose bytes start at `base` and span at least
+    /// `slots * SLOT_BYTES` bytes; `None` if `base` is not 16-byte aligned or the length
+    /// does not fit.
+    ///
+    /// # Safety
+    /// `base` must point to `len` bytes of shared, readable and writable memory that stay
+    /// mapped while `mapping` lives, and nothing may access them other than through this
+    /// type's atomics (here or in the peer process).
+    pub unsafe fn new(
+        base: *mut u8,
+        len: usize,
+        slots: u32,
+        mapping: Box<dyn Any + Send + Sync>,
+    ) -> Option<PinTable> {
+        let need = (slots as usize).checked_mul(SLOT_BYTES)?;
+        if base.is_null() || base as usize % SLOT_BYTES != 0 || need > len {
+            return None;
+        }
+        Some(PinTable {
+            base: base.cast(),
+            slots,
+            _mapping: mapping,
+        })
+    }
+
+    /// Number of slots.
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    fn slot(&self, index: u32) -> Option<&Slot> {
+        if index >= self.slots {
+            return None;
+        }
+        // SAFETY: index < slots, and `new` checked that slots * SLOT_BYTES bytes from the
+        // aligned `base` are mapped for as long as `self` (which holds the mapping) lives.
+        // `Slot` is two atomics, valid for any bit pattern.
+        Some(unsafe { &*self.base.add(index as usize) })
+    }
+
+    /// Peer side: counts a copy into or out of the region of `slot` and checks that it is
+    /// still live under `gen`. False (nothing counted) when it is not, or `slot` is out of
+    /// range; then the region must not be touched.
+    pub fn pin(&self, slot: u32, gen: u64) -> bool {
+        let Some(s) = self.slot(slot) else {
+            return false;
+        };
+        s.pins.fetch_add(1, Ordering::SeqCst);
+        if s.state.load(Ordering::SeqCst) == gen && is_live(gen) {
+            return true;
+        }
+        s.pins.fetch_sub(1, Ordering::SeqCst);
+        false
+    }
+
+    /// Peer side: the copy counted by a successful `pin` is done.
+    pub fn unpin(&self, slot: u32) {
+        if let Some(s) = self.slot(slot) {
+            s.pins.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Engine side: makes `slot` live under `gen` (odd). Pins are left alone: a stale
+    /// pinner of an earlier generation may be between its two counts, which balance.
+    pub fn open(&self, slot: u32, gen: u64) {
+        debug_assert!(is_live(gen));
+        if let Some(s) = self.slot(slot) {
+            s.state.store(gen, Ordering::SeqCst);
+        }
+    }
+
+    /// Engine side: ends `slot`'s life under `gen`. Returns the pins counted at that moment;
+    /// when that is non-zero and `force` is false the slot is made live again (the caller
+    /// answers `Busy`). With `force` the slot stays dead whatever the count.
+    pub fn revoke(&self, slot: u32, gen: u64, force: bool) -> u64 {
+        let Some(s) = self.slot(slot) else {
+            return 0;
+        };
+        s.state.store(gen + 1, Ordering::SeqCst);
+        let pins = s.pins.load(Ordering::SeqCst);
+        if pins != 0 && !force {
+            s.state.store(gen, Ordering::SeqCst);
+        }
+        pins
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    fn table(slots: u32) -> PinTable {
+        let mut mem = vec![0u128; slots as usize].into_boxed_slice();
+        let base = mem.as_mut_ptr().cast::<u8>();
+        let len = slots as usize * SLOT_BYTES;
+        // SAFETY: the boxed slice is 16-byte aligned, `len` bytes long and moved into the
+        // table, which is the only thing that touches it from now on.
+        unsafe { PinTable::new(base, len, slots, Box::new(mem)) }.unwrap()
+    }
+
+    #[test]
+    fn pin_needs_the_live_generation() {
+        let t = table(4);
+        assert!(!t.pin(0, 1), "a slot never opened is not live");
+        t.open(0, 1);
+        assert!(t.pin(0, 1));
+        assert!(!t.pin(0, 3), "a stale generation pins nothing");
+        assert!(!t.pin(9, 1), "out of range");
+        assert_eq!(t.revoke(0, 1, false), 1, "one copy in flight");
+        assert!(t.pin(0, 1), "a busy revoke leaves the slot live");
+        t.unpin(0);
+        t.unpin(0);
+        assert_eq!(t.revoke(0, 1, false), 0);
+        assert!(!t.pin(0, 1), "revoked");
+        t.open(0, 3);
+        assert!(!t.pin(0, 1), "the old generation stays dead after reuse");
+        assert!(t.pin(0, 3));
+        assert_eq!(t.revoke(0, 3, true), 1, "forced: dead even while pinned");
+        assert!(!t.pin(0, 3));
+    }
+
+    #[test]
+    fn misaligned_or_short_memory_is_refused() {
+        let mut mem = vec![0u128; 4].into_boxed_slice();
+        let base = mem.as_mut_ptr().cast::<u8>();
+        // SAFETY: the checks under test refuse before anything is accessed.
+        unsafe {
+            assert!(PinTable::new(base.add(8), 48, 2, Box::new(())).is_none());
+            assert!(PinTable::new(base, 32, 3, Box::new(())).is_none());
+            assert!(PinTable::new(std::ptr::null_mut(), 64, 1, Box::new(())).is_none());
+        }
+        drop(mem);
+    }
+
+    /// The handshake under contention: while a revoker succeeds, no pinner is inside.
+    #[test]
+    fn revoke_and_pin_exclude_each_other() {
+        let t = Arc::new(table(1));
+        for round in 0..200u64 {
+            let gen = 2 * round + 1;
+            t.open(0, gen);
+            let inside = Arc::new(AtomicU64::new(0));
+            let revoked = Arc::new(AtomicBool::new(false));
+            let pinner = {
+                let (t, inside, revoked) =
+                    (Arc::clone(&t), Arc::clone(&inside), Arc::clone(&revoked));
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        if t.pin(0, gen) {
+                            inside.fetch_add(1, Ordering::SeqCst);
+                            assert!(
+                                !revoked.load(Ordering::SeqCst),
+                                "pinned after a revoke succeeded"
+                            );
+                            inside.fetch_sub(1, Ordering::SeqCst);
+                            t.unpin(0);
+                        }
+                    }
+                })
+            };
+            loop {
+                if t.revoke(0, gen, false) == 0 {
+                    revoked.store(true, Ordering::SeqCst);
+                    assert_eq!(
+                        inside.load(Ordering::SeqCst),
+                        0,
+                        "a copy ran through a revoke"
+                    );
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            pinner.join().unwrap();
+        }
+    }
+}
