@@ -120,15 +120,17 @@ fn prefill(pages: usize, layers: usize) -> DemoResult {
         .collect();
     let sent_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     let start = Instant::now();
-    let note = format!("req-1 pages={pages} layers={layers} sent_at_ns={sent_at}");
+    let over = engine.peer_transport(peer)?;
+    let note = format!("req-1 pages={pages} layers={layers} transport={over} sent_at_ns={sent_at}");
     let batch = engine.submit_with_notify(peer, &ops, note.as_bytes())?;
     let state = engine.wait(batch, Duration::from_secs(60))?;
     let elapsed = start.elapsed();
+    let moved_by = engine.batch_transport(batch)?;
     engine.free(batch)?;
     state.into_result()?;
     let bytes = ops.len() * PAGE_BYTES;
     println!(
-        "  prefill: wrote {} ops ({:.1} MiB) and the notification in {:.2} ms ({:.2} GB/s)",
+        "  prefill: wrote {} ops ({:.1} MiB) over {moved_by} and the notification in {:.2} ms ({:.2} GB/s)",
         ops.len(),
         bytes as f64 / (1 << 20) as f64,
         elapsed.as_secs_f64() * 1e3,
@@ -199,7 +201,7 @@ fn decode(pages: usize, layers: usize) -> DemoResult {
     );
     println!(
         "  decode: {total} pages ({pages} pages x {layers} layers x K,V), {bytes} bytes arrived over {} in {:.2} ms ({:.2} GB/s, submit to notification)",
-        transport_of(&engine),
+        transport_of(&engine, &text),
         secs * 1e3,
         bytes as f64 / secs.max(1e-9) / 1e9
     );
@@ -216,13 +218,20 @@ fn decode(pages: usize, layers: usize) -> DemoResult {
     Ok(())
 }
 
-/// The transport the decode side was reached over, as its engine reports it.
-fn transport_of(engine: &Engine) -> String {
+/// The transport the prefill side says it used (in the notification), with what this
+/// engine reports about it.
+fn transport_of(engine: &Engine, note: &str) -> String {
+    let Some(kind) = note
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("transport="))
+    else {
+        return "?".into();
+    };
     engine
         .transports()
         .iter()
-        .find(|t| t.kind == kvxfer::TransportKind::Tcp)
-        .map_or("?".into(), |t| format!("{} ({})", t.kind, t.detail))
+        .find(|t| t.kind.to_string() == kind)
+        .map_or(kind.to_string(), |t| format!("{} ({})", t.kind, t.detail))
 }
 
 /// Host memory on NUMA node 0 where the kernel has NUMA nodes, else anywhere.

@@ -14,7 +14,7 @@ use super::batch::Batch;
 use super::net::{split_host_port, Net};
 use super::{EngineConfig, Error, Result};
 use crate::control::{ControlClient, ControlError, SegmentDescriptor};
-use crate::memory::{AddrRange, Backing, Region, RegionLookup};
+use crate::memory::{Access, AddrRange, Backing, Region, RegionLookup};
 use crate::transport::copy::CopyPool;
 use crate::transport::shm::{ShmLink, ShmTransport};
 use crate::transport::tcp::TcpTransport;
@@ -293,6 +293,7 @@ impl RemotePeer {
             .iter()
             .find(|t| t.kind == "shm")
             .ok_or("it offers no shared memory (left out of its configuration, or its socket could not be opened)")?;
+        let deadline = Instant::now() + timeout;
         let socket = offer
             .param("socket")
             .ok_or("its shm offer names no socket")?;
@@ -305,6 +306,23 @@ impl RemotePeer {
             control.liveness(),
         )
         .map_err(|e| e.0)?;
+        // Attach (and map) what the peer has published now, as part of opening it, so the
+        // first batch does not pay for it; regions registered later attach on first use.
+        for region in &descriptor.regions {
+            if region
+                .access
+                .intersects(Access::REMOTE_READ | Access::REMOTE_WRITE)
+            {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Err(why) = link.attach(region.addr, left) {
+                    log::debug!(
+                        "kvxfer: peer {}: region {:#x} not attached now ({why}); retried on first use",
+                        self.session,
+                        region.addr
+                    );
+                }
+            }
+        }
         Ok((ShmTransport::new(link, Arc::clone(pool)), cma_note))
     }
 

@@ -271,7 +271,9 @@ impl PeerMapping {
             )));
         }
         let mut options = MmapOptions::new();
-        options.offset(offset).len(len);
+        // Populated: the peer's pages exist already, and faulting in our page-table entries
+        // one 4 KiB page at a time during the first transfer would cost more than the copy.
+        options.offset(offset).len(len).populate();
         let (map, ptr) = if writable {
             // SAFETY: the file is sealed against shrinking and holds offset + len bytes, so
             // every mapped page stays backed for the life of the mapping (no SIGBUS). Its

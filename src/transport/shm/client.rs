@@ -312,7 +312,16 @@ impl ShmLink {
             {
                 continue;
             }
-            let a = match self.find(s.remote, len) {
+            let cached = self.find(s.remote, len).filter(|a| {
+                // A region the peer unregistered (and maybe registered again since) is
+                // attached afresh rather than failing the batch later.
+                let live = self.table.is_live(a.slot, a.gen);
+                if !live {
+                    self.forget(a);
+                }
+                live
+            });
+            let a = match cached {
                 Some(a) => a,
                 None => {
                     let start = region_start(s.remote).ok_or_else(|| {

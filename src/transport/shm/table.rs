@@ -109,6 +109,14 @@ impl PinTable {
         false
     }
 
+    /// Whether `slot` is live under `gen` right now (a hint: it can change at once).
+    pub fn is_live(&self, slot: u32, gen: u64) -> bool {
+        is_live(gen)
+            && self
+                .slot(slot)
+                .is_some_and(|s| s.state.load(Ordering::SeqCst) == gen)
+    }
+
     /// Peer side: the copy counted by a successful `pin` is done.
     pub fn unpin(&self, slot: u32) {
         if let Some(s) = self.slot(slot) {
