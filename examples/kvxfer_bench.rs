@@ -3,10 +3,22 @@
 //! latency and the CPU seconds both sides spent on the point.
 //!
 //! ```text
-//! kvxfer_bench target    [--listen HOST:PORT] [--size SIZE] [--forever]
-//! kvxfer_bench initiator --peer HOST:PORT [BENCH OPTIONS]
-//! kvxfer_bench pair      [--transport tcp|local|auto] [BENCH OPTIONS]
+//! kvxfer_bench target    [--listen HOST:PORT] [--size SIZE] [--memory buffer|caller] [--forever]
+//! kvxfer_bench initiator --peer HOST:PORT [--transport tcp|shm|auto] [BENCH OPTIONS]
+//! kvxfer_bench pair      [--transport tcp|shm|local|auto] [--memory buffer|caller] [BENCH OPTIONS]
 //! ```
+//!
+//! Transports: `shm` (same host, another process: the initiator's CPU copies through the
+//! target's memfd mapped into it, or by cross-memory attach for memory the target
+//! registered itself), `tcp` (io_uring), `local` (one process, `pair` only). `auto` keeps
+//! the engine's default order (shm, then tcp). The `transport` column is what actually
+//! moved each point's batches (`Engine::batch_transport`), not what the peer prefers: a
+//! batch goes over the first configured transport that reaches its memory.
+//!
+//! `--memory caller` makes the target map its region itself (anonymous `mmap`) and
+//! register it with the unsafe `Engine::register`, as a server registers its own pool
+//! (SGLang's pinned KV pool); over shm that memory is reached by cross-memory attach
+//! (`process_vm_writev/readv`) instead of a shared memfd mapping.
 //!
 //! Build with `cargo build --release --example kvxfer_bench`; run `--help` for the
 //! options. Sizes take binary suffixes only: `K`, `Ki`, `KiB` (and `KB`) all mean 1024,
@@ -20,10 +32,14 @@
 //!   ramp-up); then every thread starts together at a barrier.
 //! - Latency is submit → `wait` returning, per batch (`free` is outside it). GB/s and
 //!   ops/s are the bytes and ops of all threads over the wall time of the point.
+//! - The transport is per batch: one untimed probe op before the first point shows the
+//!   stderr description line, and each thread records the transport of its first timed
+//!   batch of every point for the row (distinct ones joined with `+`).
 //! - CPU time is `getrusage(RUSAGE_SELF)` (user + system, every thread, so the engine's
-//!   own I/O and copy threads count). In `pair` over TCP the target is asked for its
-//!   cumulative CPU before and after each point over its stdin/stdout; with `--transport
-//!   local` both sides are one process and all CPU is the initiator's.
+//!   own I/O and copy threads count). In `pair` with a target process (tcp, shm, auto) the
+//!   target is asked for its cumulative CPU before and after each point over its
+//!   stdin/stdout (over shm it should be near zero: the initiator copies); with
+//!   `--transport local` both sides are one process and all CPU is the initiator's.
 
 use std::fmt::Display;
 use std::io::{BufRead, BufReader, Write};
@@ -32,28 +48,39 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Barrier};
 use std::time::{Duration, Instant};
 
-use kvxfer::{Access, Buffer, Engine, EngineConfig, Location, Op, PeerId};
+use kvxfer::{Access, Buffer, Engine, EngineConfig, Location, Op, PeerId, TransportKind};
 
 const USAGE: &str = "\
 kvxfer_bench: throughput and latency of kvxfer transfers
 
 USAGE:
-  kvxfer_bench target    [--listen HOST:PORT] [--size SIZE] [--forever]
-  kvxfer_bench initiator --peer HOST:PORT [BENCH OPTIONS]
-  kvxfer_bench pair      [--transport tcp|local|auto] [BENCH OPTIONS]
+  kvxfer_bench target    [--listen HOST:PORT] [--size SIZE] [--memory buffer|caller] [--forever]
+  kvxfer_bench initiator --peer HOST:PORT [--transport tcp|shm|auto] [BENCH OPTIONS]
+  kvxfer_bench pair      [--transport tcp|shm|local|auto] [--memory buffer|caller] [BENCH OPTIONS]
   kvxfer_bench --help
 
 target     starts an engine listening on --listen (default 127.0.0.1:0), registers one
-           buffer of --size bytes (default 1GiB, every access right), prints
+           region of --size bytes (default 1GiB, every access right), prints
            `ready <session-id>` on stdout and serves until stdin reaches EOF (or, with
            --forever, until killed). A line `cpu` on stdin is answered with
            `cpu_s <seconds>` (its CPU time so far); at EOF it prints a last `cpu_s` line.
            Its CPU seconds also go to stderr when it exits or is stopped by SIGINT/SIGTERM.
+           --memory buffer (default): the engine allocates it (Engine::allocate, memfd).
+           --memory caller: the target maps it itself (anonymous mmap) and registers it
+           with the unsafe Engine::register, like a server's own pool; over shm such
+           memory is reached by cross-memory attach instead of a shared mapping.
 initiator  opens the target --peer, picks its first region granting the remote rights the
            run needs, and runs the points against it.
-pair       starts a target process (tcp, auto) or a second buffer in the same engine
-           (local) and runs the points against it. auto = tcp, the only cross-process
-           transport so far; the transport actually used is printed in every row.
+pair       starts a target process (tcp, shm, auto; --memory goes to it) or, with local, a
+           second region in the same engine, and runs the points against it.
+
+--transport (initiator and pair; sets the initiator's engine transports):
+  auto     the engine default: shm when the target proves it shares this host's memory,
+           else tcp; per batch, the first that reaches its memory (default)
+  shm      shm only; fails, with the reason, when the target is not reachable over shm
+  tcp      tcp only
+  local    (pair only) both regions in one engine, in-process copies
+  The transport column of each row is the one that actually moved the point's batches.
 
 BENCH OPTIONS:
   --op write|read     direction (default write; with --sweep: both unless given)
@@ -78,8 +105,9 @@ threads) each process spent during the point; `-` (JSON null) where not measurab
 standalone initiator cannot see its target's CPU, and with --transport local both sides
 are one process (all in cpu_init_s). JSON cpu_s = initiator + target (what was measured).
 
-Environment: KVX_TCP_LANES, KVX_IO_THREADS (and the other KVX_* engine overrides) apply
-to both processes. Exit status: 0 ok, 1 run failure or --check mismatch, 2 bad arguments.
+Environment: KVX_TCP_LANES, KVX_IO_THREADS, KVX_COPY_THREADS (and the other KVX_* engine
+overrides) apply to both processes; KVX_TRANSPORTS conflicting with --transport tcp|shm is
+refused. Exit status: 0 ok, 1 run failure or --check mismatch, 2 bad arguments.
 ";
 
 /// Grid of `--sweep`: the KV page sizes that matter (4 KiB pages up to whole 4 MiB layer
@@ -176,8 +204,16 @@ fn run(args: &[String]) -> Res<()> {
     match parse_command(args)? {
         Cmd::Help => out_line(USAGE.trim_end()),
         Cmd::Target(t) => target_main(&t),
-        Cmd::Initiator { peer, bench } => initiator_main(&peer, &bench),
-        Cmd::Pair { transport, bench } => pair_main(transport, &bench),
+        Cmd::Initiator {
+            peer,
+            transport,
+            bench,
+        } => initiator_main(&peer, transport, &bench),
+        Cmd::Pair {
+            transport,
+            memory,
+            bench,
+        } => pair_main(transport, memory, &bench),
     }
 }
 
@@ -373,14 +409,81 @@ impl Dir {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TransportChoice {
     Tcp,
+    Shm,
     Local,
     Auto,
+}
+
+impl TransportChoice {
+    fn name(self) -> &'static str {
+        match self {
+            TransportChoice::Tcp => "tcp",
+            TransportChoice::Shm => "shm",
+            TransportChoice::Local => "local",
+            TransportChoice::Auto => "auto",
+        }
+    }
+
+    /// The initiator engine's `transports` for this choice; `None` keeps the default.
+    fn engine_transports(self) -> Option<&'static [TransportKind]> {
+        match self {
+            TransportChoice::Tcp => Some(&[TransportKind::Tcp]),
+            TransportChoice::Shm => Some(&[TransportKind::Shm]),
+            TransportChoice::Local | TransportChoice::Auto => None,
+        }
+    }
+}
+
+/// Parses `--transport` against the choices the subcommand offers (default auto).
+fn parse_transport(f: &Flags, allowed: &[TransportChoice]) -> Res<TransportChoice> {
+    let text = f.value("transport").unwrap_or("auto");
+    allowed
+        .iter()
+        .copied()
+        .find(|c| c.name() == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = allowed.iter().map(|c| c.name()).collect();
+            usage_err(format!(
+                "--transport {text:?}: expected one of {}",
+                names.join(", ")
+            ))
+        })
+}
+
+/// Where the target's region comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MemoryChoice {
+    /// `Engine::allocate`: memfd-backed, shared by mapping over shm.
+    Buffer,
+    /// Mapped by the bench itself and registered with `Engine::register`: reached by
+    /// cross-memory attach over shm.
+    Caller,
+}
+
+impl MemoryChoice {
+    fn name(self) -> &'static str {
+        match self {
+            MemoryChoice::Buffer => "buffer",
+            MemoryChoice::Caller => "caller",
+        }
+    }
+
+    fn parse(f: &Flags) -> Res<MemoryChoice> {
+        match f.value("memory").unwrap_or("buffer") {
+            "buffer" => Ok(MemoryChoice::Buffer),
+            "caller" => Ok(MemoryChoice::Caller),
+            other => Err(usage_err(format!(
+                "--memory {other:?}: expected buffer or caller"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct TargetArgs {
     listen: String,
     size: u64,
+    memory: MemoryChoice,
     forever: bool,
 }
 
@@ -404,10 +507,12 @@ enum Cmd {
     Target(TargetArgs),
     Initiator {
         peer: String,
+        transport: TransportChoice,
         bench: BenchArgs,
     },
     Pair {
         transport: TransportChoice,
+        memory: MemoryChoice,
         bench: BenchArgs,
     },
 }
@@ -428,16 +533,17 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
     };
     match cmd.as_str() {
         "target" => {
-            let f = parse_flags("target", rest, &["listen", "size"], &["forever"])?;
+            let f = parse_flags("target", rest, &["listen", "size", "memory"], &["forever"])?;
             Ok(Cmd::Target(TargetArgs {
                 listen: f.value("listen").unwrap_or("127.0.0.1:0").to_string(),
                 size: f.size("size", DEFAULT_SIZE)?,
+                memory: MemoryChoice::parse(&f)?,
                 forever: f.has("forever"),
             }))
         }
         "initiator" => {
             let mut valued = BENCH_VALUED.to_vec();
-            valued.push("peer");
+            valued.extend(["peer", "transport"]);
             let f = parse_flags("initiator", rest, &valued, &BENCH_SWITCHES)?;
             let peer = f
                 .value("peer")
@@ -445,27 +551,21 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
                     usage_err("initiator needs --peer HOST:PORT (the target's `ready` line)")
                 })?
                 .to_string();
+            use TransportChoice::{Auto, Shm, Tcp};
             Ok(Cmd::Initiator {
                 peer,
+                transport: parse_transport(&f, &[Tcp, Shm, Auto])?,
                 bench: bench_args(&f)?,
             })
         }
         "pair" => {
             let mut valued = BENCH_VALUED.to_vec();
-            valued.push("transport");
+            valued.extend(["transport", "memory"]);
             let f = parse_flags("pair", rest, &valued, &BENCH_SWITCHES)?;
-            let transport = match f.value("transport").unwrap_or("auto") {
-                "tcp" => TransportChoice::Tcp,
-                "local" => TransportChoice::Local,
-                "auto" => TransportChoice::Auto,
-                other => {
-                    return Err(usage_err(format!(
-                        "--transport {other:?}: expected tcp, local or auto"
-                    )))
-                }
-            };
+            use TransportChoice::{Auto, Local, Shm, Tcp};
             Ok(Cmd::Pair {
-                transport,
+                transport: parse_transport(&f, &[Tcp, Shm, Local, Auto])?,
+                memory: MemoryChoice::parse(&f)?,
                 bench: bench_args(&f)?,
             })
         }
@@ -685,28 +785,156 @@ fn install_signal_report() {
 // Target
 // ---------------------------------------------------------------------------------------
 
+/// Anonymous memory the bench maps itself, as a server maps its own KV pool: registered
+/// with the unsafe `Engine::register`, not allocated by the engine. Unmapped on drop, so
+/// it must be made before the engine that registers it (locals drop in reverse order) and
+/// unregistered before it goes.
+struct CallerMemory {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl CallerMemory {
+    /// Maps `len` bytes, faulted in now (`MAP_POPULATE`) as `Engine::allocate` faults its
+    /// buffers in, so the first point does not pay the page faults.
+    fn map(len: usize) -> Res<CallerMemory> {
+        // SAFETY: a fresh private anonymous mapping chosen by the kernel (null hint) aliases
+        // nothing of ours; the result is checked against MAP_FAILED before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Failure::Run(format!(
+                "cannot map {} of caller memory: {}",
+                fmt_size(len as u64),
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(CallerMemory { ptr, len })
+    }
+
+    fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// Registers the whole mapping with `engine`, every access right.
+    fn register(&self, engine: &Engine) -> Res<()> {
+        // SAFETY: the range is our live mapping, readable and writable. It stays mapped
+        // until `self` drops, which every caller arranges to happen after the engine is
+        // dropped (or after `unregister` succeeded); nothing else in the bench touches it
+        // while batches run.
+        unsafe { engine.register(self.addr(), self.len as u64, None, Access::ALL) }.context(|| {
+            format!(
+                "cannot register {} of caller memory at {:#x}",
+                fmt_size(self.len as u64),
+                self.addr()
+            )
+        })
+    }
+
+    fn unregister(&self, engine: &Engine) -> Res<()> {
+        engine
+            .unregister(self.addr())
+            .context(|| format!("cannot unregister the caller memory at {:#x}", self.addr()))
+    }
+}
+
+impl Drop for CallerMemory {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping `map` made, unmapped once; the engine that registered
+        // it is gone or has unregistered it (see the type's comment).
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
+}
+
+/// The region a target serves: engine memory, or caller memory registered by hand.
+enum Served {
+    Buffer(Buffer),
+    /// Registered caller memory; the mapping itself is owned by the caller of `serve`.
+    Caller(u64),
+}
+
+impl Served {
+    /// Registers the target's `len` bytes in `engine`: `caller` when given (mapped before
+    /// the engine was made), else an engine buffer.
+    fn new(engine: &Engine, len: usize, caller: Option<&CallerMemory>) -> Res<Served> {
+        match caller {
+            Some(m) => {
+                m.register(engine)?;
+                Ok(Served::Caller(m.addr()))
+            }
+            None => engine
+                .allocate(len, Location::Any)
+                .map(Served::Buffer)
+                .context(|| format!("cannot allocate the {} target buffer", fmt_size(len as u64))),
+        }
+    }
+
+    fn addr(&self) -> u64 {
+        match self {
+            Served::Buffer(b) => b.addr(),
+            Served::Caller(addr) => *addr,
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Served::Buffer(_) => "buffer memory (Engine::allocate, memfd)",
+            Served::Caller(_) => "caller memory (mmap + Engine::register)",
+        }
+    }
+
+    /// Unregisters (caller memory) or frees (buffer) the region.
+    fn release(self, engine: &Engine, caller: Option<&CallerMemory>) -> Res<()> {
+        match (self, caller) {
+            (Served::Caller(_), Some(m)) => m.unregister(engine),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn map_caller(memory: MemoryChoice, len: usize) -> Res<Option<CallerMemory>> {
+    match memory {
+        MemoryChoice::Buffer => Ok(None),
+        MemoryChoice::Caller => CallerMemory::map(len).map(Some),
+    }
+}
+
 fn target_main(args: &TargetArgs) -> Res<()> {
+    let len = usize::try_from(args.size)
+        .map_err(|_| usage_err(format!("--size {} does not fit this machine", args.size)))?;
+    // Before the engine: dropped after it on every path.
+    let caller = map_caller(args.memory, len)?;
     let config = EngineConfig::builder()
         .listen(Some(&args.listen))
         .build()
         .context(|| "bad engine configuration".into())?;
     let engine = Engine::new(config).context(|| format!("cannot listen on {}", args.listen))?;
-    let len = usize::try_from(args.size)
-        .map_err(|_| usage_err(format!("--size {} does not fit this machine", args.size)))?;
-    let buffer = engine
-        .allocate(len, Location::Any)
-        .context(|| format!("cannot allocate the {} target buffer", fmt_size(args.size)))?;
+    let served = Served::new(&engine, len, caller.as_ref())?;
     let session = engine
         .session_id()
         .ok_or_else(|| Failure::Run("the engine does not listen (KVX_LISTEN=none?)".into()))?
         .to_string();
+    let cfg = engine.config();
+    let transports: Vec<String> = cfg.transports.iter().map(|t| t.to_string()).collect();
     eprintln!(
-        "target: pid {}, session {session}, buffer {} at {:#x}, {} TCP lanes per peer, {} I/O threads",
+        "target: pid {}, session {session}, {} {} at {:#x}, transports {}, {} TCP lanes per peer, {} I/O threads",
         std::process::id(),
         fmt_size(args.size),
-        buffer.addr(),
-        engine.config().tcp_lanes,
-        engine.config().io_threads
+        served.describe(),
+        served.addr(),
+        transports.join(","),
+        cfg.tcp_lanes,
+        cfg.io_threads
     );
     install_signal_report();
     out_line(&format!("ready {session}"))?;
@@ -731,8 +959,9 @@ fn target_main(args: &TargetArgs) -> Res<()> {
     eprintln!("target: cpu seconds used: {cpu:.3}");
     // The parent may be gone already (closed pipe); the stderr line above still counts.
     let _ = out_line(&format!("cpu_s {cpu:.6}"));
-    drop(buffer);
+    served.release(&engine, caller.as_ref())?;
     drop(engine);
+    drop(caller);
     Ok(())
 }
 
@@ -743,14 +972,16 @@ struct TargetProc {
     /// Lines from the target's stdout, read by a thread so every wait can time out.
     lines: mpsc::Receiver<String>,
     session: String,
+    memory: MemoryChoice,
 }
 
 impl TargetProc {
-    fn spawn(size: u64) -> Res<TargetProc> {
+    fn spawn(size: u64, memory: MemoryChoice) -> Res<TargetProc> {
         let exe = std::env::current_exe().context(|| "cannot find this executable".into())?;
         let mut child = Command::new(&exe)
             .args(["target", "--listen", "127.0.0.1:0", "--size"])
             .arg(size.to_string())
+            .args(["--memory", memory.name()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -774,6 +1005,7 @@ impl TargetProc {
             child,
             lines,
             session: String::new(),
+            memory,
         };
         let ready = target.next_line(READY_TIMEOUT, "its `ready` line")?;
         target.session = ready
@@ -868,20 +1100,19 @@ impl Drop for TargetProc {
 // Initiator and pair
 // ---------------------------------------------------------------------------------------
 
-fn initiator_main(session: &str, args: &BenchArgs) -> Res<()> {
+fn initiator_main(session: &str, transport: TransportChoice, args: &BenchArgs) -> Res<()> {
     let plan = args.plan();
-    run_remote(session, args.size, &plan, None)
+    run_remote(session, transport, args.size, &plan, None)
 }
 
-fn pair_main(transport: TransportChoice, args: &BenchArgs) -> Res<()> {
+fn pair_main(transport: TransportChoice, memory: MemoryChoice, args: &BenchArgs) -> Res<()> {
     let plan = args.plan();
     match transport {
-        TransportChoice::Local => run_local(args.size, &plan),
-        // TCP is the only cross-process transport so far; shm will make `auto` differ.
-        TransportChoice::Tcp | TransportChoice::Auto => {
-            let mut target = TargetProc::spawn(args.size)?;
+        TransportChoice::Local => run_local(args.size, memory, &plan),
+        TransportChoice::Tcp | TransportChoice::Shm | TransportChoice::Auto => {
+            let mut target = TargetProc::spawn(args.size, memory)?;
             let session = target.session.clone();
-            run_remote(&session, args.size, &plan, Some(&mut target))?;
+            run_remote(&session, transport, args.size, &plan, Some(&mut target))?;
             let total = target.finish()?;
             eprintln!("# target total cpu_s {total:.3}");
             Ok(())
@@ -908,18 +1139,68 @@ fn allocate_scratch(engine: &Engine, plan: &Plan) -> Res<Option<Buffer>> {
     })
 }
 
+fn kind_list(kinds: &[TransportKind]) -> String {
+    let names: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
+    names.join(",")
+}
+
+/// `KVX_TRANSPORTS` overrides the configuration inside `Engine::new`; a run asked for one
+/// transport must not quietly measure another.
+fn check_transports(engine: &Engine, choice: TransportChoice) -> Res<()> {
+    let Some(want) = choice.engine_transports() else {
+        return Ok(());
+    };
+    let have = &engine.config().transports;
+    if have.as_slice() != want {
+        return Err(usage_err(format!(
+            "--transport {} configures the transports [{}] but the engine has [{}] \
+             (KVX_TRANSPORTS overrides the configuration: unset it, or use --transport auto)",
+            choice.name(),
+            kind_list(want),
+            kind_list(have)
+        )));
+    }
+    Ok(())
+}
+
 /// Benchmarks against a target in another process, reached at `session`.
-fn run_remote(session: &str, size: u64, plan: &Plan, target: Option<&mut TargetProc>) -> Res<()> {
+fn run_remote(
+    session: &str,
+    choice: TransportChoice,
+    size: u64,
+    plan: &Plan,
+    target: Option<&mut TargetProc>,
+) -> Res<()> {
     // open_peer needs a listener of our own: the control plane is symmetric.
-    let config = EngineConfig::builder()
-        .listen(Some("127.0.0.1:0"))
+    let mut builder = EngineConfig::builder().listen(Some("127.0.0.1:0"));
+    if let Some(kinds) = choice.engine_transports() {
+        builder = builder.transports(kinds);
+    }
+    let config = builder
         .build()
         .context(|| "bad engine configuration".into())?;
     let engine = Engine::new(config).context(|| "cannot start the engine".into())?;
+    check_transports(&engine, choice)?;
     let peer = engine
         .open_peer(session)
-        // The library's error already names the session.
-        .context(|| "cannot open the target".into())?;
+        // The library's error already names the session (and, with shm only, why shm
+        // cannot reach it).
+        .context(|| match choice {
+            TransportChoice::Shm => "cannot open the target over shm (--transport shm)".into(),
+            _ => "cannot open the target".into(),
+        })?;
+    let preferred = engine
+        .peer_transport(peer)
+        .context(|| "cannot tell the peer's transport".into())?;
+    let shm_note = engine
+        .peer_shm_note(peer)
+        .context(|| "cannot tell why shm is not used".into())?;
+    if choice == TransportChoice::Shm && preferred != TransportKind::Shm {
+        return Err(Failure::Run(format!(
+            "--transport shm: the target {session} is reached over {preferred}, not shm: {}",
+            shm_note.as_deref().unwrap_or("the engine gave no reason")
+        )));
+    }
     let need = plan.remote_access();
     let regions = engine
         .peer_regions(peer)
@@ -945,82 +1226,165 @@ fn run_remote(session: &str, size: u64, plan: &Plan, target: Option<&mut TargetP
         )
     })?;
     let scratch = allocate_scratch(&engine, plan)?;
-    let pid = target.as_ref().map(|t| t.child.id());
+    let with_note = |msg: String| match &shm_note {
+        Some(note) => format!("{msg} (shm: {note})"),
+        None => msg,
+    };
+    let actual = probe_transport(&engine, peer, plan, &local, region.addr, region.len).map_err(
+        |e| match e {
+            Failure::Run(msg) => Failure::Run(with_note(msg)),
+            other => other,
+        },
+    )?;
+    let wanted = match choice {
+        TransportChoice::Shm => Some(TransportKind::Shm),
+        TransportChoice::Tcp => Some(TransportKind::Tcp),
+        TransportChoice::Local | TransportChoice::Auto => None,
+    };
+    if let Some(wanted) = wanted.filter(|&w| w != actual) {
+        return Err(Failure::Run(with_note(format!(
+            "--transport {wanted}: the probe batch to {session} went over {actual}"
+        ))));
+    }
+    let (pid, memory) = match &target {
+        Some(t) => (Some(t.child.id()), Some(t.memory)),
+        None => (None, None),
+    };
     let bench = Bench {
         engine: &engine,
         peer,
-        transport: transport_name(&engine, peer)?,
+        transport: actual.to_string(),
         remote_addr: region.addr,
         remote_len: region.len,
+        local: &local,
+        scratch: scratch.as_ref(),
+    };
+    let mut target_desc = match pid {
+        Some(pid) => format!("target pid {pid} at {session}"),
+        None => format!("target {session}"),
+    };
+    if let Some(m) = memory {
+        target_desc.push_str(&format!(" ({} memory)", m.name()));
+    }
+    // Say why shm is not (or not wholly) used, unless the run left it out on purpose.
+    let note = shm_note.filter(|_| engine.config().transports.contains(&TransportKind::Shm));
+    describe(
+        &bench,
+        plan,
+        &target_desc,
+        actual,
+        preferred,
+        note.as_deref(),
+    );
+    run_plan(&bench, plan, target)
+}
+
+/// Moves one small untimed op (the first point's direction, between the starts of both
+/// regions) and returns the transport that carried it. The transport is chosen per batch,
+/// by whose memory the batch touches, so it can differ from the peer's preferred one.
+fn probe_transport(
+    engine: &Engine,
+    peer: PeerId,
+    plan: &Plan,
+    local: &Buffer,
+    remote_addr: u64,
+    remote_len: u64,
+) -> Res<TransportKind> {
+    let dir = plan.points.first().map_or(Dir::Write, |p| p.dir);
+    let len = 4096u64.min(local.len() as u64).min(remote_len);
+    let op = dir.op(local.addr(), remote_addr, len);
+    let id = engine
+        .submit(peer, &[op])
+        .context(|| "submit of the probe batch".into())?;
+    let state = engine.wait(id, Duration::MAX);
+    let kind = engine.batch_transport(id);
+    let freed = engine.free(id);
+    state
+        .context(|| "wait of the probe batch".into())?
+        .into_result()
+        .context(|| "probe batch".into())?;
+    freed.context(|| "free of the probe batch".into())?;
+    kind.context(|| "batch_transport of the probe batch".into())
+}
+
+/// Benchmarks the in-process transport: both regions in one engine, the local peer.
+fn run_local(size: u64, memory: MemoryChoice, plan: &Plan) -> Res<()> {
+    let len = usize_len(size, "--size")?;
+    // Before the engine: dropped after it on every path.
+    let caller = map_caller(memory, len)?;
+    let config = EngineConfig::builder()
+        .listen(None)
+        .build()
+        .context(|| "bad engine configuration".into())?;
+    let engine = Engine::new(config).context(|| "cannot start the engine".into())?;
+    // The local peer's regions are our own, so the target region is named directly rather
+    // than found with peer_regions (which would also list the local buffer).
+    let remote = Served::new(&engine, len, caller.as_ref())?;
+    let local = engine
+        .allocate(len, Location::Any)
+        .context(|| format!("cannot allocate the {} local buffer", fmt_size(size)))?;
+    let scratch = allocate_scratch(&engine, plan)?;
+    let peer = engine.local_peer();
+    let actual = probe_transport(&engine, peer, plan, &local, remote.addr(), size)?;
+    let bench = Bench {
+        engine: &engine,
+        peer,
+        transport: actual.to_string(),
+        remote_addr: remote.addr(),
+        remote_len: size,
         local: &local,
         scratch: scratch.as_ref(),
     };
     describe(
         &bench,
         plan,
-        &match pid {
-            Some(pid) => format!("target pid {pid} at {session}"),
-            None => format!("target {session}"),
-        },
+        &format!("target region in this process: {}", remote.describe()),
+        actual,
+        actual,
+        None,
     );
-    run_plan(&bench, plan, target)
+    run_plan(&bench, plan, None)?;
+    drop(scratch);
+    drop(local);
+    remote.release(&engine, caller.as_ref())
 }
 
-/// Benchmarks the in-process transport: both buffers in one engine, the local peer.
-fn run_local(size: u64, plan: &Plan) -> Res<()> {
-    let config = EngineConfig::builder()
-        .listen(None)
-        .build()
-        .context(|| "bad engine configuration".into())?;
-    let engine = Engine::new(config).context(|| "cannot start the engine".into())?;
-    let len = usize_len(size, "--size")?;
-    let alloc = |what: &str| {
-        engine
-            .allocate(len, Location::Any)
-            .context(|| format!("cannot allocate the {} {what} buffer", fmt_size(size)))
-    };
-    // The local peer's regions are our own, so the target buffer is named directly rather
-    // than found with peer_regions (which would also list the local buffer).
-    let remote = alloc("target")?;
-    let local = alloc("local")?;
-    let scratch = allocate_scratch(&engine, plan)?;
-    let peer = engine.local_peer();
-    let bench = Bench {
-        engine: &engine,
-        peer,
-        transport: transport_name(&engine, peer)?,
-        remote_addr: remote.addr(),
-        remote_len: remote.len() as u64,
-        local: &local,
-        scratch: scratch.as_ref(),
-    };
-    describe(&bench, plan, "target buffer in this process");
-    run_plan(&bench, plan, None)
-}
-
-fn transport_name(engine: &Engine, peer: PeerId) -> Res<String> {
-    Ok(engine
-        .peer_transport(peer)
-        .context(|| "cannot tell the peer's transport".into())?
-        .to_string())
-}
-
-/// One line of context on stderr (stdout stays header + rows, for scripts).
-fn describe(b: &Bench<'_>, plan: &Plan, target: &str) {
+/// One line of context on stderr (stdout stays header + rows, for scripts). `actual` is
+/// the transport the probe batch went over; the details are that transport's.
+fn describe(
+    b: &Bench<'_>,
+    plan: &Plan,
+    target: &str,
+    actual: TransportKind,
+    preferred: TransportKind,
+    shm_note: Option<&str>,
+) {
     let cfg = b.engine.config();
-    let tcp = if b.transport == "tcp" {
-        format!(
+    let detail = match actual {
+        TransportKind::Tcp => format!(
             ", {} TCP lanes, {} I/O threads",
             cfg.tcp_lanes, cfg.io_threads
-        )
-    } else {
-        format!(", {} copy threads", cfg.copy_threads)
+        ),
+        TransportKind::Shm => format!(
+            " (copies by this process: the target's memfd mapped here, or cross-memory attach), \
+             {} copy threads",
+            cfg.copy_threads
+        ),
+        TransportKind::Local => format!(", {} copy threads", cfg.copy_threads),
+        // A transport added to the library later: its name alone.
+        _ => String::new(),
     };
+    let mut why = String::new();
+    if preferred != actual {
+        why.push_str(&format!(" (the peer prefers {preferred})"));
+    }
+    if let Some(note) = shm_note {
+        why.push_str(&format!(" [shm: {note}]"));
+    }
     eprintln!(
-        "# kvxfer {} bench: transport {}, {target}, remote region {} at {:#x}, local buffer {}, \
-         {} thread(s){tcp}, slice {}, {:.1} s per point{}",
+        "# kvxfer {} bench: transport {actual}{why}{detail}, {target}, remote region {} at \
+         {:#x}, local buffer {}, {} thread(s), slice {}, {:.1} s per point{}",
         kvxfer::VERSION,
-        b.transport,
         fmt_size(b.remote_len),
         b.remote_addr,
         fmt_size(b.local.len() as u64),
@@ -1097,6 +1461,8 @@ struct ThreadRun {
     ops: u64,
     bytes: u64,
     ended: Instant,
+    /// The transport that moved the thread's first timed batch.
+    transport: Option<TransportKind>,
 }
 
 /// One row of output.
@@ -1216,8 +1582,21 @@ fn run_point(
     lat.sort_unstable();
     let ops: u64 = runs.iter().map(|r| r.ops).sum();
     let bytes: u64 = runs.iter().map(|r| r.bytes).sum();
+    // What moved the batches, not what the peer prefers; threads that disagree show all.
+    let mut kinds: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r.transport)
+        .map(|k| k.to_string())
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let transport = if kinds.is_empty() {
+        b.transport.clone()
+    } else {
+        kinds.join("+")
+    };
     Ok(Row {
-        transport: b.transport.clone(),
+        transport,
         dir: p.dir,
         block: p.block,
         batch: p.batch,
@@ -1255,6 +1634,9 @@ struct Worker<'b, 'e> {
     offsets: Vec<(u64, u64)>,
     expected: Vec<u8>,
     actual: Vec<u8>,
+    /// Set while the next batch's transport is to be recorded into `transport`.
+    record_transport: bool,
+    transport: Option<TransportKind>,
 }
 
 impl<'b, 'e> Worker<'b, 'e> {
@@ -1273,6 +1655,8 @@ impl<'b, 'e> Worker<'b, 'e> {
             offsets: Vec::with_capacity(p.batch),
             expected: vec![0; block],
             actual: vec![0; block],
+            record_transport: false,
+            transport: None,
         }
     }
 
@@ -1280,6 +1664,7 @@ impl<'b, 'e> Worker<'b, 'e> {
     fn timed(&mut self, duration: Duration, stop: &AtomicBool) -> Res<ThreadRun> {
         let t0 = Instant::now();
         let mut latencies_ns = Vec::with_capacity(1024);
+        self.record_transport = true;
         loop {
             latencies_ns.push(self.step()?.as_nanos() as u64);
             if t0.elapsed() >= duration || stop.load(Ordering::Relaxed) {
@@ -1294,6 +1679,7 @@ impl<'b, 'e> Worker<'b, 'e> {
             ops,
             bytes: ops * self.p.block,
             ended,
+            transport: self.transport.take(),
         })
     }
 
@@ -1324,6 +1710,8 @@ impl<'b, 'e> Worker<'b, 'e> {
             .context(|| self.what("submit"))?;
         let state = b.engine.wait(id, Duration::MAX);
         let latency = t0.elapsed();
+        // Outside the latency, and before `free` retires the id.
+        let transport = self.record_transport.then(|| b.engine.batch_transport(id));
         // Free even when the batch failed; the wait has ended it either way.
         let freed = b.engine.free(id);
         state
@@ -1331,6 +1719,10 @@ impl<'b, 'e> Worker<'b, 'e> {
             .into_result()
             .context(|| self.what("batch"))?;
         freed.context(|| self.what("free"))?;
+        if let Some(kind) = transport {
+            self.transport = Some(kind.context(|| self.what("batch_transport"))?);
+            self.record_transport = false;
+        }
         if self.check {
             self.verify()?;
         }
@@ -1613,13 +2005,19 @@ mod tests {
 
     #[test]
     fn command_lines_parse_and_bad_ones_are_usage_errors() {
-        let Cmd::Pair { transport, bench } = parse_command(&args(
+        let Cmd::Pair {
+            transport,
+            memory,
+            bench,
+        } = parse_command(&args(
             "pair --transport tcp --op read --block 1MiB --batch=32 --duration 2.5 --check",
         ))
-        .unwrap() else {
+        .unwrap()
+        else {
             panic!("not pair")
         };
         assert_eq!(transport, TransportChoice::Tcp);
+        assert_eq!(memory, MemoryChoice::Buffer);
         assert_eq!(bench.op, Some(Dir::Read));
         assert_eq!(bench.block, Some(1 << 20));
         assert_eq!(bench.batch, Some(32));
@@ -1653,6 +2051,14 @@ mod tests {
             "pair --duration nan",
             "pair --op copy",
             "pair --transport rdma",
+            "pair --transport",
+            "pair --transport SHM",
+            "pair --memory gpu",
+            "pair --memory caller --memory buffer",
+            "initiator --peer 127.0.0.1:9 --transport local",
+            "initiator --peer 127.0.0.1:9 --memory caller",
+            "target --memory gpu",
+            "target --transport shm",
             "pair --sweep --block 4K",
             "pair --json=yes",
             "pair --block 4K --block 8K",
@@ -1664,6 +2070,128 @@ mod tests {
                 other => panic!("{bad:?} gave {other:?}"),
             }
         }
+    }
+
+    fn usage_message(line: &str) -> String {
+        match parse_command(&args(line)) {
+            Err(Failure::Usage(msg)) => msg,
+            other => panic!("{line:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn transport_and_memory_options_parse() {
+        // Defaults: auto transport, engine buffer memory.
+        let Cmd::Pair {
+            transport, memory, ..
+        } = parse_command(&args("pair")).unwrap()
+        else {
+            panic!("not pair")
+        };
+        assert_eq!(
+            (transport, memory),
+            (TransportChoice::Auto, MemoryChoice::Buffer)
+        );
+        for (line, want_t, want_m) in [
+            (
+                "pair --transport shm --memory caller",
+                TransportChoice::Shm,
+                MemoryChoice::Caller,
+            ),
+            (
+                "pair --transport=local --memory=buffer",
+                TransportChoice::Local,
+                MemoryChoice::Buffer,
+            ),
+            (
+                "pair --memory caller --transport tcp --op read",
+                TransportChoice::Tcp,
+                MemoryChoice::Caller,
+            ),
+            (
+                "pair --transport auto",
+                TransportChoice::Auto,
+                MemoryChoice::Buffer,
+            ),
+        ] {
+            let Cmd::Pair {
+                transport, memory, ..
+            } = parse_command(&args(line)).unwrap()
+            else {
+                panic!("{line:?}: not pair")
+            };
+            assert_eq!((transport, memory), (want_t, want_m), "{line:?}");
+        }
+
+        for (line, want) in [
+            ("initiator --peer 127.0.0.1:9", TransportChoice::Auto),
+            (
+                "initiator --peer 127.0.0.1:9 --transport shm",
+                TransportChoice::Shm,
+            ),
+            (
+                "initiator --transport=tcp --peer 127.0.0.1:9",
+                TransportChoice::Tcp,
+            ),
+            (
+                "initiator --peer 127.0.0.1:9 --transport auto",
+                TransportChoice::Auto,
+            ),
+        ] {
+            let Cmd::Initiator {
+                peer, transport, ..
+            } = parse_command(&args(line)).unwrap()
+            else {
+                panic!("{line:?}: not initiator")
+            };
+            assert_eq!(peer, "127.0.0.1:9");
+            assert_eq!(transport, want, "{line:?}");
+        }
+
+        let Cmd::Target(t) = parse_command(&args("target --size 64MiB --memory caller")).unwrap()
+        else {
+            panic!("not target")
+        };
+        assert_eq!((t.size, t.memory), (64 << 20, MemoryChoice::Caller));
+        let Cmd::Target(t) = parse_command(&args("target")).unwrap() else {
+            panic!("not target")
+        };
+        assert_eq!(t.memory, MemoryChoice::Buffer);
+        assert!(!t.forever);
+
+        // The initiator's engine transports follow the choice; auto and local keep the
+        // default.
+        assert_eq!(
+            TransportChoice::Tcp.engine_transports(),
+            Some(&[TransportKind::Tcp][..])
+        );
+        assert_eq!(
+            TransportChoice::Shm.engine_transports(),
+            Some(&[TransportKind::Shm][..])
+        );
+        assert_eq!(TransportChoice::Auto.engine_transports(), None);
+        assert_eq!(TransportChoice::Local.engine_transports(), None);
+    }
+
+    #[test]
+    fn bad_transport_and_memory_name_the_valid_choices() {
+        let msg = usage_message("pair --transport rdma");
+        assert!(msg.contains("\"rdma\""), "{msg}");
+        assert!(msg.contains("tcp, shm, local, auto"), "{msg}");
+        // The initiator has no in-process target: local is not offered.
+        let msg = usage_message("initiator --peer 127.0.0.1:9 --transport local");
+        assert!(msg.contains("tcp, shm, auto"), "{msg}");
+        let msg = usage_message("initiator --peer 127.0.0.1:9 --transport rdma");
+        assert!(msg.contains("tcp, shm, auto"), "{msg}");
+        for line in ["pair --memory gpu", "target --memory gpu"] {
+            let msg = usage_message(line);
+            assert!(
+                msg.contains("\"gpu\"") && msg.contains("buffer or caller"),
+                "{msg}"
+            );
+        }
+        let msg = usage_message("pair --transport");
+        assert!(msg.contains("--transport needs a value"), "{msg}");
     }
 
     #[test]
