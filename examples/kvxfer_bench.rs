@@ -57,6 +57,7 @@ USAGE:
   kvxfer_bench target    [--listen HOST:PORT] [--size SIZE] [--memory buffer|caller] [--forever]
   kvxfer_bench initiator --peer HOST:PORT [--transport tcp|shm|auto] [BENCH OPTIONS]
   kvxfer_bench pair      [--transport tcp|shm|local|auto] [--memory buffer|caller] [BENCH OPTIONS]
+  kvxfer_bench memcpy    [BENCH OPTIONS]
   kvxfer_bench --help
 
 target     starts an engine listening on --listen (default 127.0.0.1:0), registers one
@@ -73,6 +74,9 @@ initiator  opens the target --peer, picks its first region granting the remote r
            run needs, and runs the points against it.
 pair       starts a target process (tcp, shm, auto; --memory goes to it) or, with local, a
            second region in the same engine, and runs the points against it.
+memcpy     the baseline: one thread copying each batch's blocks between two buffers of
+           --size with plain memcpy (no engine), same rows (transport `memcpy`); run it in
+           the same session as the transports it is compared with.
 
 --transport (initiator and pair; sets the initiator's engine transports):
   auto     the engine default: shm when the target proves it shares this host's memory,
@@ -214,7 +218,66 @@ fn run(args: &[String]) -> Res<()> {
             memory,
             bench,
         } => pair_main(transport, memory, &bench),
+        Cmd::Memcpy(bench) => memcpy_main(&bench),
     }
+}
+
+/// The baseline the transports are measured against: one thread, plain `memcpy` of each
+/// batch's blocks (source and destination slots cycling through two buffers of `--size`,
+/// so large points do not stay in cache), latency per batch.
+fn memcpy_main(args: &BenchArgs) -> Res<()> {
+    let plan = args.plan();
+    let len = usize_len(args.size, "--size")?;
+    // Written once so every page is faulted in before timing, as registered memory is.
+    let src = vec![0x5au8; len];
+    let mut dst = vec![0xa5u8; len];
+    let mut report = Report { json: plan.json };
+    report.header()?;
+    for p in &plan.points {
+        let block = usize_len(p.block, "--block")?;
+        let slots = len / block;
+        if slots < p.batch {
+            eprintln!(
+                "# skipped memcpy {}x{}: needs {} per buffer, --size is {}",
+                fmt_size(p.block),
+                p.batch,
+                fmt_size(p.block * p.batch as u64),
+                fmt_size(args.size)
+            );
+            continue;
+        }
+        let cpu0 = process_cpu_s();
+        let start = Instant::now();
+        let mut lat = Vec::new();
+        let (mut ops, mut next) = (0u64, 0usize);
+        while start.elapsed() < plan.duration {
+            let t = Instant::now();
+            for _ in 0..p.batch {
+                let at = (next % slots) * block;
+                // READ and WRITE are the same copy here; the direction only names the row.
+                dst[at..at + block].copy_from_slice(&src[at..at + block]);
+                next += 1;
+            }
+            std::hint::black_box(&mut dst);
+            lat.push(t.elapsed().as_nanos() as u64);
+            ops += p.batch as u64;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        lat.sort_unstable();
+        report.row(&Row {
+            transport: "memcpy".into(),
+            dir: p.dir,
+            block: p.block,
+            batch: p.batch,
+            gbps: (ops * p.block) as f64 / secs / 1e9,
+            ops_per_s: ops as f64 / secs,
+            p50_us: percentile(&lat, 0.50) as f64 / 1e3,
+            p99_us: percentile(&lat, 0.99) as f64 / 1e3,
+            cpu_initiator_s: process_cpu_s() - cpu0,
+            cpu_target_s: None,
+        })?;
+    }
+    Ok(())
 }
 
 /// Writes one line to stdout and flushes it. `println!` would panic when stdout is gone
@@ -515,6 +578,7 @@ enum Cmd {
         memory: MemoryChoice,
         bench: BenchArgs,
     },
+    Memcpy(BenchArgs),
 }
 
 const BENCH_VALUED: [&str; 6] = ["op", "block", "batch", "duration", "threads", "size"];
@@ -569,8 +633,18 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
                 bench: bench_args(&f)?,
             })
         }
+        "memcpy" => {
+            let f = parse_flags("memcpy", rest, &BENCH_VALUED, &BENCH_SWITCHES)?;
+            let bench = bench_args(&f)?;
+            if bench.threads != 1 || bench.check {
+                return Err(usage_err(
+                    "memcpy is the single-thread baseline: --threads and --check do not apply",
+                ));
+            }
+            Ok(Cmd::Memcpy(bench))
+        }
         other => Err(usage_err(format!(
-            "unknown subcommand {other:?}: expected target, initiator or pair"
+            "unknown subcommand {other:?}: expected target, initiator, pair or memcpy"
         ))),
     }
 }
@@ -2059,6 +2133,9 @@ mod tests {
             "initiator --peer 127.0.0.1:9 --memory caller",
             "target --memory gpu",
             "target --transport shm",
+            "memcpy --threads 2",
+            "memcpy --check",
+            "memcpy --transport shm",
             "pair --sweep --block 4K",
             "pair --json=yes",
             "pair --block 4K --block 8K",
@@ -2171,6 +2248,16 @@ mod tests {
         );
         assert_eq!(TransportChoice::Auto.engine_transports(), None);
         assert_eq!(TransportChoice::Local.engine_transports(), None);
+    }
+
+    #[test]
+    fn memcpy_takes_the_bench_options() {
+        let Cmd::Memcpy(b) =
+            parse_command(&args("memcpy --block 1MiB --batch 128 --duration 2")).unwrap()
+        else {
+            panic!("not the memcpy command");
+        };
+        assert_eq!((b.block, b.batch, b.threads), (Some(1 << 20), Some(128), 1));
     }
 
     #[test]
