@@ -356,7 +356,16 @@ impl Engine {
         let p = self.peer(peer)?;
         Ok(match &p.segment {
             Segment::Loopback => None,
-            Segment::Remote(r) => self.link(r)?.shm_note.clone(),
+            Segment::Remote(r) => {
+                let link = self.link(r)?;
+                link.shm_note.clone().or_else(|| {
+                    link.shm.as_ref().filter(|s| !s.link().cma()).map(|_| {
+                        "caller-owned memory of the peer is no longer reachable by cross-memory \
+                         attach: the kernel refused it after the same-host proof"
+                            .to_string()
+                    })
+                })
+            }
         })
     }
 

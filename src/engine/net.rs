@@ -274,10 +274,12 @@ impl Net {
     /// kernel is done with their buffers).
     pub(super) fn shutdown(&self) {
         self.shared.registry.set_observer(None);
-        self.shared.registry.set_revoker(None);
+        // Peers lose every region (and finish their copies) before unregistering stops
+        // asking: a buffer dropped in between must not go while a peer still copies.
         if let Ok(shm) = &self.shm {
             shm.shutdown();
         }
+        self.shared.registry.set_revoker(None);
         self.tcp.shutdown();
         self.pool.shutdown();
     }

@@ -74,7 +74,7 @@ impl Link {
                     Some(shm) => {
                         let regions = self.regions();
                         let start = |addr| regions.region_at(addr).map(|r| r.range().start);
-                        match shm.link().reach(slices, start, timeout) {
+                        match shm.link().reach(slices, start, Instant::now() + timeout) {
                             Ok(()) => return Ok(Arc::clone(shm) as Arc<dyn Transport>),
                             Err(why) => {
                                 log::debug!(
@@ -111,6 +111,10 @@ impl Link {
         let mut cached = self.regions.lock().unwrap_or_else(PoisonError::into_inner);
         if cached.0 != descriptor.version {
             *cached = (descriptor.version, Arc::new(index(&descriptor)));
+            // The peer's registry changed: let go of what it unregistered.
+            if let Some(shm) = &self.shm {
+                shm.link().sweep();
+            }
         }
         Arc::clone(&cached.1)
     }
@@ -223,6 +227,16 @@ impl RemotePeer {
                 descriptor.epoch
             );
         }
+        // TCP first: it is cheap, and attaching a large peer's regions over shm must not
+        // take the time it needs.
+        let tcp = if config.transports.contains(&TransportKind::Tcp) {
+            Some(Arc::new(
+                self.open_lanes(net, &descriptor, config.tcp_lanes, deadline)
+                    .map_err(peer_err)?,
+            ))
+        } else {
+            None
+        };
         let (shm, shm_note) = if config.transports.contains(&TransportKind::Shm) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.prove_same_host(net, &control, &descriptor, left, pool) {
@@ -245,14 +259,6 @@ impl RemotePeer {
                 );
             }
         }
-        let tcp = if config.transports.contains(&TransportKind::Tcp) {
-            Some(Arc::new(
-                self.open_lanes(net, &descriptor, config.tcp_lanes, deadline)
-                    .map_err(peer_err)?,
-            ))
-        } else {
-            None
-        };
         if tcp.is_none() && shm.is_none() {
             return Err(peer_err(format!(
                 "no configured transport reaches it (shm: {})",
@@ -313,8 +319,14 @@ impl RemotePeer {
                 .access
                 .intersects(Access::REMOTE_READ | Access::REMOTE_WRITE)
             {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if let Err(why) = link.attach(region.addr, left) {
+                if Instant::now() >= deadline {
+                    log::debug!(
+                        "kvxfer: peer {}: out of time attaching its regions; the rest attach on first use",
+                        self.session
+                    );
+                    break;
+                }
+                if let Err(why) = link.attach(region.addr, deadline) {
                     log::debug!(
                         "kvxfer: peer {}: region {:#x} not attached now ({why}); retried on first use",
                         self.session,

@@ -225,7 +225,7 @@ impl ShmLink {
 
     /// Attaches the peer's region starting at `region_start` (asks the peer once; later
     /// calls hit the cache).
-    pub fn attach(&self, region_start: u64, timeout: Duration) -> Result<Arc<Attached>, String> {
+    pub fn attach(&self, region_start: u64, deadline: Instant) -> Result<Arc<Attached>, String> {
         let sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(a) = self
             .find(region_start, 1)
@@ -236,7 +236,7 @@ impl ShmLink {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         sock.send(&Message::Attach { addr: region_start }.encode(req), &[])
             .map_err(|e| format!("cannot ask to attach {region_start:#x}: {e}"))?;
-        let (reply, fds) = round_trip_reply(&sock, req, Instant::now() + timeout)?;
+        let (reply, fds) = round_trip_reply(&sock, req, deadline)?;
         drop(sock);
         let Message::Attached(att) = reply else {
             return Err(format!(
@@ -294,22 +294,24 @@ impl ShmLink {
     }
 
     /// Checks that every slice can be moved through shared memory, attaching the regions
-    /// it needs; `region_start` gives the start of the peer's region holding an address
-    /// (from its published descriptor). `Err` says why not (the batch goes another way).
+    /// it needs (all by `deadline`); `region_start` gives the start of the peer's region
+    /// holding an address (from its published descriptor). `Err` says why not (the batch
+    /// goes another way).
     pub fn reach(
         &self,
         slices: &[Slice],
         region_start: impl Fn(u64) -> Option<u64>,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<(), String> {
         let cma = self.cma();
         let mut last: Option<Arc<Attached>> = None;
         for s in slices {
             let len = u64::from(s.len);
-            if last
-                .as_ref()
-                .is_some_and(|a| a.holds(s.remote, len) && a.reachable(s.kind, cma))
-            {
+            if last.as_ref().is_some_and(|a| {
+                a.holds(s.remote, len)
+                    && a.reachable(s.kind, cma)
+                    && a.access.contains(need(s.kind))
+            }) {
                 continue;
             }
             let cached = self.find(s.remote, len).filter(|a| {
@@ -327,7 +329,7 @@ impl ShmLink {
                     let start = region_start(s.remote).ok_or_else(|| {
                         format!("{:#x} is in no region the peer published", s.remote)
                     })?;
-                    self.attach(start, timeout)?
+                    self.attach(start, deadline)?
                 }
             };
             if !a.holds(s.remote, len) {
@@ -364,9 +366,29 @@ impl ShmLink {
         }
     }
 
+    /// Drops the attachments of regions the peer has unregistered (their mappings with
+    /// them, so the peer's freed memory goes back to the kernel).
+    pub fn sweep(&self) {
+        let mut attached = self
+            .attached
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        attached.retain(|_, a| self.table.is_live(a.slot, a.gen));
+    }
+
     /// Moves consecutive slices that lie in one attached region, with it pinned.
     fn move_in(&self, a: &Attached, slices: &[Slice]) -> Result<(), TransportError> {
-        if !self.table.pin(a.slot, a.gen) {
+        // The rights are checked again here, against what the peer granted when this
+        // attachment was made: the region may have been registered again, with fewer
+        // rights, since the batch was routed.
+        if let Some(s) = slices.iter().find(|s| !a.access.contains(need(s.kind))) {
+            return Err(self.error(format!(
+                "the peer's region at {:#x} does not grant {} (it was registered again)",
+                a.addr,
+                need(s.kind)
+            )));
+        }
+        if !self.pin(a) {
             self.forget(a);
             return Err(self.error(format!(
                 "peer {} unregistered its region at {:#x} during the transfer",
@@ -450,6 +472,28 @@ impl ShmLink {
     }
 }
 
+impl ShmLink {
+    /// Pins `a`, retrying briefly: a peer's `unregister` that found the region busy with
+    /// another peer's copies takes its revocation back at once.
+    fn pin(&self, a: &Attached) -> bool {
+        for _ in 0..64 {
+            if self.table.pin(a.slot, a.gen) {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
+    }
+}
+
+/// The right a slice of `kind` needs on the peer's side.
+fn need(kind: OpKind) -> Access {
+    match kind {
+        OpKind::Write => Access::REMOTE_WRITE,
+        OpKind::Read => Access::REMOTE_READ,
+    }
+}
+
 impl Mover for ShmLink {
     fn kind(&self) -> TransportKind {
         TransportKind::Shm
@@ -510,44 +554,50 @@ fn probe_cma(pid: i32, proof_addr: u64, nonce: &[u8; NONCE_LEN]) -> Option<Strin
     }
 }
 
-/// Waits for the reply to request `req`; Refused becomes the error text.
+/// Waits for the reply to request `req`; Refused becomes the error text. Replies to
+/// earlier requests (that timed out here) are skipped, with their file descriptors closed.
 fn round_trip_reply(
     sock: &SeqPacket,
     req: u64,
     deadline: Instant,
 ) -> Result<(Message, Vec<std::os::fd::OwnedFd>), String> {
     let mut buf = [0u8; wire::MAX_MESSAGE];
-    let left = deadline.saturating_duration_since(Instant::now());
-    let Received {
-        len,
-        fds,
-        truncated,
-        fds_truncated,
-    } = sock
-        .recv(&mut buf, Some(left))
-        .map_err(|e| format!("no reply ({e})"))?;
-    if len == 0 && fds.is_empty() {
-        return Err("the peer closed the connection".into());
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Received {
+            len,
+            fds,
+            truncated,
+            fds_truncated,
+        } = sock
+            .recv(&mut buf, Some(left))
+            .map_err(|e| format!("no reply ({e})"))?;
+        if len == 0 && fds.is_empty() {
+            return Err("the peer closed the connection".into());
+        }
+        if truncated || fds_truncated {
+            return Err("a reply was too long".into());
+        }
+        let (got_req, msg) = wire::decode(&buf[..len]).map_err(|e| format!("bad reply: {e}"))?;
+        if got_req < req && got_req != 0 {
+            continue;
+        }
+        if let Message::Refused { code: c, reason } = &msg {
+            return Err(format!("refused ({}): {reason}", code::name(*c)));
+        }
+        if got_req != req {
+            return Err(format!("a reply to request {got_req}, expected {req}"));
+        }
+        if fds.len() != msg.fds() {
+            return Err(format!(
+                "{} carried {} file descriptors, expected {}",
+                msg.kind_name(),
+                fds.len(),
+                msg.fds()
+            ));
+        }
+        return Ok((msg, fds));
     }
-    if truncated || fds_truncated {
-        return Err("a reply was too long".into());
-    }
-    let (got_req, msg) = wire::decode(&buf[..len]).map_err(|e| format!("bad reply: {e}"))?;
-    if let Message::Refused { code: c, reason } = &msg {
-        return Err(format!("refused ({}): {reason}", code::name(*c)));
-    }
-    if got_req != req {
-        return Err(format!("a reply to request {got_req}, expected {req}"));
-    }
-    if fds.len() != msg.fds() {
-        return Err(format!(
-            "{} carried {} file descriptors, expected {}",
-            msg.kind_name(),
-            fds.len(),
-            msg.fds()
-        ));
-    }
-    Ok((msg, fds))
 }
 
 fn describe(msg: &Message) -> String {

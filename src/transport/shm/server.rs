@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::table::{PinTable, SLOT_BYTES};
 use super::wire::{self, code, Attachment, MapKind, Message, ShmWireError, NONCE_LEN};
@@ -25,6 +26,11 @@ pub const TABLE_SLOTS: u32 = 1 << 16;
 const PROOF_LEN: usize = 4096;
 /// Connections served at once, at most.
 const MAX_CONNECTIONS: usize = 1024;
+/// A connection must complete the same-host proof within this time.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+/// How long taking a region away waits for a peer's copies in flight to finish (a copy is
+/// one claimed range, a few MiB at most by default: microseconds to milliseconds).
+const DRAIN: Duration = Duration::from_secs(2);
 
 /// The same-host listener of one engine.
 pub struct ShmServer {
@@ -53,8 +59,44 @@ struct Inner {
 
 struct Conn {
     sock: SeqPacket,
+    opened: Instant,
     phase: Mutex<Phase>,
     slots: Mutex<Slots>,
+}
+
+impl Conn {
+    fn proven(&self) -> bool {
+        matches!(*lock(&self.phase), Phase::Proven { .. })
+    }
+
+    /// Takes every region away from this connection before it is closed, and waits
+    /// (bounded) for the peer's copies in flight: afterwards the peer cannot touch our
+    /// memory through it, even though its copy of the pin table lives on.
+    fn retire(&self) {
+        let table = match &*lock(&self.phase) {
+            Phase::Proven { table, .. } => Arc::clone(table),
+            _ => return,
+        };
+        let mut slots = lock(&self.slots);
+        let attached: Vec<(u32, u64)> = slots.by_addr.values().map(|a| (a.slot, a.gen)).collect();
+        for &(slot, gen) in &attached {
+            table.revoke(slot, gen, true);
+        }
+        drain(&table, attached.iter().map(|&(slot, _)| slot));
+        slots.by_addr.clear();
+    }
+}
+
+/// Waits for the copies counted in `slots` (all revoked) to finish; logs if some do not
+/// within `DRAIN`.
+fn drain(table: &PinTable, slots: impl Iterator<Item = u32>) {
+    let until = Instant::now() + DRAIN;
+    let stuck = slots.filter(|&slot| !table.drain(slot, until)).count();
+    if stuck != 0 {
+        log::error!(
+            "kvxfer: a same-host peer still counts copies in {stuck} revoked region(s) after {DRAIN:?}; going on"
+        );
+    }
 }
 
 enum Phase {
@@ -140,7 +182,7 @@ impl ShmServer {
         if let Some(thread) = lock(&self.thread).take() {
             let _ = thread.join();
         }
-        lock(&self.inner.conns).clear();
+        self.inner.retire_all();
     }
 }
 
@@ -163,7 +205,12 @@ impl Inner {
         loop {
             let mut fds: Vec<RawFd> = vec![listener.as_raw_fd(), wake.as_raw_fd()];
             fds.extend(conns.iter().map(|c| c.sock.as_raw_fd()));
-            let revents = match poll_readable(&fds, None) {
+            // Wake up now and then only while some connection has yet to prove itself.
+            let tick = conns
+                .iter()
+                .any(|c| !c.proven())
+                .then_some(Duration::from_secs(1));
+            let revents = match poll_readable(&fds, tick) {
                 Ok(r) => r,
                 Err(e) => {
                     log::error!("kvxfer: shm server cannot poll ({e}); same-host peers are no longer served");
@@ -176,6 +223,10 @@ impl Inner {
             let mut gone = Vec::new();
             for (i, conn) in conns.iter().enumerate() {
                 if revents[i + 2] == 0 {
+                    if !conn.proven() && conn.opened.elapsed() > HANDSHAKE {
+                        log::debug!("kvxfer: shm connection closed: no same-host proof within {HANDSHAKE:?}");
+                        gone.push(i);
+                    }
                     continue;
                 }
                 if let Err(Close(why)) = self.serve_one(conn) {
@@ -185,13 +236,22 @@ impl Inner {
             }
             for i in gone.into_iter().rev() {
                 let conn = conns.swap_remove(i);
+                conn.retire();
                 lock(&self.conns).retain(|c| !Arc::ptr_eq(c, &conn));
             }
             if revents[0] != 0 {
                 self.accept_all(listener, &mut conns);
             }
         }
-        lock(&self.conns).clear();
+        self.retire_all();
+    }
+
+    /// Retires and forgets every connection (at shutdown).
+    fn retire_all(&self) {
+        let conns = std::mem::take(&mut *lock(&self.conns));
+        for conn in conns {
+            conn.retire();
+        }
     }
 
     fn accept_all(&self, listener: &SeqPacketListener, conns: &mut Vec<Arc<Conn>>) {
@@ -214,6 +274,7 @@ impl Inner {
                     }
                     let conn = Arc::new(Conn {
                         sock,
+                        opened: Instant::now(),
                         phase: Mutex::new(Phase::New),
                         slots: Mutex::new(Slots::default()),
                     });
@@ -477,6 +538,14 @@ impl Inner {
             }
             return Err(busy);
         }
+        if force {
+            // Engine-owned memory may be reached by cross-memory attach too (when its file
+            // could not be shared): the pages go back to the kernel once we return, so no
+            // copy may still be running into them.
+            for (_, table, slot, _) in &revoked {
+                drain(table, std::iter::once(*slot));
+            }
+        }
         for (conn, _, _, _) in revoked {
             lock(&conn.slots).close(region.range().start);
         }
@@ -531,37 +600,30 @@ impl Slots {
     }
 }
 
-/// How a peer may reach `region`'s bytes: engine-allocated memory as its memfd (read-only
-/// unless peers may write it), caller memory only by cross-memory attach.
+/// How a peer may reach `region`'s bytes: engine-allocated memory that peers may write as
+/// its memfd; everything else only by cross-memory attach. (A read-only file descriptor of
+/// a memfd would not do for read-only regions: the peer could open it again read-write
+/// through /proc, memfds being mode 0777.)
 fn share(region: &Region) -> (MapKind, Option<OwnedFd>) {
     let Some(mapping) = region.shared_mapping() else {
         return (MapKind::None, None);
     };
-    let file_len = mapping.mapped_len() as u64;
-    if region.access().contains(Access::REMOTE_WRITE) {
-        match mapping.fd().try_clone_to_owned() {
-            Ok(fd) => (
-                MapKind::ReadWrite {
-                    offset: 0,
-                    file_len,
-                },
-                Some(fd),
-            ),
-            Err(_) => (MapKind::None, None),
-        }
-    } else {
-        match mapping.read_only_fd() {
-            Ok(fd) => (
-                MapKind::ReadOnly {
-                    offset: 0,
-                    file_len,
-                },
-                Some(fd),
-            ),
-            Err(e) => {
-                log::debug!("kvxfer: cannot reopen a memfd read-only ({e}); peers use cross-memory attach for it");
-                (MapKind::None, None)
-            }
+    if !region.access().contains(Access::REMOTE_WRITE) {
+        return (MapKind::None, None);
+    }
+    match mapping.fd().try_clone_to_owned() {
+        Ok(fd) => (
+            MapKind::ReadWrite {
+                offset: 0,
+                file_len: mapping.mapped_len() as u64,
+            },
+            Some(fd),
+        ),
+        Err(e) => {
+            log::debug!(
+                "kvxfer: cannot duplicate a memfd ({e}); peers use cross-memory attach for it"
+            );
+            (MapKind::None, None)
         }
     }
 }

@@ -133,6 +133,28 @@ impl PinTable {
         }
     }
 
+    /// Engine side: waits until no copy is counted in `slot` (after a forced `revoke`, no
+    /// new one can start), spinning then yielding, until `until`. False if copies were
+    /// still counted then.
+    pub fn drain(&self, slot: u32, until: std::time::Instant) -> bool {
+        let Some(s) = self.slot(slot) else {
+            return true;
+        };
+        let mut spins = 0u32;
+        while s.pins.load(Ordering::SeqCst) != 0 {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            spins += 1;
+            if spins < 1000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        true
+    }
+
     /// Engine side: ends `slot`'s life under `gen`. Returns the pins counted at that moment;
     /// when that is non-zero and `force` is false the slot is made live again (the caller
     /// answers `Busy`). With `force` the slot stays dead whatever the count.
