@@ -606,3 +606,179 @@ fn describe(msg: &Message) -> String {
         other => format!("unexpected {}", other.kind_name()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{Buffer, Location, MemoryError, RegionSpec, Registry};
+    use crate::transport::shm::ShmServer;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::mpsc;
+
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
+    /// A server over `registry` (asked before unregistering, as the engine wires it) and a
+    /// proven link to it, in this process.
+    fn served(registry: &Arc<Registry>) -> (Arc<ShmServer>, ShmLink) {
+        let engine_id = 0x5eed_0000 + NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("kvxfer-test.{}.{engine_id:x}", std::process::id());
+        let server = Arc::new(ShmServer::start(&name, engine_id, Arc::clone(registry)).unwrap());
+        let weak = Arc::downgrade(&server);
+        registry.set_revoker(Some(Arc::new(move |region, force| {
+            weak.upgrade().map_or(Ok(()), |s| s.revoke(region, force))
+        })));
+        let (link, cma) = ShmLink::connect(
+            "test-peer",
+            &name,
+            engine_id,
+            1,
+            Duration::from_secs(5),
+            Arc::new(|| true),
+        )
+        .unwrap();
+        assert_eq!(cma, None, "cross-memory attach to ourselves works");
+        (server, link)
+    }
+
+    fn write(remote: u64, local: &[u8]) -> Slice {
+        Slice {
+            kind: OpKind::Write,
+            op: 0,
+            len: local.len() as u32,
+            local: local.as_ptr() as u64,
+            remote,
+        }
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    /// Caller memory: unregister is refused while a copy is counted, and once it went
+    /// through, the peer's next copy fails instead of writing into it.
+    #[test]
+    fn unregister_waits_for_copies_and_then_stops_them() {
+        let registry = Arc::new(Registry::new());
+        let (_server, link) = served(&registry);
+        let target = vec![0u8; 8192];
+        let addr = target.as_ptr() as u64;
+        registry
+            .register(vec![RegionSpec::caller(
+                addr,
+                8192,
+                Some(Location::Any),
+                Access::ALL,
+            )])
+            .unwrap();
+        let a = link.attach(addr, far()).unwrap();
+        assert!(
+            a.map.is_none(),
+            "caller memory is reached by cross-memory attach"
+        );
+        let src = vec![7u8; 4096];
+        link.move_slices(&[write(addr, &src)]).unwrap();
+        assert_eq!(target[..4096], src[..]);
+
+        assert!(link.table.pin(a.slot, a.gen));
+        assert!(matches!(
+            registry.unregister(addr),
+            Err(MemoryError::PeerBusy { copies: 1, .. })
+        ));
+        link.table.unpin(a.slot);
+        registry.unregister(addr).unwrap();
+        let err = link.move_slices(&[write(addr, &[9u8; 16])]).unwrap_err();
+        assert!(err.reason.contains("unregistered"), "{err}");
+        assert_eq!(target[..4096], src[..], "written after unregister");
+    }
+
+    /// Shutting the server down takes every region away from its peers.
+    #[test]
+    fn shutdown_revokes_every_region() {
+        let registry = Arc::new(Registry::new());
+        let (server, link) = served(&registry);
+        let target = vec![0u8; 4096];
+        let addr = target.as_ptr() as u64;
+        registry
+            .register(vec![RegionSpec::caller(
+                addr,
+                4096,
+                Some(Location::Any),
+                Access::ALL,
+            )])
+            .unwrap();
+        link.attach(addr, far()).unwrap();
+        server.shutdown();
+        registry.set_revoker(None);
+        registry.unregister(addr).unwrap();
+        assert!(link.move_slices(&[write(addr, &[1u8; 64])]).is_err());
+        assert!(target.iter().all(|&b| b == 0), "written after shutdown");
+    }
+
+    /// A buffer dropped while a peer counts a copy into it (its pages reached by
+    /// cross-memory attach, as read-only regions are) is unmapped only after the copy.
+    #[test]
+    fn dropping_a_buffer_waits_for_copies_in_flight() {
+        let registry = Arc::new(Registry::new());
+        let (_server, link) = served(&registry);
+        let access = Access::LOCAL_READ | Access::LOCAL_WRITE | Access::REMOTE_READ;
+        let buffer = Buffer::allocate(&registry, 4096, Location::Any, access).unwrap();
+        let a = link.attach(buffer.addr(), far()).unwrap();
+        assert!(
+            a.map.is_none(),
+            "a read-only region is not shared as a file"
+        );
+        assert!(link.table.pin(a.slot, a.gen));
+        let (tx, rx) = mpsc::channel();
+        let dropper = std::thread::spawn(move || {
+            drop(buffer);
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "the buffer went while a copy was counted"
+        );
+        link.table.unpin(a.slot);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the drop finishes once the copy is done");
+        dropper.join().unwrap();
+        assert!(!link.table.is_live(a.slot, a.gen));
+    }
+
+    /// A region registered again with fewer rights is not written through an older route.
+    #[test]
+    fn rights_are_checked_again_at_copy_time() {
+        let registry = Arc::new(Registry::new());
+        let (_server, link) = served(&registry);
+        let target = vec![0u8; 4096];
+        let addr = target.as_ptr() as u64;
+        registry
+            .register(vec![RegionSpec::caller(
+                addr,
+                4096,
+                Some(Location::Any),
+                Access::ALL,
+            )])
+            .unwrap();
+        let w = write(addr, &[5u8; 64]);
+        link.reach(&[w], |_| Some(addr), far()).unwrap();
+        registry.unregister(addr).unwrap();
+        let read_only = Access::LOCAL_READ | Access::REMOTE_READ;
+        registry
+            .register(vec![RegionSpec::caller(
+                addr,
+                4096,
+                Some(Location::Any),
+                read_only,
+            )])
+            .unwrap();
+        // Another batch attaches the region as it is now.
+        let r = Slice {
+            kind: OpKind::Read,
+            ..w
+        };
+        link.reach(&[r], |_| Some(addr), far()).unwrap();
+        let err = link.move_slices(&[w]).unwrap_err();
+        assert!(err.reason.contains("does not grant"), "{err}");
+        assert!(target.iter().all(|&b| b == 0));
+    }
+}
