@@ -388,7 +388,7 @@ impl ShmLink {
                 need(s.kind)
             )));
         }
-        if !self.pin(a) {
+        if !self.table.pin(a.slot, a.gen) {
             self.forget(a);
             return Err(self.error(format!(
                 "peer {} unregistered its region at {:#x} during the transfer",
@@ -469,20 +469,6 @@ impl ShmLink {
             start = end;
         }
         Ok(())
-    }
-}
-
-impl ShmLink {
-    /// Pins `a`, retrying briefly: a peer's `unregister` that found the region busy with
-    /// another peer's copies takes its revocation back at once.
-    fn pin(&self, a: &Attached) -> bool {
-        for _ in 0..64 {
-            if self.table.pin(a.slot, a.gen) {
-                return true;
-            }
-            std::hint::spin_loop();
-        }
-        false
     }
 }
 

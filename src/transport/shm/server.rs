@@ -511,7 +511,9 @@ impl Inner {
     fn revoke(&self, region: &Arc<Region>, force: bool) -> Result<(), u64> {
         let conns = lock(&self.conns).clone();
         let mut busy = 0;
-        let mut revoked = Vec::new();
+        let mut held = Vec::new();
+        // First every peer's slot stops taking new copies (pinners wait for the verdict),
+        // and their copies in flight are counted; then all slots live on (busy) or all end.
         for conn in &conns {
             let table = match &*lock(&conn.phase) {
                 Phase::Proven { table, .. } => Arc::clone(table),
@@ -524,29 +526,27 @@ impl Inner {
             if !Weak::ptr_eq(&a.region, &Arc::downgrade(region)) {
                 continue;
             }
-            let pins = table.revoke(a.slot, a.gen, force);
-            if pins != 0 && !force {
-                busy += pins;
-            } else {
-                revoked.push((Arc::clone(conn), table, a.slot, a.gen));
-            }
+            busy += table.begin_revoke(a.slot, a.gen);
+            held.push((Arc::clone(conn), table, a.slot, a.gen));
         }
-        if busy != 0 {
-            // All or nothing: the peers that were idle get the region back.
-            for (_, table, slot, gen) in &revoked {
-                table.open(*slot, *gen);
+        if busy != 0 && !force {
+            for (_, table, slot, gen) in &held {
+                table.finish_revoke(*slot, *gen, false);
             }
             return Err(busy);
+        }
+        for (_, table, slot, gen) in &held {
+            table.finish_revoke(*slot, *gen, true);
         }
         if force {
             // Engine-owned memory may be reached by cross-memory attach too (when its file
             // could not be shared): the pages go back to the kernel once we return, so no
             // copy may still be running into them.
-            for (_, table, slot, _) in &revoked {
+            for (_, table, slot, _) in &held {
                 drain(table, std::iter::once(*slot));
             }
         }
-        for (conn, _, _, _) in revoked {
+        for (conn, _, _, _) in held {
             lock(&conn.slots).close(region.range().start);
         }
         Ok(())

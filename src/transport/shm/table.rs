@@ -6,9 +6,11 @@
 //! handshake:
 //!
 //! - peer: `pins += 1`, then read `state`; go ahead only if it is the generation it was
-//!   given, else `pins -= 1` and fail the op;
-//! - engine, on unregister: write `state = dead`, then read `pins`; non-zero means a copy
-//!   may be running, so it restores `state` and answers `Busy`.
+//!   given, else `pins -= 1` and fail the op (or, while the engine is deciding, wait for
+//!   its verdict and try again);
+//! - engine, on unregister: write `state = revoking`, then read `pins`; non-zero means a
+//!   copy may be running, so it restores `state` and answers `Busy`; zero means none is
+//!   and none can start, so it writes `state = dead`.
 //!
 //! At least one side sees the other's write, so a copy never runs into memory that
 //! `unregister` has already given back to the caller. A peer that dies with pins held
@@ -50,8 +52,16 @@ impl std::fmt::Debug for PinTable {
 
 /// What a slot's `state` says of a region: live under `gen` (odd).
 fn is_live(gen: u64) -> bool {
-    gen % 2 == 1
+    gen % 2 == 1 && gen & REVOKING == 0
 }
+
+/// Set in `state` (with the live generation) while the engine decides whether an
+/// unregister goes through: pinners wait for the verdict rather than fail a copy that a
+/// busy unregister would not have stopped.
+const REVOKING: u64 = 1 << 63;
+
+/// How long a pinner waits for that verdict (the engine decides in microseconds).
+const VERDICT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl PinTable {
     /// The table in `mapping`, whose bytes start at `base` and span at least
@@ -101,20 +111,45 @@ impl PinTable {
         let Some(s) = self.slot(slot) else {
             return false;
         };
-        s.pins.fetch_add(1, Ordering::SeqCst);
-        if s.state.load(Ordering::SeqCst) == gen && is_live(gen) {
-            return true;
+        if !is_live(gen) {
+            return false;
         }
-        s.pins.fetch_sub(1, Ordering::SeqCst);
-        false
+        let mut give_up = None;
+        loop {
+            s.pins.fetch_add(1, Ordering::SeqCst);
+            let state = s.state.load(Ordering::SeqCst);
+            if state == gen {
+                return true;
+            }
+            s.pins.fetch_sub(1, Ordering::SeqCst);
+            if state != gen | REVOKING {
+                return false;
+            }
+            // An unregister is deciding: wait for it to restore the slot (it found the
+            // region busy) or to kill it.
+            let until = *give_up.get_or_insert_with(|| std::time::Instant::now() + VERDICT_WAIT);
+            let mut spins = 0u32;
+            while s.state.load(Ordering::SeqCst) == gen | REVOKING {
+                if std::time::Instant::now() >= until {
+                    return false;
+                }
+                spins += 1;
+                if spins < 1000 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
     }
 
     /// Whether `slot` is live under `gen` right now (a hint: it can change at once).
     pub fn is_live(&self, slot: u32, gen: u64) -> bool {
         is_live(gen)
-            && self
-                .slot(slot)
-                .is_some_and(|s| s.state.load(Ordering::SeqCst) == gen)
+            && self.slot(slot).is_some_and(|s| {
+                let state = s.state.load(Ordering::SeqCst);
+                state == gen || state == gen | REVOKING
+            })
     }
 
     /// Peer side: the copy counted by a successful `pin` is done.
@@ -155,18 +190,32 @@ impl PinTable {
         true
     }
 
-    /// Engine side: ends `slot`'s life under `gen`. Returns the pins counted at that moment;
-    /// when that is non-zero and `force` is false the slot is made live again (the caller
-    /// answers `Busy`). With `force` the slot stays dead whatever the count.
-    pub fn revoke(&self, slot: u32, gen: u64, force: bool) -> u64 {
+    /// Engine side, first half of taking `slot` (live under `gen`) away: stops new pins
+    /// from going through and returns the copies counted now. Finish with
+    /// [`PinTable::finish_revoke`].
+    pub fn begin_revoke(&self, slot: u32, gen: u64) -> u64 {
         let Some(s) = self.slot(slot) else {
             return 0;
         };
-        s.state.store(gen + 1, Ordering::SeqCst);
-        let pins = s.pins.load(Ordering::SeqCst);
-        if pins != 0 && !force {
-            s.state.store(gen, Ordering::SeqCst);
+        s.state.store(gen | REVOKING, Ordering::SeqCst);
+        s.pins.load(Ordering::SeqCst)
+    }
+
+    /// Engine side, second half: `dead` ends the slot's life under `gen` (pinners waiting
+    /// for the verdict fail); otherwise the slot is live again (they go ahead).
+    pub fn finish_revoke(&self, slot: u32, gen: u64, dead: bool) {
+        if let Some(s) = self.slot(slot) {
+            s.state
+                .store(if dead { gen + 1 } else { gen }, Ordering::SeqCst);
         }
+    }
+
+    /// Engine side: both halves for one slot. Returns the copies counted; when that is
+    /// non-zero and `force` is false the slot stays live (the caller answers `Busy`). With
+    /// `force` the slot ends whatever the count.
+    pub fn revoke(&self, slot: u32, gen: u64, force: bool) -> u64 {
+        let pins = self.begin_revoke(slot, gen);
+        self.finish_revoke(slot, gen, force || pins == 0);
         pins
     }
 }
@@ -205,6 +254,34 @@ mod tests {
         assert!(t.pin(0, 3));
         assert_eq!(t.revoke(0, 3, true), 1, "forced: dead even while pinned");
         assert!(!t.pin(0, 3));
+    }
+
+    /// A pinner that finds an unregister deciding waits for its verdict: it goes ahead
+    /// when the region turned out busy and stays, and fails when it went.
+    #[test]
+    fn a_pinner_waits_for_the_verdict() {
+        let t = Arc::new(table(1));
+        t.open(0, 1);
+        for dead in [false, true] {
+            assert_eq!(t.begin_revoke(0, 1), 0);
+            assert!(t.is_live(0, 1), "deciding still counts as live for routing");
+            let (tx, rx) = std::sync::mpsc::channel();
+            let pinner = {
+                let t = Arc::clone(&t);
+                std::thread::spawn(move || {
+                    tx.send(()).unwrap();
+                    let pinned = t.pin(0, 1);
+                    if pinned {
+                        t.unpin(0);
+                    }
+                    pinned
+                })
+            };
+            rx.recv().unwrap();
+            t.finish_revoke(0, 1, dead);
+            assert_eq!(pinner.join().unwrap(), !dead);
+        }
+        assert!(!t.pin(0, 1));
     }
 
     #[test]
