@@ -145,7 +145,7 @@ impl Registry {
             .unwrap_or_else(PoisonError::into_inner) = observer;
     }
 
-    /// Sets the function asked before a region is unregistered (see [`Revoker`]).
+    /// Sets the function asked before a region is unregistered (a `Revoker`).
     pub fn set_revoker(&self, revoker: Option<Revoker>) {
         *self.revoker.write().unwrap_or_else(PoisonError::into_inner) = revoker;
     }
