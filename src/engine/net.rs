@@ -304,11 +304,7 @@ fn start_shm(
             return Err(why);
         }
     };
-    let weak = Arc::downgrade(&server);
-    registry.set_revoker(Some(Arc::new(move |region, force| {
-        weak.upgrade()
-            .map_or(Ok(()), |server| server.revoke(region, force))
-    })));
+    registry.set_revoker(Some(server.revoker()));
     Ok(server)
 }
 

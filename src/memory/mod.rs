@@ -14,4 +14,4 @@ pub use error::MemoryError;
 pub use location::{Location, LocationParseError};
 pub(crate) use region::Backing;
 pub use region::{AddrRange, Region};
-pub use registry::{RegionLookup, RegionSpec, Registry};
+pub use registry::{RegionLookup, RegionSpec, Registry, Revoker};

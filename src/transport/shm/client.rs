@@ -264,11 +264,19 @@ impl ShmLink {
             gen: att.gen,
             map,
         });
-        self.attached
+        let mut all = self
+            .attached
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(att.addr, Arc::clone(&attached));
-        Ok(attached)
+            .unwrap_or_else(PoisonError::into_inner);
+        // Two attaches of one address can cross (another thread's may already have put the
+        // region registered since in place): a live entry is not replaced.
+        match all.get(&att.addr) {
+            Some(newer) if self.table.is_live(newer.slot, newer.gen) => Ok(Arc::clone(newer)),
+            _ => {
+                all.insert(att.addr, Arc::clone(&attached));
+                Ok(attached)
+            }
+        }
     }
 
     fn map(
@@ -609,10 +617,7 @@ mod tests {
         let engine_id = 0x5eed_0000 + NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("kvxfer-test.{}.{engine_id:x}", std::process::id());
         let server = Arc::new(ShmServer::start(&name, engine_id, Arc::clone(registry)).unwrap());
-        let weak = Arc::downgrade(&server);
-        registry.set_revoker(Some(Arc::new(move |region, force| {
-            weak.upgrade().map_or(Ok(()), |s| s.revoke(region, force))
-        })));
+        registry.set_revoker(Some(server.revoker()));
         let (link, cma) = ShmLink::connect(
             "test-peer",
             &name,

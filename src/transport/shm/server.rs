@@ -55,6 +55,8 @@ struct Inner {
     stop: AtomicBool,
     /// Every live connection, for `revoke`.
     conns: Mutex<Vec<Arc<Conn>>>,
+    /// Closed connections with copies still counted.
+    retired: Mutex<Vec<Retired>>,
 }
 
 struct Conn {
@@ -69,29 +71,66 @@ impl Conn {
         matches!(*lock(&self.phase), Phase::Proven { .. })
     }
 
-    /// Takes every region away from this connection before it is closed, and waits
-    /// (bounded) for the peer's copies in flight: afterwards the peer cannot touch our
-    /// memory through it, even though its copy of the pin table lives on.
-    fn retire(&self) {
+    /// Takes every region away from this connection before it is closed: afterwards the
+    /// peer cannot start a copy through it, even though its copy of the pin table lives
+    /// on. Copies already counted are not waited for here (a peer killed mid-copy leaves
+    /// its count behind); they are returned, to be watched until they drain.
+    fn retire(&self) -> Option<Retired> {
         let table = match &*lock(&self.phase) {
             Phase::Proven { table, .. } => Arc::clone(table),
-            _ => return,
+            _ => return None,
         };
-        let mut slots = lock(&self.slots);
-        let attached: Vec<(u32, u64)> = slots.by_addr.values().map(|a| (a.slot, a.gen)).collect();
-        for &(slot, gen) in &attached {
-            table.revoke(slot, gen, true);
-        }
-        drain(&table, attached.iter().map(|&(slot, _)| slot));
-        slots.by_addr.clear();
+        let attached = std::mem::take(&mut lock(&self.slots).by_addr);
+        let busy: Vec<(u64, u32, Weak<Region>)> = attached
+            .into_iter()
+            .filter(|(_, a)| table.kill(a.slot, a.gen) != 0)
+            .map(|(addr, a)| (addr, a.slot, a.region))
+            .collect();
+        (!busy.is_empty()).then(|| Retired {
+            table,
+            slots: busy,
+            since: Instant::now(),
+        })
     }
 }
 
-/// Waits for the copies counted in `slots` (all revoked) to finish; logs if some do not
-/// within `DRAIN`.
-fn drain(table: &PinTable, slots: impl Iterator<Item = u32>) {
-    let until = Instant::now() + DRAIN;
-    let stuck = slots.filter(|&slot| !table.drain(slot, until)).count();
+/// A closed connection whose peer still counted copies when it was closed: unregistering
+/// those regions waits for (or, unforced, is refused by) these counts too, until they
+/// drain or `GIVE_UP` passes.
+struct Retired {
+    table: Arc<PinTable>,
+    slots: Vec<(u64, u32, Weak<Region>)>,
+    since: Instant,
+}
+
+impl Retired {
+    fn pins_of(&self, region: &Arc<Region>) -> impl Iterator<Item = (u32, u64)> + '_ {
+        let start = region.range().start;
+        let weak = Arc::downgrade(region);
+        self.slots
+            .iter()
+            .filter(move |(addr, _, r)| *addr == start && Weak::ptr_eq(r, &weak))
+            .map(|&(_, slot, _)| (slot, self.table.pins(slot)))
+    }
+
+    fn drained(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|&(_, slot, _)| self.table.pins(slot) == 0)
+    }
+}
+
+/// How long a closed connection's leftover copy counts are watched: a copy takes
+/// milliseconds, so counts still there after this belong to a peer that died mid-copy.
+const GIVE_UP: Duration = Duration::from_secs(10);
+
+/// Waits, until `until`, for the copies counted in `slots` (all dead) to finish; logs if
+/// some do not.
+fn drain(slots: &[(&PinTable, u32)], until: Instant) {
+    let stuck = slots
+        .iter()
+        .filter(|(table, slot)| !table.drain(*slot, until))
+        .count();
     if stuck != 0 {
         log::error!(
             "kvxfer: a same-host peer still counts copies in {stuck} revoked region(s) after {DRAIN:?}; going on"
@@ -143,6 +182,7 @@ impl ShmServer {
             engine_id,
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
         });
         let served = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
@@ -175,7 +215,19 @@ impl ShmServer {
         self.inner.revoke(region, force)
     }
 
-    /// Stops serving: closes the listener and every connection, joins the thread.
+    /// [`ShmServer::revoke`] as a registry revoker that does not keep the server alive.
+    pub fn revoker(&self) -> crate::memory::Revoker {
+        let inner = Arc::downgrade(&self.inner);
+        Arc::new(move |region, force| {
+            inner
+                .upgrade()
+                .map_or(Ok(()), |inner| inner.revoke(region, force))
+        })
+    }
+
+    /// Stops serving: closes the listener and every connection, joins the thread, and
+    /// waits (bounded) for the copies peers had counted, since the caller may free the
+    /// memory once this returns.
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Ordering::Release);
         let _ = self.waker.send(&[0], &[]);
@@ -183,6 +235,12 @@ impl ShmServer {
             let _ = thread.join();
         }
         self.inner.retire_all();
+        let retired = std::mem::take(&mut *lock(&self.inner.retired));
+        let slots: Vec<(&PinTable, u32)> = retired
+            .iter()
+            .flat_map(|r| r.slots.iter().map(move |&(_, slot, _)| (&*r.table, slot)))
+            .collect();
+        drain(&slots, Instant::now() + DRAIN);
     }
 }
 
@@ -202,14 +260,30 @@ struct Close(String);
 impl Inner {
     fn run(&self, listener: &SeqPacketListener, wake: &SeqPacket) {
         let mut conns: Vec<Arc<Conn>> = Vec::new();
+        // Set while accepting is paused (out of file descriptors).
+        let mut paused: Option<Instant> = None;
         loop {
-            let mut fds: Vec<RawFd> = vec![listener.as_raw_fd(), wake.as_raw_fd()];
+            if paused.is_some_and(|until| Instant::now() >= until) {
+                paused = None;
+            }
+            // A negative fd is ignored by poll: the listener rests while paused.
+            let listen_fd = if paused.is_some() {
+                -1
+            } else {
+                listener.as_raw_fd()
+            };
+            let mut fds: Vec<RawFd> = vec![listen_fd, wake.as_raw_fd()];
             fds.extend(conns.iter().map(|c| c.sock.as_raw_fd()));
-            // Wake up now and then only while some connection has yet to prove itself.
-            let tick = conns
-                .iter()
-                .any(|c| !c.proven())
-                .then_some(Duration::from_secs(1));
+            // Wake up now and then only while something is waited for: a connection yet
+            // to prove itself, closed connections' copies, a paused listener.
+            let tick = if paused.is_some() || !lock(&self.retired).is_empty() {
+                Some(Duration::from_millis(10))
+            } else {
+                conns
+                    .iter()
+                    .any(|c| !c.proven())
+                    .then_some(Duration::from_secs(1))
+            };
             let revents = match poll_readable(&fds, tick) {
                 Ok(r) => r,
                 Err(e) => {
@@ -236,28 +310,53 @@ impl Inner {
             }
             for i in gone.into_iter().rev() {
                 let conn = conns.swap_remove(i);
-                conn.retire();
                 lock(&self.conns).retain(|c| !Arc::ptr_eq(c, &conn));
+                self.retire(&conn);
             }
-            if revents[0] != 0 {
-                self.accept_all(listener, &mut conns);
+            lock(&self.retired).retain(|r| {
+                let keep = !r.drained() && r.since.elapsed() < GIVE_UP;
+                if !keep && !r.drained() {
+                    log::error!("kvxfer: a closed same-host peer still counts copies after {GIVE_UP:?}: it died mid-copy; forgetting them");
+                }
+                keep
+            });
+            if revents[0] != 0 && !self.accept_all(listener, &mut conns) {
+                paused = Some(Instant::now() + Duration::from_millis(100));
             }
         }
         self.retire_all();
+    }
+
+    /// Retires `conn`, keeping its leftover copy counts in view.
+    fn retire(&self, conn: &Conn) {
+        if let Some(r) = conn.retire() {
+            lock(&self.retired).push(r);
+        }
     }
 
     /// Retires and forgets every connection (at shutdown).
     fn retire_all(&self) {
         let conns = std::mem::take(&mut *lock(&self.conns));
         for conn in conns {
-            conn.retire();
+            self.retire(&conn);
         }
     }
 
-    fn accept_all(&self, listener: &SeqPacketListener, conns: &mut Vec<Arc<Conn>>) {
+    /// Accepts every waiting connection; false when out of file descriptors (the caller
+    /// pauses accepting instead of spinning on a listener that stays readable).
+    fn accept_all(&self, listener: &SeqPacketListener, conns: &mut Vec<Arc<Conn>>) -> bool {
         loop {
             match listener.accept() {
                 Ok(sock) => {
+                    if let Err(why) = authorised(&sock) {
+                        log::warn!("kvxfer: refusing a same-host peer: {why}");
+                        let reply = Message::Refused {
+                            code: code::PROTOCOL,
+                            reason: why,
+                        };
+                        let _ = sock.send(&reply.encode(0), &[]);
+                        continue;
+                    }
                     if conns.len() >= MAX_CONNECTIONS {
                         log::warn!("kvxfer: refusing a same-host peer: {MAX_CONNECTIONS} connections already");
                         let reply = Message::Refused {
@@ -281,11 +380,17 @@ impl Inner {
                     lock(&self.conns).push(Arc::clone(&conn));
                     conns.push(conn);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    log::warn!(
+                        "kvxfer: shm accept failed: {e}; pausing new same-host peers for 100 ms"
+                    );
+                    return false;
+                }
                 Err(e) => {
                     log::warn!("kvxfer: shm accept failed: {e}");
-                    return;
+                    return true;
                 }
             }
         }
@@ -529,6 +634,13 @@ impl Inner {
             busy += table.begin_revoke(a.slot, a.gen);
             held.push((Arc::clone(conn), table, a.slot, a.gen));
         }
+        // Closed connections' copies still running into this region count as well.
+        let retired = lock(&self.retired);
+        let leftover: Vec<(&PinTable, u32)> = retired
+            .iter()
+            .flat_map(|r| r.pins_of(region).map(move |(slot, _)| (&*r.table, slot)))
+            .collect();
+        busy += leftover.iter().map(|(t, slot)| t.pins(*slot)).sum::<u64>();
         if busy != 0 && !force {
             for (_, table, slot, gen) in &held {
                 table.finish_revoke(*slot, *gen, false);
@@ -541,15 +653,34 @@ impl Inner {
         if force {
             // Engine-owned memory may be reached by cross-memory attach too (when its file
             // could not be shared): the pages go back to the kernel once we return, so no
-            // copy may still be running into them.
-            for (_, table, slot, _) in &held {
-                drain(table, std::iter::once(*slot));
-            }
+            // copy may still be running into them. One deadline for all of them.
+            let mut slots = leftover;
+            slots.extend(held.iter().map(|(_, table, slot, _)| (&**table, *slot)));
+            drain(&slots, Instant::now() + DRAIN);
         }
+        drop(retired);
         for (conn, _, _, _) in held {
             lock(&conn.slots).close(region.range().start);
         }
         Ok(())
+    }
+}
+
+/// Whether the process behind `sock` may use our memory: our own user, or root (which
+/// could read and write it anyway). Others are refused: they could not ptrace us either.
+fn authorised(sock: &SeqPacket) -> Result<(), String> {
+    let cred = sock
+        .peer_cred()
+        .map_err(|e| format!("cannot read its credentials: {e}"))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid == me || cred.uid == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "pid {} runs as uid {}, this engine as uid {me}: only the same user (or root) may share its memory",
+            cred.pid, cred.uid
+        ))
     }
 }
 
@@ -600,15 +731,19 @@ impl Slots {
     }
 }
 
-/// How a peer may reach `region`'s bytes: engine-allocated memory that peers may write as
-/// its memfd; everything else only by cross-memory attach. (A read-only file descriptor of
+/// How a peer may reach `region`'s bytes: engine-allocated memory that peers may read and
+/// write as its memfd; everything else only by cross-memory attach. (A read-only file descriptor of
 /// a memfd would not do for read-only regions: the peer could open it again read-write
 /// through /proc, memfds being mode 0777.)
 fn share(region: &Region) -> (MapKind, Option<OwnedFd>) {
     let Some(mapping) = region.shared_mapping() else {
         return (MapKind::None, None);
     };
-    if !region.access().contains(Access::REMOTE_WRITE) {
+    // A shared file gives both rights: only regions that grant both are passed as one.
+    if !region
+        .access()
+        .contains(Access::REMOTE_READ | Access::REMOTE_WRITE)
+    {
         return (MapKind::None, None);
     }
     match mapping.fd().try_clone_to_owned() {

@@ -28,6 +28,19 @@ struct Slot {
     pins: AtomicU64,
 }
 
+/// Waiting in steps: spin, then yield, then sleep briefly (a wait that lasts is a peer in
+/// trouble, and must not keep a core busy).
+fn back_off(round: &mut u32) {
+    *round += 1;
+    if *round < 1000 {
+        std::hint::spin_loop();
+    } else if *round < 1100 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
 /// A pin table mapped in this process.
 pub struct PinTable {
     base: *const Slot,
@@ -128,17 +141,12 @@ impl PinTable {
             // An unregister is deciding: wait for it to restore the slot (it found the
             // region busy) or to kill it.
             let until = *give_up.get_or_insert_with(|| std::time::Instant::now() + VERDICT_WAIT);
-            let mut spins = 0u32;
+            let mut round = 0u32;
             while s.state.load(Ordering::SeqCst) == gen | REVOKING {
                 if std::time::Instant::now() >= until {
                     return false;
                 }
-                spins += 1;
-                if spins < 1000 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
+                back_off(&mut round);
             }
         }
     }
@@ -175,17 +183,12 @@ impl PinTable {
         let Some(s) = self.slot(slot) else {
             return true;
         };
-        let mut spins = 0u32;
+        let mut round = 0u32;
         while s.pins.load(Ordering::SeqCst) != 0 {
             if std::time::Instant::now() >= until {
                 return false;
             }
-            spins += 1;
-            if spins < 1000 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            back_off(&mut round);
         }
         true
     }
@@ -193,21 +196,46 @@ impl PinTable {
     /// Engine side, first half of taking `slot` (live under `gen`) away: stops new pins
     /// from going through and returns the copies counted now. Finish with
     /// [`PinTable::finish_revoke`].
+    /// Only a live slot moves to revoking (a slot that [`PinTable::kill`] ended stays
+    /// dead; it then counts no copies).
     pub fn begin_revoke(&self, slot: u32, gen: u64) -> u64 {
         let Some(s) = self.slot(slot) else {
             return 0;
         };
-        s.state.store(gen | REVOKING, Ordering::SeqCst);
+        let _ = s
+            .state
+            .compare_exchange(gen, gen | REVOKING, Ordering::SeqCst, Ordering::SeqCst);
         s.pins.load(Ordering::SeqCst)
     }
 
     /// Engine side, second half: `dead` ends the slot's life under `gen` (pinners waiting
-    /// for the verdict fail); otherwise the slot is live again (they go ahead).
+    /// for the verdict fail); otherwise the slot is live again (they go ahead). Only a
+    /// slot still revoking changes: one killed meanwhile stays dead.
     pub fn finish_revoke(&self, slot: u32, gen: u64, dead: bool) {
         if let Some(s) = self.slot(slot) {
-            s.state
-                .store(if dead { gen + 1 } else { gen }, Ordering::SeqCst);
+            let verdict = if dead { gen + 1 } else { gen };
+            let _ = s.state.compare_exchange(
+                gen | REVOKING,
+                verdict,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
         }
+    }
+
+    /// Engine side: ends `slot`'s life under `gen` whatever it is doing (a connection
+    /// being closed). Returns the copies counted at that moment.
+    pub fn kill(&self, slot: u32, gen: u64) -> u64 {
+        let Some(s) = self.slot(slot) else {
+            return 0;
+        };
+        s.state.store(gen + 1, Ordering::SeqCst);
+        s.pins.load(Ordering::SeqCst)
+    }
+
+    /// Copies counted in `slot` now.
+    pub fn pins(&self, slot: u32) -> u64 {
+        self.slot(slot).map_or(0, |s| s.pins.load(Ordering::SeqCst))
     }
 
     /// Engine side: both halves for one slot. Returns the copies counted; when that is
@@ -282,6 +310,22 @@ mod tests {
             assert_eq!(pinner.join().unwrap(), !dead);
         }
         assert!(!t.pin(0, 1));
+    }
+
+    /// A busy verdict does not bring back a slot that was killed while it was decided.
+    #[test]
+    fn a_killed_slot_stays_dead() {
+        let t = table(1);
+        t.open(0, 1);
+        assert!(t.pin(0, 1));
+        assert_eq!(t.begin_revoke(0, 1), 1);
+        assert_eq!(t.kill(0, 1), 1);
+        t.finish_revoke(0, 1, false);
+        t.unpin(0);
+        assert!(!t.pin(0, 1), "the busy verdict revived a killed slot");
+        assert_eq!(t.begin_revoke(0, 1), 0);
+        t.finish_revoke(0, 1, false);
+        assert!(!t.is_live(0, 1));
     }
 
     #[test]
