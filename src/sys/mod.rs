@@ -1,13 +1,15 @@
 //! Thin FFI to the operating system. Every `unsafe` call the crate makes into libc lives
 //! here (or in a transport / `ffi`), behind safe functions whose contracts are checked.
 //!
-//! Later issues add `verbs` (libibverbs via `dlopen`) and `cuda` (driver API via `dlopen`).
+//! `verbs` is libibverbs resolved with `dlopen` at run time; a later issue adds `cuda` (the
+//! driver API, the same way).
 
 pub mod cma;
 pub mod meminfo;
 pub mod numa;
 pub mod shm;
 pub mod unix;
+pub mod verbs;
 
 /// The size of a virtual memory page on this machine.
 pub fn page_size() -> usize {
