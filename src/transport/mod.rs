@@ -14,6 +14,7 @@ use std::time::Instant;
 
 pub mod copy;
 pub mod local;
+pub mod rdma;
 pub mod shm;
 pub mod tcp;
 
@@ -94,6 +95,8 @@ pub enum TransportKind {
     Shm,
     /// TCP connections driven by io_uring.
     Tcp,
+    /// One-sided RDMA over verbs queue pairs.
+    Rdma,
 }
 
 impl fmt::Display for TransportKind {
@@ -102,6 +105,7 @@ impl fmt::Display for TransportKind {
             TransportKind::Local => "local",
             TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
+            TransportKind::Rdma => "rdma",
         })
     }
 }

@@ -1,0 +1,216 @@
+//! Memory registrations: every registered region gets an MR on every NIC (split where it
+//! is larger than the NIC's `max_mr_size`), looked up by address for the local side of a
+//! slice, and listed (address, length, NIC, rkey) for peers.
+
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::io;
+use std::ptr::NonNull;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use super::nic::Nic;
+use crate::memory::{Access, Region};
+use crate::sys::verbs::bindings::{ibv_access_flags, ibv_mr};
+
+/// One memory registration.
+struct Mr {
+    ptr: NonNull<ibv_mr>,
+    addr: u64,
+    len: u64,
+    lkey: u32,
+    rkey: u32,
+}
+
+/// A region's registrations, per NIC.
+struct RegionMrs {
+    per_nic: Vec<Vec<Mr>>,
+}
+
+/// A region's key on one NIC, as peers see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    /// First byte covered.
+    pub addr: u64,
+    /// Bytes covered.
+    pub len: u64,
+    /// Index of the NIC.
+    pub nic: u16,
+    /// The remote key.
+    pub rkey: u32,
+}
+
+/// Every region's registrations on every NIC.
+pub struct MrTable {
+    nics: Vec<Arc<Nic>>,
+    regions: RwLock<BTreeMap<u64, RegionMrs>>,
+}
+
+// SAFETY: MRs are verbs objects, usable from any thread; the pointers are owned here and
+// deregistered once (in `remove` or Drop), under the write lock.
+unsafe impl Send for MrTable {}
+// SAFETY: as above; shared use only reads keys.
+unsafe impl Sync for MrTable {}
+
+impl MrTable {
+    /// An empty table over `nics`.
+    pub fn new(nics: Vec<Arc<Nic>>) -> MrTable {
+        MrTable {
+            nics,
+            regions: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// Registers `region` on every NIC (all or nothing).
+    pub fn add(&self, region: &Region) -> Result<(), String> {
+        let range = region.range();
+        let access = verbs_access(region.access());
+        let mut per_nic = Vec::with_capacity(self.nics.len());
+        for nic in &self.nics {
+            let mut mrs = Vec::new();
+            let piece = nic.max_mr_size().max(4096);
+            let mut at = range.start;
+            while at < range.end() {
+                let len = (range.end() - at).min(piece);
+                // SAFETY: the range is registered memory of this process (the registry
+                // promises it stays valid until unregistered, and the owner removes the
+                // MRs before that happens); the PD is live.
+                let mr = unsafe {
+                    nic.verbs()
+                        .reg_mr(nic.pd(), at as *mut c_void, len as usize, access.0)
+                };
+                let Some(mr) = NonNull::new(mr) else {
+                    let e = io::Error::last_os_error();
+                    per_nic.push(mrs);
+                    release(&self.nics, per_nic);
+                    return Err(format!(
+                        "ibv_reg_mr of {len} bytes at {at:#x} on {}: {e}",
+                        nic.name()
+                    ));
+                };
+                // SAFETY: just registered; keys are plain fields.
+                let (lkey, rkey) = unsafe { ((*mr.as_ptr()).lkey, (*mr.as_ptr()).rkey) };
+                mrs.push(Mr {
+                    ptr: mr,
+                    addr: at,
+                    len,
+                    lkey,
+                    rkey,
+                });
+                at += len;
+            }
+            per_nic.push(mrs);
+        }
+        let old = self
+            .regions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(range.start, RegionMrs { per_nic });
+        if let Some(old) = old {
+            release(&self.nics, old.per_nic);
+        }
+        Ok(())
+    }
+
+    /// Deregisters the region starting at `addr` on every NIC: after this returns no NIC
+    /// touches it any more (an RDMA access by a peer fails).
+    pub fn remove(&self, addr: u64) {
+        let old = self
+            .regions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&addr);
+        if let Some(old) = old {
+            release(&self.nics, old.per_nic);
+        }
+    }
+
+    /// The local key of NIC `nic` for `[addr, addr + len)`, if one MR covers it.
+    pub fn lkey(&self, nic: usize, addr: u64, len: u64) -> Option<u32> {
+        let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
+        let (_, r) = regions.range(..=addr).next_back()?;
+        r.per_nic
+            .get(nic)?
+            .iter()
+            .find(|m| addr >= m.addr && addr + len <= m.addr + m.len)
+            .map(|m| m.lkey)
+    }
+
+    /// Every key, for peers.
+    pub fn keys(&self) -> Vec<Key> {
+        let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
+        let mut out = Vec::new();
+        for r in regions.values() {
+            for (nic, mrs) in r.per_nic.iter().enumerate() {
+                out.extend(mrs.iter().map(|m| Key {
+                    addr: m.addr,
+                    len: m.len,
+                    nic: nic as u16,
+                    rkey: m.rkey,
+                }));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for MrTable {
+    fn drop(&mut self) {
+        let regions =
+            std::mem::take(&mut *self.regions.write().unwrap_or_else(PoisonError::into_inner));
+        for r in regions.into_values() {
+            release(&self.nics, r.per_nic);
+        }
+    }
+}
+
+fn release(nics: &[Arc<Nic>], per_nic: Vec<Vec<Mr>>) {
+    for (nic, mrs) in nics.iter().zip(per_nic) {
+        for mr in mrs {
+            // SAFETY: registered by `add` on this NIC and deregistered only here, once.
+            let rc = unsafe { nic.verbs().dereg_mr(mr.ptr.as_ptr()) };
+            if rc != 0 {
+                log::warn!("kvxfer: ibv_dereg_mr on {} failed ({rc})", nic.name());
+            }
+        }
+    }
+}
+
+/// The NIC access flags for a region's rights (local write is always needed: READs land
+/// in local memory, and remote write requires it).
+fn verbs_access(access: Access) -> ibv_access_flags {
+    let mut flags = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
+    if access.contains(Access::REMOTE_WRITE) {
+        flags |= ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
+    }
+    if access.contains(Access::REMOTE_READ) {
+        flags |= ibv_access_flags::IBV_ACCESS_REMOTE_READ;
+    }
+    flags
+}
+
+/// A peer's keys, by NIC and address.
+#[derive(Debug, Default)]
+pub struct RemoteKeys {
+    per_nic: Vec<BTreeMap<u64, (u64, u32)>>,
+}
+
+impl RemoteKeys {
+    /// Indexes `keys` (as a peer published them).
+    pub fn new(keys: &[Key]) -> RemoteKeys {
+        let mut per_nic: Vec<BTreeMap<u64, (u64, u32)>> = Vec::new();
+        for k in keys {
+            let nic = k.nic as usize;
+            if per_nic.len() <= nic {
+                per_nic.resize_with(nic + 1, BTreeMap::new);
+            }
+            per_nic[nic].insert(k.addr, (k.len, k.rkey));
+        }
+        RemoteKeys { per_nic }
+    }
+
+    /// The peer's rkey on its NIC `nic` covering `[addr, addr + len)`.
+    pub fn rkey(&self, nic: usize, addr: u64, len: u64) -> Option<u32> {
+        let (&start, &(klen, rkey)) = self.per_nic.get(nic)?.range(..=addr).next_back()?;
+        (addr.checked_add(len)? <= start + klen).then_some(rkey)
+    }
+}

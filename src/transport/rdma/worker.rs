@@ -1,0 +1,230 @@
+//! The completion side of a NIC: chains in flight (by work-request id) and the poller
+//! thread that turns their completions into completed slice ranges.
+
+use std::ffi::{c_int, c_void};
+use std::ops::Range;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::endpoint::Endpoint;
+use super::nic::Nic;
+use crate::sys::verbs::bindings::{ibv_cq, ibv_wc, ibv_wc_status};
+use crate::sys::verbs::{poll_cq, req_notify_cq};
+use crate::transport::{SliceSource, TransportError, TransportKind};
+
+/// How long the poller keeps polling after a completion before it sleeps on the channel
+/// (a waking thread costs tens of microseconds; small requests come back faster).
+const SPIN: Duration = Duration::from_micros(50);
+/// How often a sleeping poller checks for shutdown.
+const TICK_MS: c_int = 100;
+
+/// A chain posted on an endpoint, until its completion.
+pub(super) struct Posted {
+    pub(super) work: Arc<dyn SliceSource>,
+    pub(super) range: Range<usize>,
+    pub(super) endpoint: Arc<Endpoint>,
+    pub(super) wrs: u32,
+}
+
+/// In-flight chains by id: a slot index with a generation, so a stale completion (a
+/// flushed request of a chain already failed) never matches a newer chain.
+#[derive(Default)]
+struct Slab {
+    slots: Vec<(u32, Option<Posted>)>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn insert(&mut self, p: Posted) -> u64 {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push((0, None));
+                self.slots.len() as u32 - 1
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.0 = slot.0.wrapping_add(1);
+        slot.1 = Some(p);
+        (u64::from(slot.0) << 32) | u64::from(index)
+    }
+
+    fn take(&mut self, id: u64) -> Option<Posted> {
+        let (gen, index) = ((id >> 32) as u32, id as u32);
+        let slot = self.slots.get_mut(index as usize)?;
+        if slot.0 != gen || slot.1.is_none() {
+            return None;
+        }
+        self.free.push(index);
+        slot.1.take()
+    }
+}
+
+/// A NIC with its poller.
+pub struct NicWorker {
+    nic: Arc<Nic>,
+    inflight: Mutex<Slab>,
+    stop: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl NicWorker {
+    /// Starts the poller of `nic`.
+    pub fn start(nic: Arc<Nic>) -> std::io::Result<Arc<NicWorker>> {
+        let worker = Arc::new(NicWorker {
+            nic,
+            inflight: Mutex::new(Slab::default()),
+            stop: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        });
+        let polled = Arc::clone(&worker);
+        let handle = std::thread::Builder::new()
+            .name(format!("kvx-rdma-{}", worker.nic.name()))
+            .spawn(move || polled.run())?;
+        *lock(&worker.thread) = Some(handle);
+        Ok(worker)
+    }
+
+    /// The NIC.
+    pub fn nic(&self) -> &Nic {
+        &self.nic
+    }
+
+    /// The NIC, shared.
+    pub fn nic_arc(&self) -> Arc<Nic> {
+        Arc::clone(&self.nic)
+    }
+
+    pub(super) fn track(&self, p: Posted) -> u64 {
+        lock(&self.inflight).insert(p)
+    }
+
+    pub(super) fn untrack(&self, id: u64) {
+        lock(&self.inflight).take(id);
+    }
+
+    /// Stops the poller once nothing is in flight (bounded), and joins it.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+
+    fn run(&self) {
+        let cq = self.nic.cq();
+        let mut wcs = [ibv_wc::default(); 64];
+        let mut last_busy = Instant::now();
+        loop {
+            let n = self.poll(cq, &mut wcs);
+            if n > 0 {
+                last_busy = Instant::now();
+                continue;
+            }
+            if last_busy.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            if self.stop.load(Ordering::Acquire)
+                && lock(&self.inflight).slots.iter().all(|s| s.1.is_none())
+            {
+                return;
+            }
+            // Arm, then poll once more (a completion between the last poll and the arm
+            // raises no event), then sleep on the channel.
+            // SAFETY: the CQ is live while the NIC (held by self) is.
+            if unsafe { req_notify_cq(cq, 0) } != 0 {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            if self.poll(cq, &mut wcs) > 0 {
+                last_busy = Instant::now();
+                continue;
+            }
+            self.sleep();
+        }
+    }
+
+    /// Polls up to 64 completions and handles them; returns how many.
+    fn poll(&self, cq: *mut ibv_cq, wcs: &mut [ibv_wc; 64]) -> usize {
+        // SAFETY: the CQ is live; wcs has 64 entries; only this thread polls it.
+        let n = unsafe { poll_cq(cq, wcs.len() as c_int, wcs.as_mut_ptr()) };
+        if n < 0 {
+            log::error!("kvxfer: ibv_poll_cq on {} failed ({n})", self.nic.name());
+            std::thread::sleep(Duration::from_millis(10));
+            return 0;
+        }
+        for wc in &wcs[..n as usize] {
+            self.handle(wc);
+        }
+        n as usize
+    }
+
+    fn handle(&self, wc: &ibv_wc) {
+        let Some(p) = lock(&self.inflight).take(wc.wr_id) else {
+            // A flushed request of a chain already failed.
+            return;
+        };
+        let failed = wc.status != ibv_wc_status::IBV_WC_SUCCESS;
+        let result = if failed {
+            Err(TransportError {
+                transport: TransportKind::Rdma,
+                reason: format!(
+                    "{} on {}: work completion status {} (vendor error {:#x})",
+                    if wc.status == ibv_wc_status::IBV_WC_REM_ACCESS_ERR {
+                        "the peer refused the access (bad key or range)"
+                    } else {
+                        "an RDMA request failed"
+                    },
+                    self.nic.name(),
+                    wc.status.0,
+                    wc.vendor_err
+                ),
+            })
+        } else {
+            Ok(())
+        };
+        p.work.complete(p.range, result);
+        p.endpoint.completed(p.wrs, failed);
+    }
+
+    /// Waits for the channel's event (bounded, to notice shutdown).
+    fn sleep(&self) {
+        let channel = self.nic.channel();
+        // SAFETY: the channel is live while the NIC is; fd is a plain field.
+        let fd = unsafe { (*channel).fd };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, TICK_MS) };
+        if ready <= 0 {
+            return;
+        }
+        let mut cq: *mut ibv_cq = ptr::null_mut();
+        let mut ctx: *mut c_void = ptr::null_mut();
+        let v = self.nic.verbs();
+        // SAFETY: the channel is readable (an event is pending), the out-pointers valid;
+        // the event is acknowledged right away (destroy_cq waits for acknowledgements).
+        unsafe {
+            if v.get_cq_event(channel, &mut cq, &mut ctx) == 0 {
+                v.ack_cq_events(cq, 1);
+            }
+        }
+    }
+}
+
+impl Drop for NicWorker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
