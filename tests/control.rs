@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use kvxfer::control::{
     error_code, kind, ControlClient, ControlError, ControlHandler, ControlServer, FrameHeader,
-    Message, RegionInfo, SegmentDescriptor, ServerLimits, TransportOffer, HANDSHAKE_TIMEOUT,
-    HEADER_LEN, MAX_BODY, MAX_CONNECTIONS, MAX_NOTIFY,
+    Message, RdmaConnectReply, RdmaConnectRequest, RdmaNic, RegionInfo, RegionKey,
+    SegmentDescriptor, ServerLimits, TransportOffer, HANDSHAKE_TIMEOUT, HEADER_LEN, MAX_BODY,
+    MAX_CONNECTIONS, MAX_NOTIFY, MAX_STRING,
 };
 use kvxfer::{Access, Location};
 
@@ -42,6 +43,42 @@ fn descriptor(engine_id: u64, session: &str, epoch: u64, version: u64) -> Segmen
             kind: "tcp".into(),
             params: vec![("port".into(), "4242".into()), ("lanes".into(), "2".into())],
         }],
+        rdma_nics: vec![rdma_nic(0), rdma_nic(1)],
+        rkeys: vec![
+            RegionKey {
+                addr: 0x10_0000,
+                len: 0x1000 * version.max(1),
+                nic: 0,
+                rkey: 0x100,
+            },
+            RegionKey {
+                addr: 0x10_0000,
+                len: 0x1000 * version.max(1),
+                nic: 1,
+                rkey: 0x101,
+            },
+            RegionKey {
+                addr: 0x1000_0000,
+                len: 0x2000,
+                nic: 1,
+                rkey: 0x201,
+            },
+        ],
+    }
+}
+
+/// RDMA NIC `rxe{i}` (RoCE v2, IPv4-mapped GID 10.0.0.{i}, MTU 1024).
+fn rdma_nic(i: u8) -> RdmaNic {
+    let mut gid = [0u8; 16];
+    gid[10..12].copy_from_slice(&[0xff, 0xff]);
+    gid[12..].copy_from_slice(&[10, 0, 0, i]);
+    RdmaNic {
+        name: format!("rxe{i}"),
+        port: 1,
+        lid: 0,
+        gid,
+        gid_index: 1,
+        mtu: 1024,
     }
 }
 
@@ -907,6 +944,8 @@ fn a_body_longer_than_its_kind_allows_is_refused_from_the_header() {
         (kind::NOTIFY_ACK, 1),
         (kind::NOTIFY, MAX_NOTIFY as u32 + 5),
         (kind::ERROR, 1 << 20),
+        (kind::RDMA_CONNECT, 4 + MAX_STRING as u32 + 24 + 10 + 1),
+        (kind::RDMA_CONNECT_REPLY, 9),
     ];
     for (k, len) in cases {
         let mut stream = raw_handshake(&f.session);
@@ -1063,4 +1102,299 @@ fn dropping_the_server_is_prompt_with_a_stuck_peer() {
     );
     wait_until("the client to see the server go", || !client.is_alive());
     drop(stuck);
+}
+
+// ---- RDMA queue-pair connection ----
+
+/// A target that serves RDMA on the two NICs of its descriptor: it records each request
+/// (sender's engine id and the request) and answers with a QP of its own, refuses a NIC
+/// it does not have, and gives an invalid reply (a QPN beyond 24 bits) to PSN 0xbad.
+struct RdmaTarget {
+    descriptor: SegmentDescriptor,
+    requests: Mutex<Vec<(u64, RdmaConnectRequest)>>,
+}
+
+impl ControlHandler for RdmaTarget {
+    fn descriptor(&self) -> SegmentDescriptor {
+        self.descriptor.clone()
+    }
+
+    fn notified(&self, _: &SegmentDescriptor, _: Vec<u8>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn rdma_connect(
+        &self,
+        from: &SegmentDescriptor,
+        request: &RdmaConnectRequest,
+    ) -> Result<RdmaConnectReply, String> {
+        let nics = self.descriptor.rdma_nics.len();
+        if usize::from(request.target_nic) >= nics {
+            return Err(format!(
+                "no RDMA NIC {}: this engine has {nics}",
+                request.target_nic
+            ));
+        }
+        self.requests
+            .lock()
+            .unwrap()
+            .push((from.engine_id, request.clone()));
+        if request.psn == 0xbad {
+            return Ok(RdmaConnectReply {
+                qpn: 1 << 24,
+                psn: 1,
+            });
+        }
+        Ok(RdmaConnectReply {
+            qpn: 0x40_0000 | request.qpn,
+            psn: (request.psn + 1) & 0xff_ffff,
+        })
+    }
+}
+
+fn start_rdma() -> (ControlServer, Arc<RdmaTarget>, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let session = listener.local_addr().unwrap().to_string();
+    let handler = Arc::new(RdmaTarget {
+        descriptor: descriptor(0x4444, &session, 2, 1),
+        requests: Mutex::new(Vec::new()),
+    });
+    let server = ControlServer::start(listener, handler.clone()).unwrap();
+    (server, handler, session)
+}
+
+fn connect_request(target_nic: u16, qpn: u32, psn: u32) -> RdmaConnectRequest {
+    RdmaConnectRequest {
+        initiator: rdma_nic(7),
+        target_nic,
+        qpn,
+        psn,
+    }
+}
+
+#[test]
+fn rdma_connect_reaches_the_handler_and_its_reply_comes_back() {
+    let (_server, handler, session) = start_rdma();
+    let client = connect(&session);
+    // The target's NICs and keys come with its descriptor.
+    assert_eq!(
+        client.descriptor().rdma_nics,
+        vec![rdma_nic(0), rdma_nic(1)]
+    );
+    assert_eq!(client.descriptor().rkeys.len(), 3);
+
+    let request = connect_request(1, 0x12, 0xff_ffff);
+    let reply = client.rdma_connect(&request, T).unwrap();
+    assert_eq!(
+        reply,
+        RdmaConnectReply {
+            qpn: 0x40_0012,
+            psn: 0
+        }
+    );
+    assert_eq!(*handler.requests.lock().unwrap(), vec![(0x1111, request)]);
+
+    // Replies are matched to their requests across threads.
+    let client = Arc::new(client);
+    let threads: Vec<JoinHandle<()>> = (0..8u32)
+        .map(|t| {
+            let client = Arc::clone(&client);
+            std::thread::spawn(move || {
+                for i in 0..25u32 {
+                    let qpn = t << 8 | i;
+                    let request = connect_request((i % 2) as u16, qpn, qpn + 5);
+                    let reply = client.rdma_connect(&request, T).unwrap();
+                    assert_eq!(reply.qpn, 0x40_0000 | qpn);
+                    assert_eq!(reply.psn, qpn + 6);
+                    client.probe(T).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(handler.requests.lock().unwrap().len(), 1 + 8 * 25);
+}
+
+#[test]
+fn rdma_connect_refusals_keep_the_connection_usable() {
+    let (_server, handler, session) = start_rdma();
+    let client = connect(&session);
+
+    // The handler refuses a NIC it does not have.
+    match client.rdma_connect(&connect_request(2, 1, 1), T) {
+        Err(e @ ControlError::PeerError { code, .. }) if code == error_code::RDMA_REFUSED => {
+            let text = e.to_string();
+            assert!(
+                text.contains("RDMA_REFUSED (code 7): no RDMA NIC 2: this engine has 2"),
+                "{text}"
+            );
+        }
+        other => panic!("expected RDMA_REFUSED, got {other:?}"),
+    }
+    assert!(client.is_alive());
+
+    // An invalid reply of the handler is not sent: the peer gets INTERNAL.
+    match client.rdma_connect(&connect_request(0, 1, 0xbad), T) {
+        Err(ControlError::PeerError { code, message, .. }) => {
+            assert_eq!(code, error_code::INTERNAL, "{message}");
+            assert!(
+                message.contains("qpn 0x1000000 does not fit in 24 bits"),
+                "{message}"
+            );
+        }
+        other => panic!("expected INTERNAL, got {other:?}"),
+    }
+    assert!(client.is_alive());
+
+    // An invalid request is not sent at all.
+    for bad in [
+        connect_request(0, 1 << 24, 1),
+        connect_request(0, 1, 1 << 24),
+        RdmaConnectRequest {
+            initiator: RdmaNic {
+                mtu: 1500,
+                ..rdma_nic(7)
+            },
+            ..connect_request(0, 1, 1)
+        },
+    ] {
+        match client.rdma_connect(&bad, T) {
+            Err(e @ ControlError::InvalidMessage { .. }) => {
+                assert!(e.to_string().contains("not sent"), "{e}")
+            }
+            other => panic!("{bad:?} gave {other:?}"),
+        }
+    }
+    assert_eq!(handler.requests.lock().unwrap().len(), 1); // the 0xbad one
+    assert!(client.is_alive());
+    client.probe(T).unwrap();
+    client.notify(b"after", T).unwrap();
+    assert_eq!(
+        client.rdma_connect(&connect_request(0, 3, 4), T).unwrap(),
+        RdmaConnectReply {
+            qpn: 0x40_0003,
+            psn: 5
+        }
+    );
+}
+
+#[test]
+fn an_engine_that_serves_no_rdma_refuses_and_stays_usable() {
+    // TestHandler does not implement rdma_connect: the default refuses.
+    let f = start();
+    let client = connect(&f.session);
+    for _ in 0..3 {
+        match client.rdma_connect(&connect_request(0, 0x77, 0x88), T) {
+            Err(ControlError::PeerError { code, message, .. }) => {
+                assert_eq!(code, error_code::RDMA_REFUSED);
+                assert_eq!(message, "this engine does not serve RDMA");
+            }
+            other => panic!("expected RDMA_REFUSED, got {other:?}"),
+        }
+        assert!(client.is_alive());
+    }
+    assert_healthy(&f, Some(&client));
+
+    // On the wire: the Error echoes the request id; the connection goes on.
+    let mut stream = raw_handshake(&f.session);
+    stream
+        .write_all(&message_frame(
+            &Message::RdmaConnect(connect_request(0, 1, 2)),
+            31,
+        ))
+        .unwrap();
+    let message = expect_error(&mut stream, error_code::RDMA_REFUSED, 31);
+    assert_eq!(message, "this engine does not serve RDMA");
+    stream
+        .write_all(&message_frame(&Message::Probe { nonce: 5 }, 32))
+        .unwrap();
+    assert!(matches!(
+        read_frame(&mut stream),
+        Some((h, Message::ProbeReply { nonce: 5 })) if h.request_id == 32
+    ));
+}
+
+#[test]
+fn bad_rdma_frames_on_the_wire() {
+    let (_server, handler, session) = start_rdma();
+    let old = connect(&session);
+
+    // A reply kind sent to the server is UNEXPECTED; the connection stays up.
+    let mut stream = raw(&session);
+    stream
+        .write_all(&message_frame(&Message::Handshake(initiator()), 1))
+        .unwrap();
+    assert!(matches!(
+        read_frame(&mut stream),
+        Some((_, Message::HandshakeReply(_)))
+    ));
+    stream
+        .write_all(&message_frame(
+            &Message::RdmaConnectReply(RdmaConnectReply { qpn: 1, psn: 2 }),
+            2,
+        ))
+        .unwrap();
+    expect_error(&mut stream, error_code::UNEXPECTED, 2);
+    stream
+        .write_all(&message_frame(
+            &Message::RdmaConnect(connect_request(1, 9, 10)),
+            3,
+        ))
+        .unwrap();
+    match read_frame(&mut stream) {
+        Some((h, Message::RdmaConnectReply(reply))) => {
+            assert_eq!(h.request_id, 3);
+            assert_eq!(reply.qpn, 0x40_0009);
+        }
+        other => panic!("expected an RdmaConnectReply, got {other:?}"),
+    }
+
+    // A QPN beyond 24 bits does not decode: MALFORMED, and the connection closes.
+    stream
+        .write_all(&message_frame(
+            &Message::RdmaConnect(connect_request(1, 1 << 24, 10)),
+            4,
+        ))
+        .unwrap();
+    let message = expect_error(&mut stream, error_code::MALFORMED, 4);
+    assert!(message.contains("qpn 0x1000000"), "{message}");
+    expect_closed(&mut stream);
+
+    // Before the handshake: UNEXPECTED, closed, the handler never called.
+    let mut stream = raw(&session);
+    stream
+        .write_all(&message_frame(
+            &Message::RdmaConnect(connect_request(0, 1, 1)),
+            1,
+        ))
+        .unwrap();
+    expect_error(&mut stream, error_code::UNEXPECTED, 1);
+    expect_closed(&mut stream);
+
+    assert_eq!(handler.requests.lock().unwrap().len(), 1);
+    assert!(old.is_alive());
+    old.probe(T).unwrap();
+}
+
+#[test]
+fn descriptors_with_bad_rdma_fields_are_refused_at_the_handshake() {
+    let f = start();
+    let mut bad = initiator();
+    bad.rkeys[0].nic = 5;
+    match ControlClient::connect(&f.session, &bad, T) {
+        Err(ControlError::InvalidDescriptor { reason }) => {
+            assert!(reason.contains("rkey 0"), "{reason}")
+        }
+        other => panic!("expected InvalidDescriptor, got {other:?}"),
+    }
+    let mut stream = raw(&f.session);
+    stream
+        .write_all(&message_frame(&Message::Handshake(bad), 1))
+        .unwrap();
+    let message = expect_error(&mut stream, error_code::MALFORMED, 1);
+    assert!(message.contains("for RDMA NIC 5"), "{message}");
+    expect_closed(&mut stream);
+    assert_healthy(&f, None);
 }

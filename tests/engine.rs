@@ -1509,7 +1509,7 @@ fn local_peer_and_config() {
     assert_eq!(engine.peer_transport(me).unwrap(), TransportKind::Local);
     assert_eq!(engine.peer_name(me).unwrap(), "self");
     let transports = engine.transports();
-    assert_eq!(transports.len(), 3);
+    assert_eq!(transports.len(), 4);
     assert_eq!(transports[0].kind, TransportKind::Local);
     assert_eq!(transports[1].kind, TransportKind::Shm);
     assert!(
@@ -1517,11 +1517,19 @@ fn local_peer_and_config() {
         "{}",
         transports[1].detail
     );
-    assert_eq!(transports[2].kind, TransportKind::Tcp);
+    // RDMA is used or says why not, in one line.
+    assert_eq!(transports[2].kind, TransportKind::Rdma);
     assert!(
-        transports[2].detail.contains(engine.session_id().unwrap()),
+        transports[2].detail.starts_with("RDMA RC over")
+            || transports[2].detail.starts_with("not used: "),
         "{}",
         transports[2].detail
+    );
+    assert_eq!(transports[3].kind, TransportKind::Tcp);
+    assert!(
+        transports[3].detail.contains(engine.session_id().unwrap()),
+        "{}",
+        transports[3].detail
     );
 
     let bad = EngineConfig {

@@ -1,7 +1,7 @@
 //! Two real processes on one host, over the same-host transport (`shm`). This test binary
 //! re-executes itself as a "target" child (an engine driven by commands on stdin, answering
 //! on stdout) and the test itself is the initiator, with the default configuration
-//! (transports `[Shm, Tcp]`), so the two processes prove at `open_peer` that they share
+//! (transports `[Shm, Rdma, Tcp]`), so the two processes prove at `open_peer` that they share
 //! memory and then move bytes with CPU copies done by the initiator.
 //!
 //! Covered:
@@ -229,8 +229,8 @@ fn run_target() {
     let engine = Engine::new(EngineConfig::default()).expect("child engine starts");
     assert_eq!(
         engine.config().transports,
-        [TransportKind::Shm, TransportKind::Tcp],
-        "child: the default transports are [Shm, Tcp]"
+        [TransportKind::Shm, TransportKind::Rdma, TransportKind::Tcp],
+        "child: the default transports are [Shm, Rdma, Tcp]"
     );
     let session = engine.session_id().expect("listens").to_string();
     say(&format!("ready {session} {}", std::process::id()));
@@ -542,6 +542,8 @@ impl Target {
             version: 1,
             regions: vec![],
             transports: vec![],
+            rdma_nics: vec![],
+            rkeys: vec![],
         };
         let ctl = ControlClient::connect(&self.session, &me, Duration::from_secs(5))
             .expect("control handshake with the child");
@@ -564,7 +566,7 @@ fn initiator() -> Engine {
     let e = Engine::new(EngineConfig::default()).expect("engine starts");
     assert_eq!(
         e.config().transports,
-        [TransportKind::Shm, TransportKind::Tcp],
+        [TransportKind::Shm, TransportKind::Rdma, TransportKind::Tcp],
         "KVX_TRANSPORTS in the environment changes what these tests check; unset it"
     );
     assert!(
@@ -820,7 +822,7 @@ fn one_copy_thread_initiator() -> Engine {
     );
     assert_eq!(
         e.config().transports,
-        [TransportKind::Shm, TransportKind::Tcp],
+        [TransportKind::Shm, TransportKind::Rdma, TransportKind::Tcp],
         "KVX_TRANSPORTS in the environment changes what these tests check; unset it"
     );
     e

@@ -234,6 +234,8 @@ fn run_target() {
         version: 1,
         regions: vec![],
         transports: vec![],
+        rdma_nics: vec![],
+        rkeys: vec![],
     };
     let ctl = ControlClient::connect(&session, &me, Duration::from_secs(5)).expect("self");
     let own = ctl.descriptor();

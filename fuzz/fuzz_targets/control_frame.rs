@@ -1,12 +1,13 @@
 //! The control plane's decoders on arbitrary input: the first 16 bytes as a frame header,
 //! the rest as the body of every message kind (and of the kind the header names). Nothing
 //! panics; a header that decodes re-encodes to the same 16 bytes; a message that decodes
-//! re-encodes (with its own kind) to a body that decodes to the same message; refusals
-//! name the kind they concern.
+//! re-encodes (with its own kind) to a body that decodes to the same message and keeps
+//! the bounds (descriptors validate, RDMA QP numbers and PSNs fit 24 bits); refusals name
+//! the kind they concern.
 
 #![no_main]
 
-use kvxfer::control::{ControlError, FrameHeader, Message, HEADER_LEN, MAX_BODY};
+use kvxfer::control::{ControlError, FrameHeader, Message, HEADER_LEN, MAX_BODY, RDMA_MTUS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -34,7 +35,8 @@ fuzz_target!(|data: &[u8]| {
             Err(other) => panic!("header {bytes:?} refused with {other:?}"),
         }
     }
-    for kind in (0..=10).chain(header_kind) {
+    // Every known kind (1 to 11) and one unknown kind on each side.
+    for kind in (0..=12).chain(header_kind) {
         check(kind, body);
     }
 });
@@ -42,6 +44,29 @@ fuzz_target!(|data: &[u8]| {
 fn check(kind: u16, body: &[u8]) {
     match Message::decode(kind, body) {
         Ok(message) => {
+            match &message {
+                Message::Handshake(d) | Message::HandshakeReply(d) | Message::Refresh(d) => {
+                    if let Err(e) = d.validate() {
+                        panic!("a decoded descriptor does not validate: {e}")
+                    }
+                    for key in &d.rkeys {
+                        assert!(usize::from(key.nic) < d.rdma_nics.len());
+                    }
+                    for nic in &d.rdma_nics {
+                        assert!(RDMA_MTUS.contains(&nic.mtu));
+                    }
+                }
+                Message::RdmaConnect(r) => {
+                    assert!(r.validate().is_ok(), "{r:?}");
+                    assert!(r.qpn < 1 << 24 && r.psn < 1 << 24, "{r:?}");
+                    assert!(RDMA_MTUS.contains(&r.initiator.mtu), "{r:?}");
+                }
+                Message::RdmaConnectReply(r) => {
+                    assert!(r.validate().is_ok(), "{r:?}");
+                    assert!(r.qpn < 1 << 24 && r.psn < 1 << 24, "{r:?}");
+                }
+                _ => {}
+            }
             let (again_kind, again) = message.encode();
             assert_eq!(again_kind, kind, "{message:?} encodes with another kind");
             match Message::decode(kind, &again) {
@@ -52,7 +77,7 @@ fn check(kind: u16, body: &[u8]) {
         Err(ControlError::UnknownKind { kind: k }) => {
             assert_eq!(k, kind);
             assert!(
-                !(1..=9).contains(&kind),
+                !(1..=11).contains(&kind),
                 "known kind {kind} refused as unknown"
             );
         }

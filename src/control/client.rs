@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use super::error::ControlError;
 use super::frame::{self, encode_frame};
-use super::message::{kind, kind_name, max_body, Message, SegmentDescriptor, MAX_NOTIFY};
+use super::message::{
+    kind, kind_name, max_body, Message, RdmaConnectReply, RdmaConnectRequest, SegmentDescriptor,
+    MAX_NOTIFY,
+};
 
 /// Longest wait honoured; larger timeouts are cut to this.
 const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -49,7 +52,7 @@ struct State {
 }
 
 enum Reply {
-    /// A reply message (ProbeReply, NotifyAck or Error).
+    /// A reply message (ProbeReply, NotifyAck, RdmaConnectReply or Error).
     Message(Message),
     /// A Refresh answered a DescriptorRequest and was applied to the stored descriptor.
     Descriptor,
@@ -313,6 +316,33 @@ impl ControlClient {
             Reply::Message(Message::NotifyAck) => Ok(()),
             Reply::Message(other) => Err(self.unexpected(other, "NotifyAck")),
             Reply::Descriptor => Err(self.unexpected(Message::DescriptorRequest, "NotifyAck")),
+        }
+    }
+
+    /// Asks the peer to connect one of its RDMA queue pairs, on its NIC
+    /// `request.target_nic`, to this engine's queue pair `request.qpn`, and returns the
+    /// peer's queue pair (already in RTR/RTS on the peer's side).
+    ///
+    /// Errors: [`ControlError::InvalidMessage`] if `request` does not
+    /// [validate](RdmaConnectRequest::validate) (nothing is sent), [`ControlError::Timeout`],
+    /// [`ControlError::Disconnected`], [`ControlError::PeerError`] (code
+    /// [`error_code::RDMA_REFUSED`](super::error_code::RDMA_REFUSED) with the peer's reason
+    /// when its handler refused, e.g. it serves no RDMA or has no such NIC; code
+    /// [`error_code::INTERNAL`](super::error_code::INTERNAL) when its handler's answer was
+    /// invalid; the connection stays up either way), [`ControlError::MalformedReply`].
+    pub fn rdma_connect(
+        &self,
+        request: &RdmaConnectRequest,
+        timeout: Duration,
+    ) -> Result<RdmaConnectReply, ControlError> {
+        request.validate()?;
+        let message = Message::RdmaConnect(request.clone());
+        match self.request(&message, timeout, "an RdmaConnect")? {
+            Reply::Message(Message::RdmaConnectReply(reply)) => Ok(reply),
+            Reply::Message(other) => Err(self.unexpected(other, "RdmaConnectReply")),
+            Reply::Descriptor => {
+                Err(self.unexpected(Message::DescriptorRequest, "RdmaConnectReply"))
+            }
         }
     }
 
@@ -636,7 +666,12 @@ fn read_one(inner: &Inner, reader: &mut BufReader<TcpStream>) -> Result<bool, St
                 inner.deliver(id, Reply::Descriptor);
             }
         }
-        Message::ProbeReply { .. } | Message::NotifyAck | Message::Error { .. } if id != 0 => {
+        Message::ProbeReply { .. }
+        | Message::NotifyAck
+        | Message::RdmaConnectReply(_)
+        | Message::Error { .. }
+            if id != 0 =>
+        {
             inner.deliver(id, Reply::Message(message));
         }
         Message::Error { code, message } => log::warn!(

@@ -7,7 +7,7 @@ use super::message::kind_name;
 
 /// What went wrong decoding a control frame, or talking to a peer's control server.
 ///
-/// Decoding errors (`BadMagic` .. `InvalidDescriptor`) name no peer; the connection
+/// Decoding and sending checks (`BadMagic` .. `NotifyTooLarge`) name no peer; the connection
 /// errors (`BadAddress` .. `Disconnected`) name the session (`"host:port"`) they concern.
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -81,6 +81,19 @@ pub enum ControlError {
     /// not sorted and disjoint.
     #[error("invalid segment descriptor: {reason}; fix the descriptor before sending it")]
     InvalidDescriptor {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An RDMA connection request or reply of this engine cannot be sent: a field breaks
+    /// a bound (a QP number or PSN beyond 24 bits, an MTU that is not one of
+    /// [`RDMA_MTUS`](super::RDMA_MTUS), a NIC name too long).
+    #[error(
+        "invalid {} message (kind {kind}): {reason}; it was not sent",
+        kind_name(*kind)
+    )]
+    InvalidMessage {
+        /// The message kind.
+        kind: u16,
         /// What is wrong with it.
         reason: String,
     },

@@ -7,7 +7,12 @@
 //!
 //! A segment descriptor is encoded as `engine_id u64, session str, host str, epoch u64,
 //! version u64, regions vec<addr u64, len u64, location str, access u32>,
-//! transports vec<kind str, params vec<key str, value str>>`.
+//! transports vec<kind str, params vec<key str, value str>>, rdma_nics vec<nic>,
+//! rkeys vec<addr u64, len u64, nic u16, rkey u32>`, where an RDMA NIC (`nic`) is
+//! `name str, port u8, lid u16, gid [u8; 16], gid_index u8, mtu u32`.
+//!
+//! RdmaConnect is `initiator nic, target_nic u16, qpn u32, psn u32`; RdmaConnectReply is
+//! `qpn u32, psn u32`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -35,10 +40,14 @@ pub mod kind {
     pub const NOTIFY_ACK: u16 = 8;
     /// [`Message::Error`](super::Message::Error).
     pub const ERROR: u16 = 9;
+    /// [`Message::RdmaConnect`](super::Message::RdmaConnect).
+    pub const RDMA_CONNECT: u16 = 10;
+    /// [`Message::RdmaConnectReply`](super::Message::RdmaConnectReply).
+    pub const RDMA_CONNECT_REPLY: u16 = 11;
 
     /// Whether this build knows the kind.
     pub fn is_known(kind: u16) -> bool {
-        (HANDSHAKE..=ERROR).contains(&kind)
+        (HANDSHAKE..=RDMA_CONNECT_REPLY).contains(&kind)
     }
 }
 
@@ -58,6 +67,10 @@ pub mod error_code {
     /// The serving side cannot take the request now (e.g. its notification inbox is
     /// full); the connection stays usable, retry later.
     pub const BUSY: u16 = 6;
+    /// The serving side does not connect the RDMA queue pair asked for (it serves no
+    /// RDMA, the NIC index is out of range, it is out of QPs, ...); the message says why.
+    /// The connection stays usable.
+    pub const RDMA_REFUSED: u16 = 7;
 
     /// The name of a code (`"UNKNOWN"` for codes this build does not know).
     pub fn name(code: u16) -> &'static str {
@@ -68,6 +81,7 @@ pub mod error_code {
             UNEXPECTED => "UNEXPECTED",
             INTERNAL => "INTERNAL",
             BUSY => "BUSY",
+            RDMA_REFUSED => "RDMA_REFUSED",
             _ => "UNKNOWN",
         }
     }
@@ -83,19 +97,37 @@ pub const MAX_TRANSPORTS: usize = 64;
 pub const MAX_PARAMS: usize = 64;
 /// Longest string (in bytes) in a message.
 pub const MAX_STRING: usize = 4096;
+/// Most RDMA NICs in one descriptor.
+pub const MAX_RDMA_NICS: usize = 64;
+/// Most RDMA memory keys ([`RegionKey`]) in one descriptor: one per region and NIC, more
+/// for a region larger than a NIC's largest memory registration.
+///
+/// This bound (as [`MAX_REGIONS`]) only lets a decoder refuse an absurd count before
+/// reading on; the 16 MiB frame ([`MAX_BODY`](super::MAX_BODY)) binds first: at 22 bytes
+/// each on the wire, about 760 000 keys alone fill a frame, fewer beside many regions.
+/// A descriptor that validates but does not fit a frame is refused when it is sent
+/// ([`ControlError::BodyTooLong`]).
+pub const MAX_RKEYS: usize = 1 << 20;
+/// The active MTUs an RDMA NIC may have (bytes): the five of InfiniBand and RoCE.
+pub const RDMA_MTUS: [u32; 5] = [256, 512, 1024, 2048, 4096];
+/// QP numbers and packet sequence numbers are 24-bit: they are below this.
+const QPN_PSN_LIMIT: u32 = 1 << 24;
 
 /// The largest body a frame of a known `kind` can carry and still decode (a length prefix
 /// plus [`MAX_NOTIFY`] for Notify, a code, a length prefix and [`MAX_STRING`] for Error,
-/// [`MAX_BODY`](super::MAX_BODY) for the descriptor kinds and for unknown kinds). A header
-/// announcing more is refused before its body is read.
+/// an RDMA NIC with a name of [`MAX_STRING`] bytes and 10 bytes for RdmaConnect, 8 bytes
+/// for RdmaConnectReply, [`MAX_BODY`](super::MAX_BODY) for the descriptor kinds and for
+/// unknown kinds). A header announcing more is refused before its body is read.
 pub(crate) fn max_body(kind: u16) -> u32 {
     const MAX_NOTIFY_BODY: u32 = 4 + MAX_NOTIFY as u32;
     const MAX_ERROR_BODY: u32 = 2 + 4 + MAX_STRING as u32;
+    const MAX_RDMA_CONNECT_BODY: u32 = (MIN_NIC_BYTES + MAX_STRING) as u32 + 2 + 4 + 4;
     match kind {
-        kind::PROBE | kind::PROBE_REPLY => 8,
+        kind::PROBE | kind::PROBE_REPLY | kind::RDMA_CONNECT_REPLY => 8,
         kind::DESCRIPTOR_REQUEST | kind::NOTIFY_ACK => 0,
         kind::NOTIFY => MAX_NOTIFY_BODY,
         kind::ERROR => MAX_ERROR_BODY,
+        kind::RDMA_CONNECT => MAX_RDMA_CONNECT_BODY,
         _ => super::frame::MAX_BODY,
     }
 }
@@ -120,6 +152,8 @@ pub fn kind_name(kind: u16) -> &'static str {
         kind::NOTIFY => "Notify",
         kind::NOTIFY_ACK => "NotifyAck",
         kind::ERROR => "Error",
+        kind::RDMA_CONNECT => "RdmaConnect",
+        kind::RDMA_CONNECT_REPLY => "RdmaConnectReply",
         _ => "unknown",
     }
 }
@@ -156,8 +190,126 @@ impl TransportOffer {
     }
 }
 
-/// What an engine tells peers about itself: who it is, its registered regions and the
-/// transports it offers.
+/// An RDMA NIC (one port of an HCA) as peers need it to connect a queue pair to it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RdmaNic {
+    /// Device name, e.g. `"mlx5_0"` (at most [`MAX_STRING`] bytes).
+    pub name: String,
+    /// Port number on the device (verbs counts from 1).
+    pub port: u8,
+    /// The port's LID (InfiniBand; 0 on RoCE).
+    pub lid: u16,
+    /// The GID at `gid_index` (raw bytes, network order).
+    pub gid: [u8; 16],
+    /// Index of `gid` in the port's GID table.
+    pub gid_index: u8,
+    /// The port's active MTU in bytes: one of [`RDMA_MTUS`].
+    pub mtu: u32,
+}
+
+impl RdmaNic {
+    /// What decoding checks: the name within [`MAX_STRING`], the MTU one of
+    /// [`RDMA_MTUS`]. `what` names the NIC in the reason.
+    fn check(&self, what: &str) -> Result<(), String> {
+        check_string(&format!("{what} name"), &self.name)?;
+        if !RDMA_MTUS.contains(&self.mtu) {
+            return Err(format!(
+                "{what} ({:?}) has MTU {}, not one of 256, 512, 1024, 2048, 4096",
+                self.name, self.mtu
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An RDMA memory registration of (part of) a region on one NIC: peers address the bytes
+/// `addr .. addr + len` through that NIC with `rkey`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RegionKey {
+    /// Start address (in the owner's address space).
+    pub addr: u64,
+    /// Length in bytes (> 0, not wrapping past the end of the address space).
+    pub len: u64,
+    /// Index of the NIC in the descriptor's [`rdma_nics`](SegmentDescriptor::rdma_nics).
+    pub nic: u16,
+    /// The remote key of the registration on that NIC.
+    pub rkey: u32,
+}
+
+/// Initiator → target ([`Message::RdmaConnect`]): "I created an RC queue pair `qpn` with
+/// starting packet sequence number `psn` on my NIC `initiator`; connect a queue pair of
+/// yours on your NIC `target_nic` to it".
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RdmaConnectRequest {
+    /// The initiator's NIC the queue pair is on.
+    pub initiator: RdmaNic,
+    /// Index of the target's NIC in the target's descriptor's
+    /// [`rdma_nics`](SegmentDescriptor::rdma_nics).
+    pub target_nic: u16,
+    /// The initiator's queue pair number (24 bits).
+    pub qpn: u32,
+    /// The initiator's starting packet sequence number (24 bits).
+    pub psn: u32,
+}
+
+impl RdmaConnectRequest {
+    /// Checks what decoding checks: the initiator NIC's name within [`MAX_STRING`] and
+    /// its MTU one of [`RDMA_MTUS`]; `qpn` and `psn` below 2^24.
+    ///
+    /// Errors: [`ControlError::InvalidMessage`] naming the first problem.
+    pub fn validate(&self) -> Result<(), ControlError> {
+        self.check().map_err(|reason| ControlError::InvalidMessage {
+            kind: kind::RDMA_CONNECT,
+            reason,
+        })
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.initiator.check("initiator NIC")?;
+        check_24_bits("qpn", self.qpn)?;
+        check_24_bits("psn", self.psn)
+    }
+}
+
+/// Target → initiator ([`Message::RdmaConnectReply`]): the target's queue pair, already
+/// connected to the initiator's and moved to ready-to-send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RdmaConnectReply {
+    /// The target's queue pair number (24 bits).
+    pub qpn: u32,
+    /// The target's starting packet sequence number (24 bits).
+    pub psn: u32,
+}
+
+impl RdmaConnectReply {
+    /// Checks what decoding checks: `qpn` and `psn` below 2^24.
+    ///
+    /// Errors: [`ControlError::InvalidMessage`] naming the first problem.
+    pub fn validate(&self) -> Result<(), ControlError> {
+        self.check().map_err(|reason| ControlError::InvalidMessage {
+            kind: kind::RDMA_CONNECT_REPLY,
+            reason,
+        })
+    }
+
+    fn check(&self) -> Result<(), String> {
+        check_24_bits("qpn", self.qpn)?;
+        check_24_bits("psn", self.psn)
+    }
+}
+
+fn check_24_bits(what: &str, value: u32) -> Result<(), String> {
+    if value < QPN_PSN_LIMIT {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {value:#x} does not fit in 24 bits (at most 0xffffff)"
+        ))
+    }
+}
+
+/// What an engine tells peers about itself: who it is, its registered regions, the
+/// transports it offers and, when it serves RDMA, its NICs and memory keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentDescriptor {
     /// Random per engine instance.
@@ -174,12 +326,19 @@ pub struct SegmentDescriptor {
     pub regions: Vec<RegionInfo>,
     /// Transports offered.
     pub transports: Vec<TransportOffer>,
+    /// The NICs this engine serves RDMA on (empty when it serves none).
+    pub rdma_nics: Vec<RdmaNic>,
+    /// The memory registrations of the regions, per NIC of
+    /// [`rdma_nics`](SegmentDescriptor::rdma_nics).
+    pub rkeys: Vec<RegionKey>,
 }
 
 impl SegmentDescriptor {
     /// Checks what decoding checks: the bounds ([`MAX_REGIONS`], [`MAX_TRANSPORTS`],
-    /// [`MAX_PARAMS`], [`MAX_STRING`]) and that regions are non-empty, do not wrap past
-    /// the end of the address space, and are sorted by address without overlapping.
+    /// [`MAX_PARAMS`], [`MAX_STRING`], [`MAX_RDMA_NICS`], [`MAX_RKEYS`]); that regions
+    /// are non-empty, do not wrap past the end of the address space, and are sorted by
+    /// address without overlapping; that each RDMA NIC's MTU is one of [`RDMA_MTUS`];
+    /// that each memory key is non-empty, does not wrap and names one of the RDMA NICs.
     ///
     /// Errors: [`ControlError::InvalidDescriptor`] naming the first problem.
     pub fn validate(&self) -> Result<(), ControlError> {
@@ -238,6 +397,40 @@ impl SegmentDescriptor {
                 check_string("transport parameter value", value)?;
             }
         }
+        if self.rdma_nics.len() > MAX_RDMA_NICS {
+            return Err(format!(
+                "{} RDMA NICs, more than the limit of {MAX_RDMA_NICS}",
+                self.rdma_nics.len()
+            ));
+        }
+        for (i, nic) in self.rdma_nics.iter().enumerate() {
+            nic.check(&format!("RDMA NIC {i}"))?;
+        }
+        if self.rkeys.len() > MAX_RKEYS {
+            return Err(format!(
+                "{} rkeys, more than the limit of {MAX_RKEYS}",
+                self.rkeys.len()
+            ));
+        }
+        for (i, key) in self.rkeys.iter().enumerate() {
+            if key.len == 0 {
+                return Err(format!("rkey {i} at {:#x} has length 0", key.addr));
+            }
+            if key.addr.checked_add(key.len).is_none() {
+                return Err(format!(
+                    "rkey {i} ({} bytes at {:#x}) wraps past the end of the address space",
+                    key.len, key.addr
+                ));
+            }
+            if usize::from(key.nic) >= self.rdma_nics.len() {
+                return Err(format!(
+                    "rkey {i} at {:#x} is for RDMA NIC {}, but the descriptor has {} RDMA NICs",
+                    key.addr,
+                    key.nic,
+                    self.rdma_nics.len()
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -289,6 +482,12 @@ pub enum Message {
         /// Explanation (at most [`MAX_STRING`] bytes).
         message: String,
     },
+    /// Asks the target to connect one of its RDMA queue pairs to the initiator's; the
+    /// reply is [`Message::RdmaConnectReply`] or an Error (code
+    /// [`error_code::RDMA_REFUSED`] when the target's handler refused).
+    RdmaConnect(RdmaConnectRequest),
+    /// Reply to [`Message::RdmaConnect`]: the target's queue pair.
+    RdmaConnectReply(RdmaConnectReply),
 }
 
 impl Message {
@@ -318,13 +517,16 @@ impl Message {
             Message::Notify { .. } => kind::NOTIFY,
             Message::NotifyAck => kind::NOTIFY_ACK,
             Message::Error { .. } => kind::ERROR,
+            Message::RdmaConnect(_) => kind::RDMA_CONNECT,
+            Message::RdmaConnectReply(_) => kind::RDMA_CONNECT_REPLY,
         }
     }
 
     /// The kind number and body bytes of this message.
     ///
     /// Encoding does not check bounds: a message that breaks one (see
-    /// [`SegmentDescriptor::validate`], [`MAX_NOTIFY`]) encodes, and is refused by the
+    /// [`SegmentDescriptor::validate`], [`RdmaConnectRequest::validate`],
+    /// [`RdmaConnectReply::validate`], [`MAX_NOTIFY`]) encodes, and is refused by the
     /// decoder.
     pub fn encode(&self) -> (u16, Vec<u8>) {
         let mut w = Writer::default();
@@ -338,6 +540,16 @@ impl Message {
             Message::Error { code, message } => {
                 w.u16(*code);
                 w.bytes(message.as_bytes());
+            }
+            Message::RdmaConnect(request) => {
+                w.nic(&request.initiator);
+                w.u16(request.target_nic);
+                w.u32(request.qpn);
+                w.u32(request.psn);
+            }
+            Message::RdmaConnectReply(reply) => {
+                w.u32(reply.qpn);
+                w.u32(reply.psn);
             }
         }
         (self.kind(), w.0)
@@ -371,6 +583,10 @@ impl Message {
                     .to_vec(),
             },
             kind::NOTIFY_ACK => Message::NotifyAck,
+            kind::RDMA_CONNECT => Message::RdmaConnect(r.rdma_connect().map_err(malformed)?),
+            kind::RDMA_CONNECT_REPLY => {
+                Message::RdmaConnectReply(r.rdma_connect_reply().map_err(malformed)?)
+            }
             _ => {
                 // kind::ERROR, the only one left.
                 let code = r.u16("error code").map_err(malformed)?;
@@ -409,6 +625,14 @@ impl fmt::Display for Message {
             Message::Error { code, message } => {
                 write!(f, "{name}({} {code}: {message})", error_code::name(*code))
             }
+            Message::RdmaConnect(r) => write!(
+                f,
+                "{name}({} port {} → NIC {}, qpn {:#x}, psn {:#x})",
+                r.initiator.name, r.initiator.port, r.target_nic, r.qpn, r.psn
+            ),
+            Message::RdmaConnectReply(r) => {
+                write!(f, "{name}(qpn {:#x}, psn {:#x})", r.qpn, r.psn)
+            }
             Message::DescriptorRequest | Message::NotifyAck => f.write_str(name),
         }
     }
@@ -419,6 +643,9 @@ impl fmt::Display for Message {
 struct Writer(Vec<u8>);
 
 impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
     fn u16(&mut self, v: u16) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
@@ -439,6 +666,14 @@ impl Writer {
     }
     fn str(&mut self, s: &str) {
         self.bytes(s.as_bytes());
+    }
+    fn nic(&mut self, nic: &RdmaNic) {
+        self.str(&nic.name);
+        self.u8(nic.port);
+        self.u16(nic.lid);
+        self.0.extend_from_slice(&nic.gid);
+        self.u8(nic.gid_index);
+        self.u32(nic.mtu);
     }
     fn descriptor(&mut self, d: &SegmentDescriptor) {
         self.u64(d.engine_id);
@@ -462,6 +697,17 @@ impl Writer {
                 self.str(value);
             }
         }
+        self.count(d.rdma_nics.len());
+        for nic in &d.rdma_nics {
+            self.nic(nic);
+        }
+        self.count(d.rkeys.len());
+        for key in &d.rkeys {
+            self.u64(key.addr);
+            self.u64(key.len);
+            self.u16(key.nic);
+            self.u32(key.rkey);
+        }
     }
 }
 
@@ -471,6 +717,10 @@ const MIN_REGION_BYTES: usize = 8 + 8 + 4 + 1 + 4;
 const MIN_TRANSPORT_BYTES: usize = 4 + 4;
 /// Smallest encoding of a parameter: two empty strings.
 const MIN_PARAM_BYTES: usize = 4 + 4;
+/// Smallest encoding of an RDMA NIC: an empty name, port, lid, gid, gid index, mtu.
+const MIN_NIC_BYTES: usize = 4 + 1 + 2 + 16 + 1 + 4;
+/// Encoding of a memory key: addr, len, nic, rkey.
+const RKEY_BYTES: usize = 8 + 8 + 2 + 4;
 
 /// Reads little-endian fields from a body; every failure is a reason string.
 struct Reader<'a> {
@@ -499,6 +749,10 @@ impl<'a> Reader<'a> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N, what)?);
         Ok(out)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, String> {
+        self.array(what).map(u8::from_le_bytes)
     }
 
     fn u16(&mut self, what: &str) -> Result<u16, String> {
@@ -585,6 +839,21 @@ impl<'a> Reader<'a> {
             }
             transports.push(TransportOffer { kind, params });
         }
+        let n = self.count("RDMA NICs", MAX_RDMA_NICS, MIN_NIC_BYTES)?;
+        let mut rdma_nics = Vec::with_capacity(n);
+        for i in 0..n {
+            rdma_nics.push(self.nic(&format!("RDMA NIC {i}"))?);
+        }
+        let n = self.count("rkeys", MAX_RKEYS, RKEY_BYTES)?;
+        let mut rkeys = Vec::with_capacity(n);
+        for _ in 0..n {
+            rkeys.push(RegionKey {
+                addr: self.u64("rkey address")?,
+                len: self.u64("rkey length")?,
+                nic: self.u16("rkey NIC")?,
+                rkey: self.u32("rkey")?,
+            });
+        }
         let descriptor = SegmentDescriptor {
             engine_id,
             session,
@@ -593,9 +862,45 @@ impl<'a> Reader<'a> {
             version,
             regions,
             transports,
+            rdma_nics,
+            rkeys,
         };
         descriptor.check()?;
         Ok(descriptor)
+    }
+
+    /// An RDMA NIC, checked; `what` names it in errors.
+    fn nic(&mut self, what: &str) -> Result<RdmaNic, String> {
+        let nic = RdmaNic {
+            name: self.string(&format!("{what} name"))?,
+            port: self.u8("RDMA NIC port")?,
+            lid: self.u16("RDMA NIC LID")?,
+            gid: self.array("RDMA NIC GID")?,
+            gid_index: self.u8("RDMA NIC GID index")?,
+            mtu: self.u32("RDMA NIC MTU")?,
+        };
+        nic.check(what)?;
+        Ok(nic)
+    }
+
+    fn rdma_connect(&mut self) -> Result<RdmaConnectRequest, String> {
+        let request = RdmaConnectRequest {
+            initiator: self.nic("initiator NIC")?,
+            target_nic: self.u16("target NIC")?,
+            qpn: self.u32("qpn")?,
+            psn: self.u32("psn")?,
+        };
+        request.check()?;
+        Ok(request)
+    }
+
+    fn rdma_connect_reply(&mut self) -> Result<RdmaConnectReply, String> {
+        let reply = RdmaConnectReply {
+            qpn: self.u32("qpn")?,
+            psn: self.u32("psn")?,
+        };
+        reply.check()?;
+        Ok(reply)
     }
 }
 
@@ -614,6 +919,19 @@ pub(crate) mod tests {
                 bytes: vec![7; MAX_NOTIFY],
             },
             Message::error(error_code::BUSY, "x".repeat(MAX_STRING + 10)),
+            Message::RdmaConnect(RdmaConnectRequest {
+                initiator: RdmaNic {
+                    name: "n".repeat(MAX_STRING),
+                    ..nic(0)
+                },
+                target_nic: u16::MAX,
+                qpn: 0xff_ffff,
+                psn: 0xff_ffff,
+            }),
+            Message::RdmaConnectReply(RdmaConnectReply {
+                qpn: 0xff_ffff,
+                psn: 0,
+            }),
         ];
         for message in largest {
             let (kind, body) = message.encode();
@@ -632,6 +950,21 @@ pub(crate) mod tests {
         let d = descriptor(4);
         assert_eq!(descriptor_body(&d), Message::Refresh(d.clone()).encode().1);
         assert_eq!(error_code::name(error_code::BUSY), "BUSY");
+        assert_eq!(error_code::name(error_code::RDMA_REFUSED), "RDMA_REFUSED");
+        assert_eq!(error_code::name(8), "UNKNOWN");
+    }
+
+    #[test]
+    fn every_known_kind_has_a_name_and_a_bound() {
+        for k in 0..=20u16 {
+            let known = kind::is_known(k);
+            assert_eq!(known, (1..=11).contains(&k), "kind {k}");
+            assert_eq!(kind_name(k) != "unknown", known, "kind {k}");
+        }
+        assert_eq!(kind_name(kind::RDMA_CONNECT), "RdmaConnect");
+        assert_eq!(kind_name(kind::RDMA_CONNECT_REPLY), "RdmaConnectReply");
+        assert_eq!(max_body(kind::RDMA_CONNECT_REPLY), 8);
+        assert_eq!(max_body(kind::RDMA_CONNECT), 4 + 4096 + 24 + 10);
     }
     use proptest::collection::vec;
     use proptest::prelude::*;
@@ -661,6 +994,42 @@ pub(crate) mod tests {
                 kind: "tcp".into(),
                 params: vec![("port".into(), "4242".into()), ("lanes".into(), "2".into())],
             }],
+            rdma_nics: vec![nic(0), nic(1)],
+            rkeys: vec![
+                RegionKey {
+                    addr: 0x1000,
+                    len: 0x1000,
+                    nic: 0,
+                    rkey: 0x1234,
+                },
+                RegionKey {
+                    addr: 0x1000,
+                    len: 0x800,
+                    nic: 1,
+                    rkey: 0x5678,
+                },
+                RegionKey {
+                    addr: 0x1800,
+                    len: 0x800,
+                    nic: 1,
+                    rkey: 0x9abc,
+                },
+            ],
+        }
+    }
+
+    /// RDMA NIC `mlx5_{i}` (RoCE v2 with an IPv4-mapped GID, MTU 4096).
+    pub(crate) fn nic(i: u8) -> RdmaNic {
+        let mut gid = [0u8; 16];
+        gid[10..12].copy_from_slice(&[0xff, 0xff]);
+        gid[12..].copy_from_slice(&[10, 0, 0, i]);
+        RdmaNic {
+            name: format!("mlx5_{i}"),
+            port: 1,
+            lid: 0,
+            gid,
+            gid_index: 3,
+            mtu: 4096,
         }
     }
 
@@ -704,6 +1073,45 @@ pub(crate) mod tests {
         )
     }
 
+    fn any_nic() -> impl Strategy<Value = RdmaNic> {
+        (
+            "\\PC{0,12}",
+            any::<u8>(),
+            any::<u16>(),
+            any::<[u8; 16]>(),
+            any::<u8>(),
+            prop::sample::select(RDMA_MTUS.to_vec()),
+        )
+            .prop_map(|(name, port, lid, gid, gid_index, mtu)| RdmaNic {
+                name,
+                port,
+                lid,
+                gid,
+                gid_index,
+                mtu,
+            })
+    }
+
+    /// Valid RDMA NICs and keys: non-empty, not wrapping, each naming one of the NICs
+    /// (none without NICs).
+    fn any_rdma() -> impl Strategy<Value = (Vec<RdmaNic>, Vec<RegionKey>)> {
+        vec(any_nic(), 0..4).prop_flat_map(|nics| {
+            let n = nics.len() as u16;
+            let keys = vec(
+                (any::<u64>(), 1u64..1 << 40, any::<u16>(), any::<u32>()).prop_map(
+                    move |(addr, len, nic, rkey)| RegionKey {
+                        addr: addr.min(u64::MAX - len),
+                        len,
+                        nic: nic % n.max(1),
+                        rkey,
+                    },
+                ),
+                if n == 0 { 0..1 } else { 0..8 },
+            );
+            (Just(nics), keys)
+        })
+    }
+
     pub(crate) fn any_descriptor() -> impl Strategy<Value = SegmentDescriptor> {
         (
             any::<u64>(),
@@ -713,9 +1121,10 @@ pub(crate) mod tests {
             any::<u64>(),
             any_regions(),
             any_transports(),
+            any_rdma(),
         )
             .prop_map(
-                |(engine_id, session, host, epoch, version, regions, transports)| {
+                |(engine_id, session, host, epoch, version, regions, transports, rdma)| {
                     SegmentDescriptor {
                         engine_id,
                         session,
@@ -724,9 +1133,22 @@ pub(crate) mod tests {
                         version,
                         regions,
                         transports,
+                        rdma_nics: rdma.0,
+                        rkeys: rdma.1,
                     }
                 },
             )
+    }
+
+    fn any_rdma_connect() -> impl Strategy<Value = RdmaConnectRequest> {
+        (any_nic(), any::<u16>(), 0u32..1 << 24, 0u32..1 << 24).prop_map(
+            |(initiator, target_nic, qpn, psn)| RdmaConnectRequest {
+                initiator,
+                target_nic,
+                qpn,
+                psn,
+            },
+        )
     }
 
     fn any_message() -> impl Strategy<Value = Message> {
@@ -741,6 +1163,9 @@ pub(crate) mod tests {
             Just(Message::NotifyAck),
             (any::<u16>(), "\\PC{0,32}")
                 .prop_map(|(code, message)| Message::Error { code, message }),
+            any_rdma_connect().prop_map(Message::RdmaConnect),
+            (0u32..1 << 24, 0u32..1 << 24)
+                .prop_map(|(qpn, psn)| Message::RdmaConnectReply(RdmaConnectReply { qpn, psn })),
         ]
     }
 
@@ -846,9 +1271,12 @@ pub(crate) mod tests {
         // Unknown access bits.
         let mut d = descriptor(1);
         d.transports.clear();
+        d.rdma_nics.clear();
+        d.rkeys.clear();
         let (_, mut body) = Message::Refresh(d.clone()).encode();
-        // Without transports, the body ends with region 1's access and a zero count.
-        let pos = body.len() - 8;
+        // Without transports, NICs and keys, the body ends with region 1's access and
+        // three zero counts.
+        let pos = body.len() - 16;
         assert_eq!(body[pos..pos + 4], Access::REMOTE_READ.bits().to_le_bytes());
         body[pos..pos + 4].copy_from_slice(&0x100u32.to_le_bytes());
         let err = Message::decode(kind::REFRESH, &body).unwrap_err();
@@ -885,9 +1313,292 @@ pub(crate) mod tests {
             Err(ControlError::UnknownKind { kind: 0 })
         ));
         assert!(matches!(
-            Message::decode(10, &[]),
-            Err(ControlError::UnknownKind { kind: 10 })
+            Message::decode(12, &[]),
+            Err(ControlError::UnknownKind { kind: 12 })
         ));
+    }
+
+    #[test]
+    fn rdma_fields_are_encoded_after_the_transports() {
+        let mut d = descriptor(1);
+        d.rdma_nics.clear();
+        d.rkeys.clear();
+        let plain = descriptor_body(&d).len();
+        d.rdma_nics = vec![RdmaNic {
+            name: "ab".into(),
+            ..nic(0)
+        }];
+        d.rkeys = vec![RegionKey {
+            addr: 0x1000,
+            len: 0x10,
+            nic: 0,
+            rkey: 0xdead_beef,
+        }];
+        let body = descriptor_body(&d);
+        assert_eq!(body.len(), plain + (4 + 2 + 1 + 2 + 16 + 1 + 4) + 22);
+        let mut tail = Vec::new();
+        tail.extend_from_slice(&1u32.to_le_bytes());
+        tail.extend_from_slice(&2u32.to_le_bytes());
+        tail.extend_from_slice(b"ab");
+        tail.push(1); // port
+        tail.extend_from_slice(&0u16.to_le_bytes()); // lid
+        tail.extend_from_slice(&nic(0).gid);
+        tail.push(3); // gid index
+        tail.extend_from_slice(&4096u32.to_le_bytes());
+        tail.extend_from_slice(&1u32.to_le_bytes());
+        tail.extend_from_slice(&0x1000u64.to_le_bytes());
+        tail.extend_from_slice(&0x10u64.to_le_bytes());
+        tail.extend_from_slice(&0u16.to_le_bytes());
+        tail.extend_from_slice(&0xdead_beefu32.to_le_bytes());
+        assert_eq!(body[plain - 8..], tail[..]);
+        assert_eq!(
+            Message::decode(kind::HANDSHAKE, &body).unwrap(),
+            Message::Handshake(d)
+        );
+    }
+
+    #[test]
+    fn invalid_rdma_fields_are_refused() {
+        let mut d = descriptor(1);
+        d.rdma_nics = vec![nic(0); MAX_RDMA_NICS + 1];
+        assert!(refused(&d).contains("65 RDMA NICs, more than the limit of 64"));
+        let mut d = descriptor(1);
+        d.rdma_nics = vec![nic(0); MAX_RDMA_NICS];
+        assert!(d.validate().is_ok());
+
+        let mut d = descriptor(1);
+        d.rdma_nics[1].name = "n".repeat(MAX_STRING + 1);
+        let reason = refused(&d);
+        assert!(reason.contains("RDMA NIC 1 name"), "{reason}");
+        d.rdma_nics[1].name = "n".repeat(MAX_STRING);
+        assert!(d.validate().is_ok());
+
+        for mtu in [0, 1500, 9000, 4097] {
+            let mut d = descriptor(1);
+            d.rdma_nics[1].mtu = mtu;
+            let reason = refused(&d);
+            assert!(
+                reason.contains("RDMA NIC 1 (\"mlx5_1\") has MTU")
+                    && reason.contains(&mtu.to_string()),
+                "{reason}"
+            );
+        }
+        for mtu in RDMA_MTUS {
+            let mut d = descriptor(1);
+            d.rdma_nics[1].mtu = mtu;
+            assert!(d.validate().is_ok());
+        }
+
+        let mut d = descriptor(1);
+        d.rkeys = vec![d.rkeys[0]; MAX_RKEYS + 1];
+        assert!(d
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("1048577 rkeys, more than the limit of 1048576"));
+        // (Not encoded: more than a frame. The decoder's bound is checked below.)
+
+        let mut d = descriptor(1);
+        d.rkeys[2].len = 0;
+        assert!(refused(&d).contains("rkey 2 at 0x1800 has length 0"));
+
+        let mut d = descriptor(1);
+        d.rkeys[2].addr = u64::MAX - 0x7ff; // ends at 2^64 + 1
+        assert!(refused(&d).contains("rkey 2 (2048 bytes at 0xfffffffffffff800) wraps"));
+        d.rkeys[2].addr = u64::MAX - 0x800; // ends exactly at u64::MAX
+        assert!(d.validate().is_ok());
+
+        let mut d = descriptor(1);
+        d.rkeys[1].nic = 2;
+        let reason = refused(&d);
+        assert!(
+            reason
+                .contains("rkey 1 at 0x1000 is for RDMA NIC 2, but the descriptor has 2 RDMA NICs"),
+            "{reason}"
+        );
+        let mut d = descriptor(1);
+        d.rdma_nics.clear();
+        assert!(
+            refused(&d).contains("rkey 0 at 0x1000 is for RDMA NIC 0, but the descriptor has 0")
+        );
+        d.rkeys.clear();
+        assert!(d.validate().is_ok());
+    }
+
+    #[test]
+    fn rdma_counts_are_checked_before_allocating() {
+        let mut d = descriptor(1);
+        d.regions.clear();
+        d.transports.clear();
+        d.rdma_nics.clear();
+        d.rkeys.clear();
+        let body = descriptor_body(&d);
+        // The body ends with the NIC count and the key count.
+        let nics = body.len() - 8;
+        let keys = body.len() - 4;
+        let with = |pos: usize, count: u32| {
+            let mut bad = body.clone();
+            bad[pos..pos + 4].copy_from_slice(&count.to_le_bytes());
+            Message::decode(kind::REFRESH, &bad)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = with(nics, MAX_RDMA_NICS as u32);
+        assert!(
+            err.contains("64 RDMA NICs cannot fit in the 4 bytes left"),
+            "{err}"
+        );
+        let err = with(nics, MAX_RDMA_NICS as u32 + 1);
+        assert!(
+            err.contains("65 RDMA NICs, more than the limit of 64"),
+            "{err}"
+        );
+        let err = with(keys, MAX_RKEYS as u32);
+        assert!(
+            err.contains("1048576 rkeys cannot fit in the 0 bytes left"),
+            "{err}"
+        );
+        let err = with(keys, u32::MAX);
+        assert!(
+            err.contains("rkeys, more than the limit of 1048576"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rdma_connect_fields_are_checked() {
+        let request = RdmaConnectRequest {
+            initiator: nic(1),
+            target_nic: 2,
+            qpn: 0xff_ffff,
+            psn: 0,
+        };
+        assert!(request.validate().is_ok());
+        let (k, body) = Message::RdmaConnect(request.clone()).encode();
+        assert_eq!(k, kind::RDMA_CONNECT);
+        assert_eq!(body.len(), 4 + 6 + 24 + 2 + 4 + 4);
+        assert_eq!(
+            Message::decode(k, &body).unwrap(),
+            Message::RdmaConnect(request.clone())
+        );
+        let bad_requests = [
+            (
+                RdmaConnectRequest {
+                    qpn: 1 << 24,
+                    ..request.clone()
+                },
+                "qpn 0x1000000 does not fit in 24 bits",
+            ),
+            (
+                RdmaConnectRequest {
+                    psn: u32::MAX,
+                    ..request.clone()
+                },
+                "psn 0xffffffff does not fit in 24 bits",
+            ),
+            (
+                RdmaConnectRequest {
+                    initiator: RdmaNic {
+                        mtu: 1500,
+                        ..nic(1)
+                    },
+                    ..request.clone()
+                },
+                "initiator NIC (\"mlx5_1\") has MTU 1500",
+            ),
+            (
+                RdmaConnectRequest {
+                    initiator: RdmaNic {
+                        name: "n".repeat(MAX_STRING + 1),
+                        ..nic(1)
+                    },
+                    ..request.clone()
+                },
+                "initiator NIC name of 4097 bytes exceeds the limit of 4096 bytes",
+            ),
+        ];
+        for (bad, reason) in bad_requests {
+            match bad.validate() {
+                Err(e @ ControlError::InvalidMessage { kind: 10, .. }) => {
+                    let e = e.to_string();
+                    assert!(e.contains(reason), "{e}");
+                    assert!(e.contains("RdmaConnect") && e.contains("not sent"), "{e}");
+                }
+                other => panic!("{bad:?} validated as {other:?}"),
+            }
+            let (k, body) = Message::RdmaConnect(bad).encode();
+            match Message::decode(k, &body) {
+                Err(ControlError::Malformed {
+                    kind: 10,
+                    reason: r,
+                }) => {
+                    assert!(r.contains(reason), "{r}")
+                }
+                other => panic!("decoded as {other:?}"),
+            }
+        }
+
+        let reply = RdmaConnectReply {
+            qpn: 0x11,
+            psn: 0xff_ffff,
+        };
+        assert!(reply.validate().is_ok());
+        let (k, body) = Message::RdmaConnectReply(reply).encode();
+        assert_eq!((k, body.len()), (kind::RDMA_CONNECT_REPLY, 8));
+        assert_eq!(
+            Message::decode(k, &body).unwrap(),
+            Message::RdmaConnectReply(reply)
+        );
+        for (bad, reason) in [
+            (
+                RdmaConnectReply {
+                    qpn: 1 << 24,
+                    ..reply
+                },
+                "qpn 0x1000000",
+            ),
+            (
+                RdmaConnectReply {
+                    psn: 1 << 24,
+                    ..reply
+                },
+                "psn 0x1000000",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err();
+            assert!(
+                matches!(e, ControlError::InvalidMessage { kind: 11, .. }),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains(reason), "{e}");
+            let (k, body) = Message::RdmaConnectReply(bad).encode();
+            let e = Message::decode(k, &body).unwrap_err();
+            assert!(
+                matches!(e, ControlError::Malformed { kind: 11, .. }),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains(reason), "{e}");
+        }
+        let mut long = body.clone();
+        long.push(0);
+        assert!(Message::decode(k, &long)
+            .unwrap_err()
+            .to_string()
+            .contains("1 trailing bytes"));
+        assert!(Message::decode(k, &body[..7])
+            .unwrap_err()
+            .to_string()
+            .contains("psn"));
+
+        let shown = Message::RdmaConnect(request).to_string();
+        assert_eq!(
+            shown,
+            "RdmaConnect(mlx5_1 port 1 → NIC 2, qpn 0xffffff, psn 0x0)"
+        );
+        assert_eq!(
+            Message::RdmaConnectReply(reply).to_string(),
+            "RdmaConnectReply(qpn 0x11, psn 0xffffff)"
+        );
     }
 
     #[test]
@@ -919,7 +1630,7 @@ pub(crate) mod tests {
         }
 
         #[test]
-        fn decoding_arbitrary_bytes_never_panics(kind in 0u16..12, body in vec(any::<u8>(), 0..256)) {
+        fn decoding_arbitrary_bytes_never_panics(kind in 0u16..14, body in vec(any::<u8>(), 0..256)) {
             if let Ok(message) = Message::decode(kind, &body) {
                 let (again_kind, again) = message.encode();
                 prop_assert_eq!(again_kind, kind);

@@ -1,11 +1,12 @@
 //! The engine's control plane: versioned, length-prefixed binary frames over TCP between
-//! engines, for the handshake (segment descriptors), descriptor refreshes, probes and
-//! notifications.
+//! engines, for the handshake (segment descriptors), descriptor refreshes, probes,
+//! notifications and the connection of RDMA queue pairs.
 //!
 //! - [`frame`]: the 16-byte frame header (`"KVXC"`, version, kind, body length, request
 //!   id) and frame encoding;
 //! - [`Message`]: the messages and their bodies, with [`SegmentDescriptor`] (an engine's
-//!   identity, registered regions and transport offers);
+//!   identity, registered regions, transport offers, RDMA NICs and memory keys) and the
+//!   RDMA queue-pair exchange ([`RdmaConnectRequest`], [`RdmaConnectReply`]);
 //! - [`ControlServer`]: the listener of an engine, one thread per peer connection (at
 //!   most [`ServerLimits::max_connections`], each to handshake within
 //!   [`ServerLimits::handshake_timeout`]), serving a [`ControlHandler`] and pushing
@@ -43,6 +44,8 @@
 //!     version: 1,
 //!     regions: vec![],
 //!     transports: vec![],
+//!     rdma_nics: vec![],
+//!     rkeys: vec![],
 //! };
 //! let listener = TcpListener::bind("127.0.0.1:0")?;
 //! let session = listener.local_addr()?.to_string();
@@ -67,7 +70,8 @@ pub use client::ControlClient;
 pub use error::ControlError;
 pub use frame::{FrameHeader, HEADER_LEN, MAGIC, MAX_BODY, VERSION};
 pub use message::{
-    error_code, kind, kind_name, Message, RegionInfo, SegmentDescriptor, TransportOffer,
-    MAX_NOTIFY, MAX_PARAMS, MAX_REGIONS, MAX_STRING, MAX_TRANSPORTS,
+    error_code, kind, kind_name, Message, RdmaConnectReply, RdmaConnectRequest, RdmaNic,
+    RegionInfo, RegionKey, SegmentDescriptor, TransportOffer, MAX_NOTIFY, MAX_PARAMS,
+    MAX_RDMA_NICS, MAX_REGIONS, MAX_RKEYS, MAX_STRING, MAX_TRANSPORTS, RDMA_MTUS,
 };
 pub use server::{ControlHandler, ControlServer, ServerLimits, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};

@@ -3,7 +3,7 @@
 //!
 //! Per connection the first frame must be a Handshake (within
 //! [`ServerLimits::handshake_timeout`]), answered with the handler's descriptor; then
-//! DescriptorRequest, Probe and Notify are served until the peer closes. Frames this side
+//! DescriptorRequest, Probe, Notify and RdmaConnect are served until the peer closes. Frames this side
 //! cannot make sense of are answered with an Error frame; those after which the stream
 //! cannot be trusted (bad magic, oversized or malformed body, unknown version) also close
 //! the connection — that connection only. A body longer than its kind allows is refused
@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use super::error::ControlError;
 use super::frame::{self, encode_frame};
 use super::message::{
-    descriptor_body, error_code, kind, kind_name, max_body, Message, SegmentDescriptor,
+    descriptor_body, error_code, kind, kind_name, max_body, Message, RdmaConnectReply,
+    RdmaConnectRequest, SegmentDescriptor,
 };
 
 /// Default cap on live connections per server ([`ServerLimits::max_connections`]).
@@ -58,6 +59,30 @@ pub trait ControlHandler: Send + Sync + 'static {
     /// [`ControlClient::notify`](super::ControlClient::notify) returns
     /// [`ControlError::PeerError`]) and the connection stays up.
     fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) -> Result<(), String>;
+
+    /// A peer (named by the descriptor it handshook with) asks to connect an RDMA queue
+    /// pair of this engine, on its NIC number `request.target_nic` (an index into this
+    /// engine's [`SegmentDescriptor::rdma_nics`], which the handler must check), to the
+    /// peer's queue pair `request.qpn`. Called on the connection's thread; it must not
+    /// block for long (creating a QP and moving it to RTS is fine).
+    ///
+    /// `Ok(reply)`: this engine's queue pair, already in RTR/RTS; the peer gets it (a
+    /// reply that does not [validate](RdmaConnectReply::validate) is not sent: the peer
+    /// gets an Error of code [`error_code::INTERNAL`](super::error_code::INTERNAL)
+    /// instead). `Err(reason)`: refused; the peer gets an Error of code
+    /// [`error_code::RDMA_REFUSED`](super::error_code::RDMA_REFUSED) with `reason` (its
+    /// [`ControlClient::rdma_connect`](super::ControlClient::rdma_connect) returns
+    /// [`ControlError::PeerError`]). Either way the connection stays up.
+    ///
+    /// The default refuses: "this engine does not serve RDMA".
+    fn rdma_connect(
+        &self,
+        from: &SegmentDescriptor,
+        request: &RdmaConnectRequest,
+    ) -> Result<RdmaConnectReply, String> {
+        let _ = (from, request);
+        Err("this engine does not serve RDMA".into())
+    }
 }
 
 /// Limits of a [`ControlServer`] (see [`ControlServer::start_with`]).
@@ -850,6 +875,34 @@ fn serve_frames(shared: &Shared, conn: &Conn, reader: &mut BufReader<ConnReader>
                     send(conn, &Message::error(error_code::BUSY, reason), id)
                 }
             },
+            (Some(from), Message::RdmaConnect(request)) => {
+                let answer = match shared.handler.rdma_connect(from, &request) {
+                    Ok(reply) => match reply.validate() {
+                        Ok(()) => Message::RdmaConnectReply(reply),
+                        Err(e) => {
+                            log::error!(
+                                "control server: connection {}: the engine's answer to \
+                                 {} (request {id}) is not sent: {e}",
+                                conn.id,
+                                Message::RdmaConnect(request)
+                            );
+                            Message::error(
+                                error_code::INTERNAL,
+                                format!("the target's RDMA connection reply is invalid: {e}"),
+                            )
+                        }
+                    },
+                    Err(reason) => {
+                        log::debug!(
+                            "control server: connection {}: {} (request {id}) refused: {reason}",
+                            conn.id,
+                            Message::RdmaConnect(request)
+                        );
+                        Message::error(error_code::RDMA_REFUSED, reason)
+                    }
+                };
+                send(conn, &answer, id)
+            }
             (Some(from), Message::Error { code, message }) => {
                 log::warn!(
                     "control server: {} sent an Error (request {id}): {} {code}: {message}",

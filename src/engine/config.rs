@@ -30,9 +30,17 @@ pub struct EngineConfig {
     /// How long opening a peer (connect and handshake) may take. Default 5 s.
     pub connect_timeout: Duration,
     /// Transports to other processes, in order of preference: `Shm` (same host, proven
-    /// during the handshake) and `Tcp`. A batch goes over the first one that can carry it.
-    /// The engine itself is always reached in-process. Default `[Shm, Tcp]`.
+    /// during the handshake), `Rdma` (when this host has usable RDMA NICs; otherwise the
+    /// reason is logged once and it is skipped) and `Tcp`. A batch goes over the first one
+    /// that can carry it. The engine itself is always reached in-process. Default
+    /// `[Shm, Rdma, Tcp]`.
     pub transports: Vec<TransportKind>,
+    /// Which RDMA NICs to use: a device list in any form users pass (`auto`,
+    /// `mlx5_0,mlx5_1`, JSON, a `.json` file). Default `auto` (every active device).
+    pub rdma_devices: String,
+    /// The GID index to use on every NIC; `None` chooses per NIC (RoCE v2 with an
+    /// IPv4-mapped address first). Default `None`.
+    pub rdma_gid_index: Option<u8>,
 }
 
 impl Default for EngineConfig {
@@ -48,7 +56,9 @@ impl Default for EngineConfig {
             io_threads: 1,
             tcp_lanes: 2,
             connect_timeout: Duration::from_secs(5),
-            transports: vec![TransportKind::Shm, TransportKind::Tcp],
+            transports: vec![TransportKind::Shm, TransportKind::Rdma, TransportKind::Tcp],
+            rdma_devices: "auto".into(),
+            rdma_gid_index: None,
         }
     }
 }
@@ -113,9 +123,12 @@ impl EngineConfig {
             ));
         }
         for (i, kind) in self.transports.iter().enumerate() {
-            if !matches!(kind, TransportKind::Shm | TransportKind::Tcp) {
+            if !matches!(
+                kind,
+                TransportKind::Shm | TransportKind::Rdma | TransportKind::Tcp
+            ) {
                 return Err(Error::Config(format!(
-                    "transports: {kind} cannot be chosen for other processes (only shm and tcp)"
+                    "transports: {kind} cannot be chosen for other processes (only shm, rdma and tcp)"
                 )));
             }
             if self.transports[..i].contains(kind) {
@@ -130,7 +143,8 @@ impl EngineConfig {
 
     /// Applies `KVX_SLICE_SIZE`, `KVX_COPY_THREADS`, `KVX_BATCH_TIMEOUT_MS`, `KVX_LISTEN`
     /// (`none` turns the listener off), `KVX_IO_THREADS`, `KVX_TCP_LANES` and
-    /// `KVX_TRANSPORTS` (comma-separated, in order of preference: `shm,tcp`) from
+    /// `KVX_TRANSPORTS` (comma-separated, in order of preference: `shm,rdma,tcp`),
+    /// `KVX_RDMA_DEVICES` and `KVX_RDMA_GID_INDEX` from
     /// `lookup` (the process environment when called by the engine). A variable that is set
     /// but unparsable is an error naming it.
     pub fn with_env_overrides(mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
@@ -158,6 +172,12 @@ impl EngineConfig {
         }
         if let Some(v) = lookup("KVX_TCP_LANES") {
             self.tcp_lanes = parse("KVX_TCP_LANES", &v)?;
+        }
+        if let Some(v) = lookup("KVX_RDMA_DEVICES") {
+            self.rdma_devices = v;
+        }
+        if let Some(v) = lookup("KVX_RDMA_GID_INDEX") {
+            self.rdma_gid_index = Some(parse("KVX_RDMA_GID_INDEX", &v)?);
         }
         if let Some(v) = lookup("KVX_TRANSPORTS") {
             self.transports = parse_transport_list(&v)
@@ -232,6 +252,18 @@ impl EngineConfigBuilder {
         self
     }
 
+    /// See [`EngineConfig::rdma_devices`].
+    pub fn rdma_devices(mut self, devices: &str) -> Self {
+        self.0.rdma_devices = devices.to_string();
+        self
+    }
+
+    /// See [`EngineConfig::rdma_gid_index`].
+    pub fn rdma_gid_index(mut self, index: Option<u8>) -> Self {
+        self.0.rdma_gid_index = index;
+        self
+    }
+
     /// The configuration, validated.
     pub fn build(self) -> Result<EngineConfig> {
         self.0.validate()?;
@@ -287,7 +319,7 @@ mod tests {
             .with_env_overrides(env("tcp, shm"))
             .unwrap();
         assert_eq!(cfg.transports, [TransportKind::Tcp, TransportKind::Shm]);
-        for bad in ["", "tcp,tcp", "rdma", "shm,,tcp"] {
+        for bad in ["", "tcp,tcp", "udp", "shm,,tcp"] {
             let err = EngineConfig::default()
                 .with_env_overrides(env(bad))
                 .unwrap_err();
@@ -299,6 +331,6 @@ mod tests {
             .transports(&[TransportKind::Local])
             .build()
             .unwrap_err();
-        assert!(err.to_string().contains("only shm and tcp"), "{err}");
+        assert!(err.to_string().contains("only shm, rdma and tcp"), "{err}");
     }
 }

@@ -419,6 +419,22 @@ impl Engine {
             },
         });
         out.push(TransportInfo {
+            kind: TransportKind::Rdma,
+            detail: match self.net.as_ref().map(|n| &n.rdma) {
+                Some(Ok(rdma)) => {
+                    let mut detail = rdma.describe();
+                    for (name, link) in self.open_links() {
+                        if let Some(note) = &link.rdma_note {
+                            detail.push_str(&format!("; {name}: not used: {note}"));
+                        }
+                    }
+                    detail
+                }
+                Some(Err(why)) => why.clone(),
+                None => "not used: the engine does not listen (config listen = None)".into(),
+            },
+        });
+        out.push(TransportInfo {
             kind: TransportKind::Tcp,
             detail: match &self.net {
                 Some(net) => format!(

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{EngineConfig, Error, Result};
 use crate::control::{
-    ControlHandler, ControlServer, RegionInfo, SegmentDescriptor, TransportOffer,
+    ControlHandler, ControlServer, RdmaConnectReply, RdmaConnectRequest, RdmaNic, RegionInfo,
+    RegionKey, SegmentDescriptor, TransportOffer,
 };
 use crate::memory::Registry;
+use crate::transport::rdma::{Endpoint, PortAddress, Rdma, RemoteKeys, RemoteQp};
 use crate::transport::shm::ShmServer;
 use crate::transport::tcp::{IoPool, TcpServer};
 use crate::transport::TransportKind;
@@ -125,6 +127,10 @@ pub(super) struct NetShared {
     pub(super) epoch: u64,
     pub(super) offers: Vec<TransportOffer>,
     pub(super) inbox: Arc<Inbox>,
+    /// The RDMA NICs and registrations, or why there are none.
+    pub(super) rdma: std::result::Result<Arc<Rdma>, String>,
+    /// Queue pairs peers connected to ours (they post; we only keep them up).
+    pub(super) served_qps: Mutex<Vec<Arc<Endpoint>>>,
 }
 
 impl NetShared {
@@ -137,7 +143,66 @@ impl NetShared {
             version: self.registry.version(),
             regions: region_infos(&self.registry),
             transports: self.offers.clone(),
+            rdma_nics: self.rdma_nics(),
+            rkeys: self.rkeys(),
         }
+    }
+
+    fn rdma_nics(&self) -> Vec<RdmaNic> {
+        let Ok(rdma) = &self.rdma else {
+            return Vec::new();
+        };
+        rdma.workers()
+            .iter()
+            .map(|w| rdma_nic(w.nic().name(), w.nic().address()))
+            .collect()
+    }
+
+    fn rkeys(&self) -> Vec<RegionKey> {
+        let Ok(rdma) = &self.rdma else {
+            return Vec::new();
+        };
+        rdma.mrs()
+            .keys()
+            .into_iter()
+            .map(|k| RegionKey {
+                addr: k.addr,
+                len: k.len,
+                nic: k.nic,
+                rkey: k.rkey,
+            })
+            .collect()
+    }
+}
+
+/// A NIC as the control plane describes it.
+pub(super) fn rdma_nic(name: &str, a: PortAddress) -> RdmaNic {
+    RdmaNic {
+        name: name.to_string(),
+        port: a.port,
+        lid: a.lid,
+        gid: a.gid,
+        gid_index: a.gid_index,
+        mtu: crate::sys::verbs::mtu_bytes(a.mtu).unwrap_or(1024),
+    }
+}
+
+/// The port address a peer's NIC description gives.
+pub(super) fn port_address(n: &RdmaNic) -> PortAddress {
+    use crate::sys::verbs::bindings::ibv_mtu;
+    let mtu = match n.mtu {
+        256 => ibv_mtu::IBV_MTU_256,
+        512 => ibv_mtu::IBV_MTU_512,
+        2048 => ibv_mtu::IBV_MTU_2048,
+        4096 => ibv_mtu::IBV_MTU_4096,
+        _ => ibv_mtu::IBV_MTU_1024,
+    };
+    PortAddress {
+        port: n.port,
+        lid: n.lid,
+        gid: n.gid,
+        gid_index: n.gid_index,
+        mtu,
     }
 }
 
@@ -166,6 +231,52 @@ impl ControlHandler for NetShared {
             bytes,
         })
     }
+
+    fn rdma_connect(
+        &self,
+        from: &SegmentDescriptor,
+        request: &RdmaConnectRequest,
+    ) -> Result<RdmaConnectReply, String> {
+        let rdma = self
+            .rdma
+            .as_ref()
+            .map_err(|why| format!("RDMA is not used here: {why}"))?;
+        let nic = usize::from(request.target_nic);
+        let worker = rdma
+            .workers()
+            .get(nic)
+            .ok_or_else(|| format!("no NIC number {nic} here ({} NICs)", rdma.workers().len()))?;
+        // Our side only answers the peer's requests: it posts nothing, so it needs no keys.
+        let ep = Endpoint::create(
+            worker,
+            nic,
+            0,
+            Arc::clone(rdma.mrs()),
+            Arc::new(RemoteKeys::default()),
+        )?;
+        ep.connect(&RemoteQp {
+            qpn: request.qpn,
+            psn: request.psn,
+            address: port_address(&request.initiator),
+        })?;
+        let reply = RdmaConnectReply {
+            qpn: ep.qpn(),
+            psn: ep.psn(),
+        };
+        log::debug!(
+            "kvxfer: peer {} connected its QP {} on {} to our QP {} on {}",
+            from.session,
+            request.qpn,
+            request.initiator.name,
+            reply.qpn,
+            worker.nic().name()
+        );
+        self.served_qps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::new(ep));
+        Ok(reply)
+    }
 }
 
 /// The listeners and I/O threads of an engine that listens.
@@ -176,6 +287,8 @@ pub(super) struct Net {
     pub(super) pool: Arc<IoPool>,
     /// The same-host listener, or why there is none.
     pub(super) shm: std::result::Result<Arc<ShmServer>, String>,
+    /// The RDMA NICs, or why there are none.
+    pub(super) rdma: std::result::Result<Arc<Rdma>, String>,
 }
 
 impl std::fmt::Debug for Net {
@@ -218,6 +331,7 @@ impl Net {
             .map_err(|e| start_err("cannot start the data listener", &e))?;
         let engine_id = random_u64();
         let shm = start_shm(config, engine_id, registry);
+        let rdma = start_rdma(config);
         let mut offers = vec![TransportOffer {
             kind: "tcp".into(),
             params: vec![
@@ -244,6 +358,8 @@ impl Net {
             epoch: epoch_now(),
             offers,
             inbox: Arc::clone(inbox),
+            rdma: rdma.clone(),
+            served_qps: Mutex::new(Vec::new()),
         });
         let control = Arc::new(
             ControlServer::start(
@@ -258,15 +374,21 @@ impl Net {
             (Arc::downgrade(&shared), Arc::downgrade(&control));
         registry.set_observer(Some(Arc::new(move || {
             if let (Some(shared), Some(control)) = (weak_shared.upgrade(), weak_control.upgrade()) {
+                // New regions get their RDMA registrations before peers hear of them.
+                if let Ok(rdma) = &shared.rdma {
+                    rdma.sync(&shared.registry);
+                }
                 control.publish(&shared.descriptor());
             }
         })));
+        set_revoker(registry, &shm, &rdma);
         Ok(Net {
             shared,
             control,
             tcp,
             pool,
             shm,
+            rdma,
         })
     }
 
@@ -278,6 +400,14 @@ impl Net {
         // asking: a buffer dropped in between must not go while a peer still copies.
         if let Ok(shm) = &self.shm {
             shm.shutdown();
+        }
+        self.shared
+            .served_qps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        if let Ok(rdma) = &self.rdma {
+            rdma.shutdown();
         }
         self.shared.registry.set_revoker(None);
         self.tcp.shutdown();
@@ -304,8 +434,48 @@ fn start_shm(
             return Err(why);
         }
     };
-    registry.set_revoker(Some(server.revoker()));
     Ok(server)
+}
+
+/// Opens the RDMA NICs when the configuration wants RDMA; otherwise (or when this host
+/// cannot) says why, logged once.
+fn start_rdma(config: &EngineConfig) -> std::result::Result<Arc<Rdma>, String> {
+    if !config.transports.contains(&TransportKind::Rdma) {
+        return Err("not used: the configuration's transports leave it out".into());
+    }
+    match Rdma::open(&config.rdma_devices, config.rdma_gid_index) {
+        Ok(rdma) => {
+            log::info!("kvxfer: {}", rdma.describe());
+            Ok(Arc::new(rdma))
+        }
+        Err(why) => {
+            log::info!("kvxfer: RDMA not used: {why}; peers use the next transport");
+            Err(format!("not used: {why}"))
+        }
+    }
+}
+
+/// Unregistering asks the same-host server (peers copying right now keep the region) and
+/// then takes the region's RDMA registrations away, so no NIC touches it afterwards.
+fn set_revoker(
+    registry: &Arc<Registry>,
+    shm: &std::result::Result<Arc<ShmServer>, String>,
+    rdma: &std::result::Result<Arc<Rdma>, String>,
+) {
+    let shm = shm.as_ref().ok().map(|s| s.revoker());
+    let rdma = rdma.as_ref().ok().map(Arc::downgrade);
+    if shm.is_none() && rdma.is_none() {
+        return;
+    }
+    registry.set_revoker(Some(Arc::new(move |region, force| {
+        if let Some(shm) = &shm {
+            shm(region, force)?;
+        }
+        if let Some(rdma) = rdma.as_ref().and_then(Weak::upgrade) {
+            rdma.revoke(region);
+        }
+        Ok(())
+    })));
 }
 
 /// Epoch of this engine instance: start time in nanoseconds, so a restarted process under

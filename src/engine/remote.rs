@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 use super::batch::Batch;
 use super::net::{split_host_port, Net};
 use super::{EngineConfig, Error, Result};
+use crate::control::RdmaConnectRequest;
 use crate::control::{ControlClient, ControlError, SegmentDescriptor};
 use crate::memory::{Access, AddrRange, Backing, Region, RegionLookup};
 use crate::transport::copy::CopyPool;
+use crate::transport::rdma::{Endpoint, Key, RdmaTransport, RemoteKeys, RemoteQp};
 use crate::transport::shm::{ShmLink, ShmTransport};
 use crate::transport::tcp::TcpTransport;
 use crate::transport::{Slice, Transport, TransportKind};
@@ -31,6 +33,10 @@ pub(super) struct Link {
     pub(super) tcp: Option<Arc<TcpTransport>>,
     /// Same-host shared memory, when proven.
     pub(super) shm: Option<Arc<ShmTransport>>,
+    /// RDMA queue pairs to the peer, when both sides have NICs.
+    pub(super) rdma: Option<Arc<RdmaTransport>>,
+    /// Why RDMA is not used with this peer.
+    pub(super) rdma_note: Option<String>,
     /// Why shared memory is not used with this peer (or why its caller-owned memory is
     /// not reachable through it).
     pub(super) shm_note: Option<String>,
@@ -53,6 +59,7 @@ impl Link {
             .copied()
             .find(|k| match k {
                 TransportKind::Shm => self.shm.is_some(),
+                TransportKind::Rdma => self.rdma.is_some(),
                 TransportKind::Tcp => self.tcp.is_some(),
                 _ => false,
             })
@@ -89,6 +96,20 @@ impl Link {
                         self.shm_note.as_deref().unwrap_or("not used")
                     )),
                 },
+                TransportKind::Rdma => match &self.rdma {
+                    Some(rdma) => {
+                        self.regions(); // the peer's newest keys
+                        if rdma.reaches(slices) {
+                            return Ok(Arc::clone(rdma) as Arc<dyn Transport>);
+                        }
+                        why_not
+                            .push("rdma: a region has no memory registration on both sides".into());
+                    }
+                    None => why_not.push(format!(
+                        "rdma: {}",
+                        self.rdma_note.as_deref().unwrap_or("not used")
+                    )),
+                },
                 TransportKind::Tcp => match &self.tcp {
                     Some(tcp) => return Ok(Arc::clone(tcp) as Arc<dyn Transport>),
                     None => why_not.push("tcp: left out by the configuration".into()),
@@ -111,9 +132,12 @@ impl Link {
         let mut cached = self.regions.lock().unwrap_or_else(PoisonError::into_inner);
         if cached.0 != descriptor.version {
             *cached = (descriptor.version, Arc::new(index(&descriptor)));
-            // The peer's registry changed: let go of what it unregistered.
+            // The peer's registry changed: let go of what it unregistered, use its new keys.
             if let Some(shm) = &self.shm {
                 shm.link().sweep();
+            }
+            if let Some(rdma) = &self.rdma {
+                rdma.set_keys(Arc::new(remote_keys(&descriptor)));
             }
         }
         Arc::clone(&cached.1)
@@ -152,6 +176,21 @@ fn index(descriptor: &SegmentDescriptor) -> BTreeMap<u64, Arc<Region>> {
             (r.addr, Arc::new(region))
         })
         .collect()
+}
+
+/// The peer's RDMA keys as the transport indexes them.
+fn remote_keys(descriptor: &SegmentDescriptor) -> RemoteKeys {
+    let keys: Vec<Key> = descriptor
+        .rkeys
+        .iter()
+        .map(|k| Key {
+            addr: k.addr,
+            len: k.len,
+            nic: k.nic,
+            rkey: k.rkey,
+        })
+        .collect();
+    RemoteKeys::new(&keys)
 }
 
 /// A peer in another process, by session id.
@@ -259,7 +298,18 @@ impl RemotePeer {
                 );
             }
         }
-        if tcp.is_none() && shm.is_none() {
+        let (rdma, rdma_note) = if config.transports.contains(&TransportKind::Rdma) {
+            match self.connect_rdma(net, &control, &descriptor, deadline) {
+                Ok(t) => (Some(Arc::new(t)), None),
+                Err(why) => {
+                    log::info!("kvxfer: peer {}: RDMA not used: {why}", self.session);
+                    (None, Some(why))
+                }
+            }
+        } else {
+            (None, Some("left out by the configuration".into()))
+        };
+        if tcp.is_none() && shm.is_none() && rdma.is_none() {
             return Err(peer_err(format!(
                 "no configured transport reaches it (shm: {})",
                 shm_note.as_deref().unwrap_or("not used")
@@ -270,6 +320,8 @@ impl RemotePeer {
             tcp,
             shm,
             shm_note,
+            rdma,
+            rdma_note,
             order: config.transports.clone(),
             regions: Mutex::new((u64::MAX, Arc::default())),
             notifier: Notifier::default(),
@@ -336,6 +388,48 @@ impl RemotePeer {
             }
         }
         Ok((ShmTransport::new(link, Arc::clone(pool)), cma_note))
+    }
+
+    /// One RC queue pair per local NIC, each to the peer's NIC of the same number (modulo
+    /// its count), connected through the control connection.
+    fn connect_rdma(
+        &self,
+        net: &Net,
+        control: &ControlClient,
+        descriptor: &SegmentDescriptor,
+        deadline: Instant,
+    ) -> std::result::Result<RdmaTransport, String> {
+        let rdma = net.shared.rdma.as_ref().map_err(|why| why.clone())?;
+        if descriptor.rdma_nics.is_empty() {
+            return Err("the peer has no RDMA NIC".into());
+        }
+        let keys = Arc::new(remote_keys(descriptor));
+        let mut endpoints = Vec::new();
+        for (i, worker) in rdma.workers().iter().enumerate() {
+            let j = i % descriptor.rdma_nics.len();
+            let ep = Endpoint::create(worker, i, j, Arc::clone(rdma.mrs()), Arc::clone(&keys))?;
+            let request = RdmaConnectRequest {
+                initiator: super::net::rdma_nic(worker.nic().name(), worker.nic().address()),
+                target_nic: j as u16,
+                qpn: ep.qpn(),
+                psn: ep.psn(),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let reply = control.rdma_connect(&request, left).map_err(|e| {
+                format!(
+                    "connecting {} to its {}: {e}",
+                    worker.nic().name(),
+                    descriptor.rdma_nics[j].name
+                )
+            })?;
+            ep.connect(&RemoteQp {
+                qpn: reply.qpn,
+                psn: reply.psn,
+                address: super::net::port_address(&descriptor.rdma_nics[j]),
+            })?;
+            endpoints.push(Arc::new(ep));
+        }
+        Ok(RdmaTransport::new(endpoints))
     }
 
     fn open_lanes(

@@ -118,8 +118,9 @@ impl std::str::FromStr for TransportKind {
             "local" => Ok(TransportKind::Local),
             "shm" => Ok(TransportKind::Shm),
             "tcp" => Ok(TransportKind::Tcp),
+            "rdma" => Ok(TransportKind::Rdma),
             other => Err(format!(
-                "unknown transport {other:?}: expected local, shm or tcp"
+                "unknown transport {other:?}: expected local, shm, rdma or tcp"
             )),
         }
     }

@@ -60,7 +60,8 @@ pub struct Endpoint {
     /// Batches with slices left to claim, oldest first. Locked while claiming and posting.
     waiting: Mutex<Waiting>,
     mrs: Arc<MrTable>,
-    keys: Arc<RemoteKeys>,
+    /// The peer's keys, replaced when it publishes new ones.
+    keys: Mutex<Arc<RemoteKeys>>,
 }
 
 #[derive(Default)]
@@ -134,7 +135,7 @@ impl Endpoint {
             broken: AtomicBool::new(false),
             waiting: Mutex::new(Waiting::default()),
             mrs,
-            keys,
+            keys: Mutex::new(keys),
         };
         let address = n.address();
         let mut attr = ibv_qp_attr {
@@ -163,6 +164,22 @@ impl Endpoint {
     /// Our starting packet sequence number.
     pub fn psn(&self) -> u32 {
         self.psn
+    }
+
+    /// Uses `keys` for the peer's memory from now on (it published a new descriptor).
+    pub fn set_keys(&self, keys: Arc<RemoteKeys>) {
+        *lock(&self.keys) = keys;
+    }
+
+    /// Whether the peer published a key for every slice's remote range (on its NIC this
+    /// endpoint reaches) and we hold one for every local range.
+    pub fn reaches(&self, slices: &[Slice]) -> bool {
+        let keys = Arc::clone(&lock(&self.keys));
+        slices.iter().all(|s| {
+            let len = u64::from(s.len);
+            keys.rkey(self.remote_nic, s.remote, len).is_some()
+                && self.mrs.lkey(self.nic, s.local, len).is_some()
+        })
     }
 
     /// Slices posted on this queue pair so far.
@@ -295,8 +312,9 @@ impl Endpoint {
         });
         scratch.wrs.clear();
         scratch.sges.clear();
+        let keys = Arc::clone(&lock(&self.keys));
         for s in slices {
-            match self.sge(s) {
+            match self.sge(s, &keys) {
                 Ok(sge) => scratch.sges.push(sge),
                 Err(e) => {
                     self.worker.untrack(wr_id);
@@ -312,8 +330,7 @@ impl Endpoint {
             if s.kind == OpKind::Write && s.len <= MAX_INLINE {
                 flags |= ibv_send_flags::IBV_SEND_INLINE.0;
             }
-            let rkey = self
-                .keys
+            let rkey = keys
                 .rkey(self.remote_nic, s.remote, u64::from(s.len))
                 .unwrap_or(0);
             let mut wr = ibv_send_wr {
@@ -379,7 +396,7 @@ impl Endpoint {
         Ok(())
     }
 
-    fn sge(&self, s: &Slice) -> Result<ibv_sge, String> {
+    fn sge(&self, s: &Slice, keys: &RemoteKeys) -> Result<ibv_sge, String> {
         let len = u64::from(s.len);
         let lkey = self.mrs.lkey(self.nic, s.local, len).ok_or_else(|| {
             format!(
@@ -388,7 +405,7 @@ impl Endpoint {
                 self.worker.nic().name()
             )
         })?;
-        if self.keys.rkey(self.remote_nic, s.remote, len).is_none() {
+        if keys.rkey(self.remote_nic, s.remote, len).is_none() {
             return Err(format!(
                 "the peer published no key for {:#x}+{len} on its NIC {}",
                 s.remote, self.remote_nic

@@ -24,6 +24,10 @@ pub mod worker;
 
 use std::sync::Arc;
 
+use crate::memory::{Region, Registry};
+use crate::sys::verbs::{kernel_support, DeviceList, Verbs};
+use crate::topology::DeviceList as DeviceFilter;
+
 pub use endpoint::{Endpoint, RemoteQp};
 pub use mr::{Key, MrTable, RemoteKeys};
 pub use nic::{Nic, PortAddress};
@@ -41,6 +45,22 @@ impl RdmaTransport {
     /// Moves batches over `endpoints` (connected queue pairs to the peer).
     pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
         RdmaTransport { endpoints }
+    }
+}
+
+impl RdmaTransport {
+    /// Whether a live queue pair reaches every slice (keys on both sides).
+    pub fn reaches(&self, slices: &[crate::transport::Slice]) -> bool {
+        self.endpoints
+            .iter()
+            .any(|e| !e.is_broken() && e.reaches(slices))
+    }
+
+    /// The peer published new keys.
+    pub fn set_keys(&self, keys: Arc<RemoteKeys>) {
+        for e in &self.endpoints {
+            e.set_keys(Arc::clone(&keys));
+        }
     }
 }
 
@@ -66,6 +86,137 @@ impl Transport for RdmaTransport {
         for ep in targets {
             ep.post(Arc::clone(&work));
         }
+    }
+}
+
+/// The RDMA side of an engine: its NICs (with pollers) and the registrations of its
+/// memory on them.
+#[derive(Debug)]
+pub struct Rdma {
+    workers: Vec<Arc<NicWorker>>,
+    mrs: Arc<MrTable>,
+}
+
+impl std::fmt::Debug for MrTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MrTable")
+    }
+}
+
+impl Rdma {
+    /// Opens the NICs `devices` allows (a device list in any accepted form: `auto`,
+    /// `mlx5_0,mlx5_1`, JSON, a `.json` file; per-GPU lists contribute all their
+    /// devices), on port 1, with the GID `gid_index` or one chosen per NIC. `Err` says why
+    /// RDMA cannot be used here, in one line: no libibverbs, no kernel support, no
+    /// devices, none passing the list, every port down.
+    pub fn open(devices: &str, gid_index: Option<u8>) -> Result<Rdma, String> {
+        let filter = DeviceFilter::parse(devices).map_err(|e| format!("bad device list: {e}"))?;
+        let verbs = Verbs::load().map_err(|e| e.to_string())?;
+        kernel_support().map_err(|e| e.to_string())?;
+        let list = DeviceList::new(verbs).map_err(|e| format!("cannot list RDMA devices: {e}"))?;
+        let present: Vec<String> = list.iter().map(|d| d.name()).collect();
+        if present.is_empty() {
+            return Err("no RDMA devices".into());
+        }
+        let wanted: Vec<String> = match &filter {
+            DeviceFilter::Auto => present.clone(),
+            DeviceFilter::Names(names) => names.clone(),
+            DeviceFilter::PerGpu { gpus, default } => {
+                let mut all: Vec<String> = gpus
+                    .values()
+                    .flatten()
+                    .chain(default.iter().flatten())
+                    .cloned()
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
+            }
+        };
+        let mut why_not = Vec::new();
+        let mut workers = Vec::new();
+        for name in &wanted {
+            if !present.contains(name) {
+                why_not.push(format!(
+                    "{name}: no such device (present: {})",
+                    present.join(", ")
+                ));
+                continue;
+            }
+            match Nic::open(verbs, &list, name, gid_index) {
+                Ok(nic) => match NicWorker::start(Arc::new(nic)) {
+                    Ok(w) => workers.push(w),
+                    Err(e) => why_not.push(format!("{name}: cannot start its poller: {e}")),
+                },
+                Err(e) => why_not.push(e),
+            }
+        }
+        if workers.is_empty() {
+            return Err(format!("no usable RDMA NIC ({})", why_not.join("; ")));
+        }
+        for why in &why_not {
+            log::warn!("kvxfer: RDMA NIC not used: {why}");
+        }
+        let mrs = Arc::new(MrTable::new(workers.iter().map(|w| w.nic_arc()).collect()));
+        Ok(Rdma { workers, mrs })
+    }
+
+    /// The NICs in use, in order (their index is the NIC number peers see).
+    pub fn workers(&self) -> &[Arc<NicWorker>] {
+        &self.workers
+    }
+
+    /// The memory registrations.
+    pub fn mrs(&self) -> &Arc<MrTable> {
+        &self.mrs
+    }
+
+    /// Registers every region of `registry` not registered yet (after a registry change).
+    /// Under the registry's read lock, so that no region can be unregistered (and its
+    /// memory freed) between the look and the registration.
+    pub fn sync(&self, registry: &Registry) {
+        let map = registry.read();
+        for region in map.values() {
+            if !self.mrs.contains(region.range().start) {
+                if let Err(e) = self.mrs.add(region) {
+                    log::warn!(
+                        "kvxfer: region {} is not reachable over RDMA: {e}",
+                        region.range()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Deregisters `region` on every NIC: no NIC touches it once this returns.
+    pub fn revoke(&self, region: &Region) {
+        self.mrs.remove(region.range().start);
+    }
+
+    /// Stops the pollers (once nothing is in flight).
+    pub fn shutdown(&self) {
+        for w in &self.workers {
+            w.shutdown();
+        }
+    }
+
+    /// One line for `Engine::transports()`.
+    pub fn describe(&self) -> String {
+        let nics: Vec<String> = self
+            .workers
+            .iter()
+            .map(|w| {
+                let a = w.nic().address();
+                format!(
+                    "{} (port {}, GID index {}, MTU {})",
+                    w.nic().name(),
+                    a.port,
+                    a.gid_index,
+                    crate::sys::verbs::mtu_bytes(a.mtu).unwrap_or(0)
+                )
+            })
+            .collect();
+        format!("RDMA RC over {}", nics.join(", "))
     }
 }
 

@@ -124,6 +124,14 @@ impl MrTable {
         }
     }
 
+    /// Whether the region starting at `addr` is registered.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.regions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&addr)
+    }
+
     /// The local key of NIC `nic` for `[addr, addr + len)`, if one MR covers it.
     pub fn lkey(&self, nic: usize, addr: u64, len: u64) -> Option<u32> {
         let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);

@@ -71,6 +71,12 @@ pub struct NicWorker {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+impl std::fmt::Debug for NicWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("NicWorker").field(&self.nic.name()).finish()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
