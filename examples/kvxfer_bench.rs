@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! kvxfer_bench target    [--listen HOST:PORT] [--size SIZE] [--memory buffer|caller] [--forever]
-//! kvxfer_bench initiator --peer HOST:PORT [--transport tcp|shm|auto] [BENCH OPTIONS]
-//! kvxfer_bench pair      [--transport tcp|shm|local|auto] [--memory buffer|caller] [BENCH OPTIONS]
+//! kvxfer_bench initiator --peer HOST:PORT [--transport tcp|shm|rdma|auto] [--device-list L] [BENCH OPTIONS]
+//! kvxfer_bench pair      [--transport tcp|shm|rdma|local|auto] [--memory buffer|caller]
+//!                        [--device-list L] [--target-device-list L] [BENCH OPTIONS]
 //! ```
 //!
 //! Transports: `shm` (same host, another process: the initiator's CPU copies through the
@@ -55,8 +56,9 @@ kvxfer_bench: throughput and latency of kvxfer transfers
 
 USAGE:
   kvxfer_bench target    [--listen HOST:PORT] [--size SIZE] [--memory buffer|caller] [--forever]
-  kvxfer_bench initiator --peer HOST:PORT [--transport tcp|shm|auto] [BENCH OPTIONS]
-  kvxfer_bench pair      [--transport tcp|shm|local|auto] [--memory buffer|caller] [BENCH OPTIONS]
+  kvxfer_bench initiator --peer HOST:PORT [--transport tcp|shm|rdma|auto] [--device-list L] [BENCH OPTIONS]
+  kvxfer_bench pair      [--transport tcp|shm|rdma|local|auto] [--memory buffer|caller]
+                         [--device-list L] [--target-device-list L] [BENCH OPTIONS]
   kvxfer_bench memcpy    [BENCH OPTIONS]
   kvxfer_bench --help
 
@@ -83,8 +85,13 @@ memcpy     the baseline: one thread copying each batch's blocks between two buff
            else tcp; per batch, the first that reaches its memory (default)
   shm      shm only; fails, with the reason, when the target is not reachable over shm
   tcp      tcp only
+  rdma     RDMA only (verbs RC queue pairs); fails, with the reason, without usable NICs
   local    (pair only) both regions in one engine, in-process copies
   The transport column of each row is the one that actually moved the point's batches.
+--device-list L (initiator, pair, target): the RDMA NICs of this process's engine, in any
+  device-list form (`auto`, `mlx5_0,mlx5_1`, JSON, a .json file); --target-device-list L
+  (pair): those of the target it starts (in the soft-RoCE VM: --device-list rxe1
+  --target-device-list rxe0 makes the traffic cross the veth pair)
 
 BENCH OPTIONS:
   --op write|read     direction (default write; with --sweep: both unless given)
@@ -473,6 +480,7 @@ impl Dir {
 enum TransportChoice {
     Tcp,
     Shm,
+    Rdma,
     Local,
     Auto,
 }
@@ -482,6 +490,7 @@ impl TransportChoice {
         match self {
             TransportChoice::Tcp => "tcp",
             TransportChoice::Shm => "shm",
+            TransportChoice::Rdma => "rdma",
             TransportChoice::Local => "local",
             TransportChoice::Auto => "auto",
         }
@@ -492,6 +501,7 @@ impl TransportChoice {
         match self {
             TransportChoice::Tcp => Some(&[TransportKind::Tcp]),
             TransportChoice::Shm => Some(&[TransportKind::Shm]),
+            TransportChoice::Rdma => Some(&[TransportKind::Rdma]),
             TransportChoice::Local | TransportChoice::Auto => None,
         }
     }
@@ -548,6 +558,8 @@ struct TargetArgs {
     size: u64,
     memory: MemoryChoice,
     forever: bool,
+    /// RDMA NICs of the target's engine (`--device-list`).
+    devices: Option<String>,
 }
 
 /// The options `initiator` and `pair` share.
@@ -562,6 +574,10 @@ struct BenchArgs {
     sweep: bool,
     check: bool,
     json: bool,
+    /// RDMA NICs of this engine (`--device-list`).
+    devices: Option<String>,
+    /// RDMA NICs of the target `pair` starts (`--target-device-list`).
+    target_devices: Option<String>,
 }
 
 #[derive(Debug)]
@@ -597,17 +613,23 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
     };
     match cmd.as_str() {
         "target" => {
-            let f = parse_flags("target", rest, &["listen", "size", "memory"], &["forever"])?;
+            let f = parse_flags(
+                "target",
+                rest,
+                &["listen", "size", "memory", "device-list"],
+                &["forever"],
+            )?;
             Ok(Cmd::Target(TargetArgs {
                 listen: f.value("listen").unwrap_or("127.0.0.1:0").to_string(),
                 size: f.size("size", DEFAULT_SIZE)?,
                 memory: MemoryChoice::parse(&f)?,
                 forever: f.has("forever"),
+                devices: f.value("device-list").map(str::to_string),
             }))
         }
         "initiator" => {
             let mut valued = BENCH_VALUED.to_vec();
-            valued.extend(["peer", "transport"]);
+            valued.extend(["peer", "transport", "device-list"]);
             let f = parse_flags("initiator", rest, &valued, &BENCH_SWITCHES)?;
             let peer = f
                 .value("peer")
@@ -615,20 +637,20 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
                     usage_err("initiator needs --peer HOST:PORT (the target's `ready` line)")
                 })?
                 .to_string();
-            use TransportChoice::{Auto, Shm, Tcp};
+            use TransportChoice::{Auto, Rdma, Shm, Tcp};
             Ok(Cmd::Initiator {
                 peer,
-                transport: parse_transport(&f, &[Tcp, Shm, Auto])?,
+                transport: parse_transport(&f, &[Tcp, Shm, Rdma, Auto])?,
                 bench: bench_args(&f)?,
             })
         }
         "pair" => {
             let mut valued = BENCH_VALUED.to_vec();
-            valued.extend(["transport", "memory"]);
+            valued.extend(["transport", "memory", "device-list", "target-device-list"]);
             let f = parse_flags("pair", rest, &valued, &BENCH_SWITCHES)?;
-            use TransportChoice::{Auto, Local, Shm, Tcp};
+            use TransportChoice::{Auto, Local, Rdma, Shm, Tcp};
             Ok(Cmd::Pair {
-                transport: parse_transport(&f, &[Tcp, Shm, Local, Auto])?,
+                transport: parse_transport(&f, &[Tcp, Shm, Rdma, Local, Auto])?,
                 memory: MemoryChoice::parse(&f)?,
                 bench: bench_args(&f)?,
             })
@@ -693,6 +715,8 @@ fn bench_args(f: &Flags) -> Res<BenchArgs> {
         sweep,
         check: f.has("check"),
         json: f.has("json"),
+        devices: f.value("device-list").map(str::to_string),
+        target_devices: f.value("target-device-list").map(str::to_string),
     })
 }
 
@@ -988,8 +1012,11 @@ fn target_main(args: &TargetArgs) -> Res<()> {
         .map_err(|_| usage_err(format!("--size {} does not fit this machine", args.size)))?;
     // Before the engine: dropped after it on every path.
     let caller = map_caller(args.memory, len)?;
-    let config = EngineConfig::builder()
-        .listen(Some(&args.listen))
+    let mut builder = EngineConfig::builder().listen(Some(&args.listen));
+    if let Some(devices) = &args.devices {
+        builder = builder.rdma_devices(devices);
+    }
+    let config = builder
         .build()
         .context(|| "bad engine configuration".into())?;
     let engine = Engine::new(config).context(|| format!("cannot listen on {}", args.listen))?;
@@ -1050,12 +1077,17 @@ struct TargetProc {
 }
 
 impl TargetProc {
-    fn spawn(size: u64, memory: MemoryChoice) -> Res<TargetProc> {
+    fn spawn(size: u64, memory: MemoryChoice, devices: Option<&str>) -> Res<TargetProc> {
         let exe = std::env::current_exe().context(|| "cannot find this executable".into())?;
-        let mut child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        command
             .args(["target", "--listen", "127.0.0.1:0", "--size"])
             .arg(size.to_string())
-            .args(["--memory", memory.name()])
+            .args(["--memory", memory.name()]);
+        if let Some(devices) = devices {
+            command.args(["--device-list", devices]);
+        }
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -1176,17 +1208,20 @@ impl Drop for TargetProc {
 
 fn initiator_main(session: &str, transport: TransportChoice, args: &BenchArgs) -> Res<()> {
     let plan = args.plan();
-    run_remote(session, transport, args.size, &plan, None)
+    run_remote(session, transport, args, &plan, None)
 }
 
 fn pair_main(transport: TransportChoice, memory: MemoryChoice, args: &BenchArgs) -> Res<()> {
     let plan = args.plan();
     match transport {
         TransportChoice::Local => run_local(args.size, memory, &plan),
-        TransportChoice::Tcp | TransportChoice::Shm | TransportChoice::Auto => {
-            let mut target = TargetProc::spawn(args.size, memory)?;
+        TransportChoice::Tcp
+        | TransportChoice::Shm
+        | TransportChoice::Rdma
+        | TransportChoice::Auto => {
+            let mut target = TargetProc::spawn(args.size, memory, args.target_devices.as_deref())?;
             let session = target.session.clone();
-            run_remote(&session, transport, args.size, &plan, Some(&mut target))?;
+            run_remote(&session, transport, args, &plan, Some(&mut target))?;
             let total = target.finish()?;
             eprintln!("# target total cpu_s {total:.3}");
             Ok(())
@@ -1241,14 +1276,18 @@ fn check_transports(engine: &Engine, choice: TransportChoice) -> Res<()> {
 fn run_remote(
     session: &str,
     choice: TransportChoice,
-    size: u64,
+    args: &BenchArgs,
     plan: &Plan,
     target: Option<&mut TargetProc>,
 ) -> Res<()> {
+    let size = args.size;
     // open_peer needs a listener of our own: the control plane is symmetric.
     let mut builder = EngineConfig::builder().listen(Some("127.0.0.1:0"));
     if let Some(kinds) = choice.engine_transports() {
         builder = builder.transports(kinds);
+    }
+    if let Some(devices) = &args.devices {
+        builder = builder.rdma_devices(devices);
     }
     let config = builder
         .build()
@@ -1313,6 +1352,7 @@ fn run_remote(
     let wanted = match choice {
         TransportChoice::Shm => Some(TransportKind::Shm),
         TransportChoice::Tcp => Some(TransportKind::Tcp),
+        TransportChoice::Rdma => Some(TransportKind::Rdma),
         TransportChoice::Local | TransportChoice::Auto => None,
     };
     if let Some(wanted) = wanted.filter(|&w| w != actual) {
@@ -1445,6 +1485,7 @@ fn describe(
             cfg.copy_threads
         ),
         TransportKind::Local => format!(", {} copy threads", cfg.copy_threads),
+        TransportKind::Rdma => format!(", NICs {}", cfg.rdma_devices),
         // A transport added to the library later: its name alone.
         _ => String::new(),
     };
@@ -2124,7 +2165,7 @@ mod tests {
             "pair --duration -1",
             "pair --duration nan",
             "pair --op copy",
-            "pair --transport rdma",
+            "pair --transport udp",
             "pair --transport",
             "pair --transport SHM",
             "pair --memory gpu",
@@ -2262,14 +2303,27 @@ mod tests {
 
     #[test]
     fn bad_transport_and_memory_name_the_valid_choices() {
-        let msg = usage_message("pair --transport rdma");
-        assert!(msg.contains("\"rdma\""), "{msg}");
-        assert!(msg.contains("tcp, shm, local, auto"), "{msg}");
+        let msg = usage_message("pair --transport udp");
+        assert!(msg.contains("\"udp\""), "{msg}");
+        assert!(msg.contains("tcp, shm, rdma, local, auto"), "{msg}");
         // The initiator has no in-process target: local is not offered.
         let msg = usage_message("initiator --peer 127.0.0.1:9 --transport local");
-        assert!(msg.contains("tcp, shm, auto"), "{msg}");
-        let msg = usage_message("initiator --peer 127.0.0.1:9 --transport rdma");
-        assert!(msg.contains("tcp, shm, auto"), "{msg}");
+        assert!(msg.contains("tcp, shm, rdma, auto"), "{msg}");
+        // RDMA with device lists parses for both sides.
+        let Cmd::Pair {
+            transport, bench, ..
+        } = parse_command(&args(
+            "pair --transport rdma --device-list rxe1 --target-device-list rxe0",
+        ))
+        .unwrap()
+        else {
+            panic!("not pair")
+        };
+        assert_eq!(transport, TransportChoice::Rdma);
+        assert_eq!(
+            (bench.devices.as_deref(), bench.target_devices.as_deref()),
+            (Some("rxe1"), Some("rxe0"))
+        );
         for line in ["pair --memory gpu", "target --memory gpu"] {
             let msg = usage_message(line);
             assert!(
