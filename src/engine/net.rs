@@ -13,7 +13,7 @@ use crate::control::{
     RegionKey, SegmentDescriptor, TransportOffer,
 };
 use crate::memory::Registry;
-use crate::transport::rdma::{Endpoint, PortAddress, Rdma, RemoteKeys, RemoteQp};
+use crate::transport::rdma::{Endpoint, PortAddress, Rdma, RemoteQp};
 use crate::transport::shm::ShmServer;
 use crate::transport::tcp::{IoPool, TcpServer};
 use crate::transport::TransportKind;
@@ -246,14 +246,8 @@ impl ControlHandler for NetShared {
             .workers()
             .get(nic)
             .ok_or_else(|| format!("no NIC number {nic} here ({} NICs)", rdma.workers().len()))?;
-        // Our side only answers the peer's requests: it posts nothing, so it needs no keys.
-        let ep = Endpoint::create(
-            worker,
-            nic,
-            0,
-            Arc::clone(rdma.mrs()),
-            Arc::new(RemoteKeys::default()),
-        )?;
+        // Our side only answers the peer's requests: it posts nothing.
+        let ep = Endpoint::create_responder(worker, nic, Arc::clone(rdma.mrs()))?;
         ep.connect(&RemoteQp {
             qpn: request.qpn,
             psn: request.psn,

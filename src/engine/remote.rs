@@ -48,8 +48,11 @@ pub(super) struct Link {
 
 impl Link {
     /// Whether the peer went away (control connection or every lane lost).
+    /// (A failed RDMA queue pair counts too: reconnecting is how it is replaced.)
     pub(super) fn is_broken(&self) -> bool {
-        !self.control.is_alive() || self.tcp.as_ref().is_some_and(|t| t.is_broken())
+        !self.control.is_alive()
+            || self.tcp.as_ref().is_some_and(|t| t.is_broken())
+            || self.rdma.as_ref().is_some_and(|r| r.is_broken())
     }
 
     /// The transport batches prefer: the first of the configured ones this link has.

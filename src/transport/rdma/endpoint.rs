@@ -98,9 +98,39 @@ impl Endpoint {
         mrs: Arc<MrTable>,
         keys: Arc<RemoteKeys>,
     ) -> Result<Endpoint, String> {
+        Self::create_sized(worker, nic, remote_nic, mrs, keys, MAX_SEND_WR)
+    }
+
+    /// A queue pair that only answers the peer's requests (it posts nothing): the
+    /// smallest send queue, so it takes little of the NIC's completion queue.
+    pub fn create_responder(
+        worker: &Arc<NicWorker>,
+        nic: usize,
+        mrs: Arc<MrTable>,
+    ) -> Result<Endpoint, String> {
+        Self::create_sized(worker, nic, 0, mrs, Arc::new(RemoteKeys::default()), 1)
+    }
+
+    fn create_sized(
+        worker: &Arc<NicWorker>,
+        nic: usize,
+        remote_nic: usize,
+        mrs: Arc<MrTable>,
+        keys: Arc<RemoteKeys>,
+        send_wr: u32,
+    ) -> Result<Endpoint, String> {
         let n = worker.nic();
         let v = n.verbs();
-        let max_wr = MAX_SEND_WR.min(n.max_qp_wr().max(MAX_RANGE));
+        let max_wr = send_wr.min(n.max_qp_wr().max(1));
+        // Room in the completion queue for every request (a queue pair in error flushes
+        // each of them as a completion).
+        if !n.reserve_cq(max_wr) {
+            return Err(format!(
+                "the completion queue of {} has no room for another queue pair",
+                n.name()
+            ));
+        }
+        let release = Release(worker, max_wr);
         let mut init = ibv_qp_init_attr {
             send_cq: n.cq(),
             recv_cq: n.cq(),
@@ -123,6 +153,8 @@ impl Endpoint {
                 io::Error::last_os_error()
             )
         })?;
+        // From here the endpoint gives the reservation back when dropped.
+        std::mem::forget(release);
         let ep = Endpoint {
             worker: Arc::clone(worker),
             nic,
@@ -221,7 +253,7 @@ impl Endpoint {
             path_mtu: path_mtu(local.mtu, remote.address.mtu),
             dest_qp_num: remote.qpn,
             rq_psn: remote.psn,
-            max_dest_rd_atomic: 16,
+            max_dest_rd_atomic: self.worker.nic().rd_atomic().1,
             min_rnr_timer: 12,
             ah_attr: ibv_ah_attr {
                 dlid: remote.address.lid,
@@ -253,7 +285,7 @@ impl Endpoint {
             retry_cnt: 7,
             rnr_retry: 7,
             sq_psn: self.psn,
-            max_rd_atomic: 16,
+            max_rd_atomic: self.worker.nic().rd_atomic().0,
             ..Default::default()
         };
         let mask = ibv_qp_attr_mask::IBV_QP_STATE
@@ -391,7 +423,28 @@ impl Endpoint {
                 qp_state: ibv_qp_state::IBV_QPS_ERR,
                 ..Default::default()
             };
-            let _ = self.modify(&mut attr, ibv_qp_attr_mask::IBV_QP_STATE, "ERR");
+            let moved = self.modify(&mut attr, ibv_qp_attr_mask::IBV_QP_STATE, "ERR");
+            // The accepted part is unsignaled: a signaled empty request with the same id,
+            // flushed at once in the error state, is what completes the range.
+            let mut drain = ibv_send_wr {
+                wr_id,
+                num_sge: 0,
+                opcode: ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+                send_flags: ibv_send_flags::IBV_SEND_SIGNALED.0,
+                ..Default::default()
+            };
+            let mut bad: *mut ibv_send_wr = ptr::null_mut();
+            // SAFETY: the QP is live; the request has no SGE and is valid for the call.
+            let drained =
+                moved.is_ok() && unsafe { post_send(self.qp.as_ptr(), &mut drain, &mut bad) } == 0;
+            if !drained && self.worker.take(wr_id).is_some() {
+                // Nothing will complete this range: fail it now.
+                self.outstanding.fetch_sub(count as u32, Ordering::AcqRel);
+                return Err(format!(
+                    "ibv_post_send on {} accepted part of a chain and the queue pair could not be drained",
+                    self.worker.nic().name()
+                ));
+            }
         }
         Ok(())
     }
@@ -439,6 +492,16 @@ impl Drop for Endpoint {
                 self.worker.nic().name()
             );
         }
+        self.worker.nic().release_cq(self.max_wr);
+    }
+}
+
+/// Gives a completion-queue reservation back unless forgotten (the endpoint then owns it).
+struct Release<'a>(&'a NicWorker, u32);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.nic().release_cq(self.1);
     }
 }
 

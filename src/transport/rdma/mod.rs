@@ -56,6 +56,11 @@ impl RdmaTransport {
             .any(|e| !e.is_broken() && e.reaches(slices))
     }
 
+    /// Whether a queue pair failed (the link is then reconnected).
+    pub fn is_broken(&self) -> bool {
+        self.endpoints.iter().any(|e| e.is_broken())
+    }
+
     /// The peer published new keys.
     pub fn set_keys(&self, keys: Arc<RemoteKeys>) {
         for e in &self.endpoints {
@@ -89,12 +94,20 @@ impl Transport for RdmaTransport {
     }
 }
 
+impl Drop for Rdma {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
 /// The RDMA side of an engine: its NICs (with pollers) and the registrations of its
 /// memory on them.
 #[derive(Debug)]
 pub struct Rdma {
     workers: Vec<Arc<NicWorker>>,
     mrs: Arc<MrTable>,
+    /// Serialises `sync`: two concurrent ones must not both register a region.
+    syncing: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for MrTable {
@@ -158,7 +171,11 @@ impl Rdma {
             log::warn!("kvxfer: RDMA NIC not used: {why}");
         }
         let mrs = Arc::new(MrTable::new(workers.iter().map(|w| w.nic_arc()).collect()));
-        Ok(Rdma { workers, mrs })
+        Ok(Rdma {
+            workers,
+            mrs,
+            syncing: std::sync::Mutex::new(()),
+        })
     }
 
     /// The NICs in use, in order (their index is the NIC number peers see).
@@ -175,6 +192,10 @@ impl Rdma {
     /// Under the registry's read lock, so that no region can be unregistered (and its
     /// memory freed) between the look and the registration.
     pub fn sync(&self, registry: &Registry) {
+        let _one = self
+            .syncing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let map = registry.read();
         for region in map.values() {
             if !self.mrs.contains(region.range().start) {
@@ -193,11 +214,13 @@ impl Rdma {
         self.mrs.remove(region.range().start);
     }
 
-    /// Stops the pollers (once nothing is in flight).
+    /// Stops the pollers (once nothing is in flight, bounded) and deregisters all memory:
+    /// afterwards no NIC touches the engine's memory.
     pub fn shutdown(&self) {
         for w in &self.workers {
             w.shutdown();
         }
+        self.mrs.clear();
     }
 
     /// One line for `Engine::transports()`.

@@ -124,6 +124,15 @@ impl MrTable {
         }
     }
 
+    /// Deregisters everything.
+    pub fn clear(&self) {
+        let regions =
+            std::mem::take(&mut *self.regions.write().unwrap_or_else(PoisonError::into_inner));
+        for r in regions.into_values() {
+            release(&self.nics, r.per_nic);
+        }
+    }
+
     /// Whether the region starting at `addr` is registered.
     pub fn contains(&self, addr: u64) -> bool {
         self.regions

@@ -9,9 +9,10 @@ use std::ptr::{self, NonNull};
 use crate::sys::verbs::bindings::*;
 use crate::sys::verbs::{gid_raw, mtu_bytes, Context, DeviceList, Verbs, IBV_LINK_LAYER_ETHERNET};
 
-/// Completion queue entries per NIC (shared by all its queue pairs; completions are
-/// signaled once per posted chain, so this bounds chains in flight, not work requests).
-pub const CQ_ENTRIES: c_int = 4096;
+/// Completion queue entries per NIC, at most (the device's limit may be lower). Every
+/// queue pair on the NIC reserves room for all its work requests (a queue pair in error
+/// flushes each of them, signaled or not, as a completion), so the queue never overflows.
+pub const CQ_ENTRIES: c_int = 1 << 16;
 
 /// The address a NIC's port is reached at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +41,10 @@ pub struct Nic {
     address: PortAddress,
     max_mr_size: u64,
     max_qp_wr: u32,
+    max_rd_atomic: u8,
+    max_dest_rd_atomic: u8,
+    /// Completion queue entries not reserved by a queue pair.
+    cq_room: std::sync::atomic::AtomicU32,
 }
 
 // SAFETY: verbs objects may be used from any thread (libibverbs and its providers lock
@@ -105,6 +110,7 @@ impl Nic {
                 return Err(format!("ibv_create_comp_channel on {name}: {e}"));
             };
             let entries = CQ_ENTRIES.min(attr.max_cqe.max(1));
+            let clamp = |v: c_int| u8::try_from(v.clamp(1, 16)).unwrap_or(1);
             let cq = verbs.create_cq(ctx.as_ptr(), entries, ptr::null_mut(), channel.as_ptr(), 0);
             let Some(cq) = NonNull::new(cq) else {
                 let e = io::Error::last_os_error();
@@ -122,6 +128,9 @@ impl Nic {
                 address,
                 max_mr_size: attr.max_mr_size,
                 max_qp_wr: u32::try_from(attr.max_qp_wr).unwrap_or(0),
+                max_rd_atomic: clamp(attr.max_qp_init_rd_atom),
+                max_dest_rd_atomic: clamp(attr.max_qp_rd_atom),
+                cq_room: std::sync::atomic::AtomicU32::new(entries.max(0) as u32),
             })
         }
     }
@@ -144,6 +153,30 @@ impl Nic {
     /// Most work requests one queue pair may hold.
     pub fn max_qp_wr(&self) -> u32 {
         self.max_qp_wr
+    }
+
+    /// RDMA READs a queue pair may have outstanding as initiator / as responder (the
+    /// device's limits, at most 16).
+    pub fn rd_atomic(&self) -> (u8, u8) {
+        (self.max_rd_atomic, self.max_dest_rd_atomic)
+    }
+
+    /// Reserves `entries` completion-queue entries for a queue pair; false when the
+    /// queue has no room left (too many queue pairs on this NIC).
+    pub fn reserve_cq(&self, entries: u32) -> bool {
+        self.cq_room
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |room| room.checked_sub(entries),
+            )
+            .is_ok()
+    }
+
+    /// Gives back what `reserve_cq` took.
+    pub fn release_cq(&self, entries: u32) {
+        self.cq_room
+            .fetch_add(entries, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The library.
@@ -224,14 +257,29 @@ fn choose_gid(
             .or(Some((0, [0; 16])))
             .ok_or_else(|| format!("{name} has no GID"));
     }
+    // RoCE v2 (routable) with an IPv4-mapped address first: on ConnectX each address is
+    // listed as RoCE v1 and again as v2, and v1 does not cross routers.
+    let v2 =
+        |index: u8| gid_type(&name, port, index).is_some_and(|t| t.eq_ignore_ascii_case("RoCE v2"));
+    let mapped = |g: &[u8; 16]| Ipv6Addr::from(*g).to_ipv4_mapped().is_some();
     entries
         .iter()
-        .find(|(_, g)| Ipv6Addr::from(*g).to_ipv4_mapped().is_some())
+        .find(|(i, g)| mapped(g) && v2(*i))
+        .or_else(|| entries.iter().find(|(_, g)| mapped(g)))
+        .or_else(|| entries.iter().find(|(i, _)| v2(*i)))
         .or(entries.first())
         .copied()
         .ok_or_else(|| {
             format!("{name} port {port} has no usable GID (no IP address on its netdev?)")
         })
+}
+
+/// The type sysfs gives GID `index` of `device` port `port` (`RoCE v2`, `IB/RoCE v1`).
+fn gid_type(device: &str, port: u8, index: u8) -> Option<String> {
+    let path = format!("/sys/class/infiniband/{device}/ports/{port}/gid_attrs/types/{index}");
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|t| t.trim().to_string())
 }
 
 /// The smaller of two MTUs.

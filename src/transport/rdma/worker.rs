@@ -18,6 +18,8 @@ use crate::transport::{SliceSource, TransportError, TransportKind};
 /// How long the poller keeps polling after a completion before it sleeps on the channel
 /// (a waking thread costs tens of microseconds; small requests come back faster).
 const SPIN: Duration = Duration::from_micros(50);
+/// How long a stopping poller waits for chains in flight.
+const GIVE_UP: Duration = Duration::from_secs(10);
 /// How often a sleeping poller checks for shutdown.
 const TICK_MS: c_int = 100;
 
@@ -116,7 +118,13 @@ impl NicWorker {
         lock(&self.inflight).take(id);
     }
 
-    /// Stops the poller once nothing is in flight (bounded), and joins it.
+    /// Takes a chain out of the in-flight set (the poller will not complete it).
+    pub(super) fn take(&self, id: u64) -> Option<Posted> {
+        lock(&self.inflight).take(id)
+    }
+
+    /// Stops the poller once nothing is in flight, and joins it; after `GIVE_UP` it stops
+    /// waiting for chains that never complete (logged) rather than hang.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = lock(&self.thread).take() {
@@ -128,6 +136,7 @@ impl NicWorker {
         let cq = self.nic.cq();
         let mut wcs = [ibv_wc::default(); 64];
         let mut last_busy = Instant::now();
+        let mut stop_seen: Option<Instant> = None;
         loop {
             let n = self.poll(cq, &mut wcs);
             if n > 0 {
@@ -138,10 +147,18 @@ impl NicWorker {
                 std::hint::spin_loop();
                 continue;
             }
-            if self.stop.load(Ordering::Acquire)
-                && lock(&self.inflight).slots.iter().all(|s| s.1.is_none())
-            {
-                return;
+            if self.stop.load(Ordering::Acquire) {
+                let stopping = *stop_seen.get_or_insert_with(Instant::now);
+                if lock(&self.inflight).slots.iter().all(|s| s.1.is_none()) {
+                    return;
+                }
+                if stopping.elapsed() > GIVE_UP {
+                    log::error!(
+                        "kvxfer: {}: chains still in flight {GIVE_UP:?} after shutdown; stopping its poller anyway",
+                        self.nic.name()
+                    );
+                    return;
+                }
             }
             // Arm, then poll once more (a completion between the last poll and the arm
             // raises no event), then sleep on the channel.
