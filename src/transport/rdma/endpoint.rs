@@ -341,6 +341,7 @@ impl Endpoint {
             range,
             endpoint: Arc::clone(self),
             wrs: count as u32,
+            posted_at: std::time::Instant::now(),
         });
         scratch.wrs.clear();
         scratch.sges.clear();
@@ -469,6 +470,26 @@ impl Endpoint {
             length: s.len,
             lkey,
         })
+    }
+
+    /// Moves the queue pair to the error state: everything posted on it completes as
+    /// flushed, and it takes nothing more (the link reconnects).
+    pub(super) fn abort(&self, why: &str) {
+        if self.broken.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::warn!(
+            "kvxfer: aborting QP {} on {}: {why}",
+            self.qpn(),
+            self.worker.nic().name()
+        );
+        let mut attr = ibv_qp_attr {
+            qp_state: ibv_qp_state::IBV_QPS_ERR,
+            ..Default::default()
+        };
+        if let Err(e) = self.modify(&mut attr, ibv_qp_attr_mask::IBV_QP_STATE, "ERR") {
+            log::error!("kvxfer: {e}");
+        }
     }
 
     /// A posted chain of `wrs` requests completed (`Ok`) or failed.

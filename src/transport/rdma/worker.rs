@@ -18,6 +18,9 @@ use crate::transport::{SliceSource, TransportError, TransportKind};
 /// How long the poller keeps polling after a completion before it sleeps on the channel
 /// (a waking thread costs tens of microseconds; small requests come back faster).
 const SPIN: Duration = Duration::from_micros(50);
+/// How long a stopped batch's chains may stay uncompleted before their queue pair is
+/// moved to the error state (flushing them).
+const ABORT_GRACE: Duration = Duration::from_millis(300);
 /// How long a stopping poller waits for chains in flight.
 const GIVE_UP: Duration = Duration::from_secs(10);
 /// How often a sleeping poller checks for shutdown.
@@ -29,6 +32,7 @@ pub(super) struct Posted {
     pub(super) range: Range<usize>,
     pub(super) endpoint: Arc<Endpoint>,
     pub(super) wrs: u32,
+    pub(super) posted_at: Instant,
 }
 
 /// In-flight chains by id: a slot index with a generation, so a stale completion (a
@@ -172,6 +176,25 @@ impl NicWorker {
                 continue;
             }
             self.sleep();
+            self.abort_stopped();
+        }
+    }
+
+    /// A stopped batch (cancelled, past its deadline) whose chains the NIC has not
+    /// completed `ABORT_GRACE` after they were posted (a peer or link that went silent: RC
+    /// retries can take long, and a port that went down may never answer) gets their queue
+    /// pairs moved to the error state, which flushes every request on them as a
+    /// completion, so the batch ends.
+    fn abort_stopped(&self) {
+        let stuck: Vec<Arc<Endpoint>> = lock(&self.inflight)
+            .slots
+            .iter()
+            .filter_map(|(_, p)| p.as_ref())
+            .filter(|p| p.posted_at.elapsed() > ABORT_GRACE && p.work.is_stopped())
+            .map(|p| Arc::clone(&p.endpoint))
+            .collect();
+        for ep in stuck {
+            ep.abort("its batch was stopped and the NIC did not complete its requests");
         }
     }
 
