@@ -88,8 +88,16 @@ impl Progress {
     pub fn complete(&self, n: usize, failed: bool) -> Option<Outcome> {
         let mut accounted = n;
         if failed {
-            self.failed.store(true, Ordering::Release);
-            accounted += self.skip_unclaimed(StopReason::Failed);
+            let stop = self.stop.load(Ordering::Acquire);
+            if stop == StopReason::Cancelled as u8 || stop == StopReason::TimedOut as u8 {
+                // Stopped first: a transport that aborts a stopped batch's requests (a
+                // lane dropped, a queue pair flushed) fails them; they did not move
+                // because of the stop, and the batch ends as it was told to.
+                self.skipped.fetch_add(n, Ordering::AcqRel);
+            } else {
+                self.failed.store(true, Ordering::Release);
+                accounted += self.skip_unclaimed(StopReason::Failed);
+            }
         }
         self.account(accounted)
     }
@@ -200,11 +208,28 @@ mod tests {
     }
 
     #[test]
-    fn failure_skips_the_rest_and_wins_over_cancel() {
+    fn failure_skips_the_rest_and_wins_over_a_later_cancel() {
         let p = Progress::new(10, 2);
-        let r = p.claim().unwrap();
+        let (a, b) = (p.claim().unwrap(), p.claim().unwrap());
+        assert_eq!(p.complete(a.len(), true), None);
+        assert_eq!(p.claim(), None, "a failure skips the rest");
         assert_eq!(p.stop(StopReason::Cancelled), None);
-        assert_eq!(p.complete(r.len(), true), Some(Outcome::Failed));
+        assert_eq!(p.complete(b.len(), false), Some(Outcome::Failed));
+    }
+
+    /// A range failing after a cancel or timeout (a transport aborting the stopped
+    /// batch's requests) does not turn the batch into a failure: it ends as it was told to.
+    #[test]
+    fn failure_after_a_stop_reports_the_stop() {
+        for (reason, outcome) in [
+            (StopReason::Cancelled, Outcome::Cancelled),
+            (StopReason::TimedOut, Outcome::TimedOut),
+        ] {
+            let p = Progress::new(10, 2);
+            let r = p.claim().unwrap();
+            assert_eq!(p.stop(reason), None);
+            assert_eq!(p.complete(r.len(), true), Some(outcome));
+        }
     }
 
     #[test]
@@ -238,7 +263,8 @@ mod tests {
     proptest! {
         /// Under any interleaving of three workers and stops: ranges never overlap, every
         /// slice is accounted once, exactly one call ends the batch, and the outcome follows
-        /// the rules (failure > skipped-by-stop > completed).
+        /// the rules (failure > skipped-by-stop > completed; a range failing after a cancel
+        /// or timeout counts as stopped).
         #[test]
         fn every_slice_is_accounted_once(
             total in 0usize..40,
@@ -250,6 +276,8 @@ mod tests {
             let mut seen = vec![false; total];
             let mut ends = Vec::new();
             let (mut any_failed, mut any_stop) = (false, None);
+            // Failures of ranges completed after a cancel or timeout: the stop explains them.
+            let mut failed_after_stop = false;
             let finish = |o: Option<Outcome>, ends: &mut Vec<Outcome>| if let Some(o) = o {
                 p.publish(o);
                 ends.push(o);
@@ -266,7 +294,13 @@ mod tests {
                     },
                     Action::Complete(w, failed) => if !held[w].is_empty() {
                         let r = held[w].remove(0);
-                        any_failed |= failed;
+                        if failed {
+                            if any_stop.is_some() && !any_failed {
+                                failed_after_stop = true;
+                            } else {
+                                any_failed = true;
+                            }
+                        }
                         finish(p.complete(r.len(), failed), &mut ends);
                     },
                     Action::Stop(reason) => {
@@ -290,7 +324,7 @@ mod tests {
                 let skipped = seen.iter().filter(|s| !**s).count();
                 let want = if any_failed {
                     Outcome::Failed
-                } else if skipped == 0 {
+                } else if skipped == 0 && !failed_after_stop {
                     Outcome::Completed
                 } else if any_stop == Some(StopReason::TimedOut) {
                     Outcome::TimedOut
