@@ -62,11 +62,15 @@ pub struct Endpoint {
     mrs: Arc<MrTable>,
     /// The peer's keys, replaced when it publishes new ones.
     keys: Mutex<Arc<RemoteKeys>>,
+    /// The other queue pairs to the same peer (other NICs), for failover.
+    siblings: std::sync::OnceLock<Vec<std::sync::Weak<Endpoint>>>,
 }
 
 #[derive(Default)]
 struct Waiting {
     queue: VecDeque<Arc<dyn SliceSource>>,
+    /// Ranges another queue pair of the same peer failed to move, to post again here.
+    retry: VecDeque<(Arc<dyn SliceSource>, Range<usize>)>,
     wrs: Vec<ibv_send_wr>,
     sges: Vec<ibv_sge>,
 }
@@ -168,6 +172,7 @@ impl Endpoint {
             waiting: Mutex::new(Waiting::default()),
             mrs,
             keys: Mutex::new(keys),
+            siblings: std::sync::OnceLock::new(),
         };
         let address = n.address();
         let mut attr = ibv_qp_attr {
@@ -185,6 +190,11 @@ impl Endpoint {
             | ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
         ep.modify(&mut attr, mask, "INIT")?;
         Ok(ep)
+    }
+
+    /// The NIC's name.
+    pub fn worker_name(&self) -> &str {
+        self.worker.nic().name()
     }
 
     /// Our QP number.
@@ -282,6 +292,8 @@ impl Endpoint {
         let mut attr = ibv_qp_attr {
             qp_state: ibv_qp_state::IBV_QPS_RTS,
             timeout: 14,
+            // 7, the most. (rxe reads 7 as "retry forever": a silent peer then holds a
+            // batch until its deadline, when its queue pair is flushed.)
             retry_cnt: 7,
             rnr_retry: 7,
             sq_psn: self.psn,
@@ -297,6 +309,31 @@ impl Endpoint {
         self.modify(&mut attr, mask, "RTS")
     }
 
+    /// The queue pairs to the same peer on other NICs (set once, by the transport).
+    pub(super) fn set_siblings(&self, all: &[Arc<Endpoint>]) {
+        let others = all
+            .iter()
+            .filter(|e| !std::ptr::eq(e.as_ref(), self))
+            .map(Arc::downgrade)
+            .collect();
+        let _ = self.siblings.set(others);
+    }
+
+    /// A live queue pair to the same peer on another NIC.
+    pub(super) fn alternative(&self) -> Option<Arc<Endpoint>> {
+        self.siblings
+            .get()?
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|e| !e.is_broken())
+    }
+
+    /// Posts `range` of `work` (claimed already, failed on another queue pair) again.
+    pub(super) fn retry(self: &Arc<Self>, work: Arc<dyn SliceSource>, range: Range<usize>) {
+        lock(&self.waiting).retry.push_back((work, range));
+        self.pump();
+    }
+
     /// Queues `work` and posts as much of it as the QP has room for; the NIC's poller
     /// posts the rest as completions free room.
     pub fn post(self: &Arc<Self>, work: Arc<dyn SliceSource>) {
@@ -307,7 +344,28 @@ impl Endpoint {
     /// Claims and posts ranges while the QP has room.
     pub(super) fn pump(self: &Arc<Self>) {
         let mut waiting = lock(&self.waiting);
+        if self.is_broken() {
+            // Hand what waits here to a live queue pair of the same peer, if any.
+            if let Some(alt) = self.alternative() {
+                let retry: Vec<_> = waiting.retry.drain(..).collect();
+                let queue: Vec<_> = waiting.queue.drain(..).collect();
+                drop(waiting);
+                for (work, range) in retry {
+                    alt.retry(work, range);
+                }
+                for work in queue {
+                    alt.post(work);
+                }
+                return;
+            }
+        }
         while self.outstanding.load(Ordering::Acquire) + MAX_RANGE <= self.max_wr {
+            if let Some((work, range)) = waiting.retry.pop_front() {
+                if let Err(reason) = self.post_range(&mut waiting, &work, range.clone()) {
+                    work.complete(range, Err(error(reason)));
+                }
+                continue;
+            }
             let Some(work) = waiting.queue.front().cloned() else {
                 return;
             };

@@ -44,6 +44,9 @@ pub struct RdmaTransport {
 impl RdmaTransport {
     /// Moves batches over `endpoints` (connected queue pairs to the peer).
     pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        for e in &endpoints {
+            e.set_siblings(&endpoints);
+        }
         RdmaTransport { endpoints }
     }
 }
@@ -56,9 +59,10 @@ impl RdmaTransport {
             .any(|e| !e.is_broken() && e.reaches(slices))
     }
 
-    /// Whether a queue pair failed (the link is then reconnected).
+    /// Whether every queue pair failed (the link is then reconnected; while one lives,
+    /// the failed ones' work moves to it).
     pub fn is_broken(&self) -> bool {
-        self.endpoints.iter().any(|e| e.is_broken())
+        self.endpoints.iter().all(|e| e.is_broken())
     }
 
     /// The peer published new keys.

@@ -274,3 +274,44 @@ fn one_batch_spreads_over_both_nics() {
     assert_eq!(sa + sb, 1024);
     assert!(sa > 0 && sb > 0, "one NIC carried everything: {sa} / {sb}");
 }
+
+/// One batch over two queue pairs, one of which the peer's NIC refuses (a wrong key):
+/// its failed ranges move to the other queue pair, and the batch completes with every
+/// byte in place.
+#[test]
+fn failed_ranges_move_to_the_other_queue_pair() {
+    let Some(mut rig) = rig() else { return };
+    for (i, b) in rig.bufs[0].iter_mut().enumerate() {
+        *b = (i % 229) as u8;
+    }
+    let good = rig.keys();
+    let wrong: Vec<Key> = rig
+        .mrs
+        .keys()
+        .into_iter()
+        .map(|k| Key {
+            rkey: k.rkey ^ 0x5a5a_0000,
+            ..k
+        })
+        .collect();
+    let (a, _pa) = rig.pair(0, 1, good);
+    let (b, _pb) = rig.pair(1, 0, Arc::new(RemoteKeys::new(&wrong)));
+    let t = RdmaTransport::new(vec![a.clone(), b.clone()]);
+    let w = Work::new(slices(OpKind::Write, rig.addr(0), rig.addr(1), 512, 2048));
+    t.post(w.clone());
+    let errors = w.wait();
+    assert!(errors.is_empty(), "ranges failed: {:?}", errors.first());
+    assert!(rig.bufs[1] == rig.bufs[0], "buffers differ after failover");
+    assert!(b.is_broken(), "the refused queue pair is not marked failed");
+    assert!(!a.is_broken());
+    assert!(!t.is_broken(), "one queue pair still lives");
+    println!(
+        "posted: good QP {} slices, refused QP {} slices",
+        a.slices_posted(),
+        b.slices_posted()
+    );
+    assert!(
+        b.slices_posted() > 0,
+        "the refused queue pair carried nothing: no failover tested"
+    );
+}

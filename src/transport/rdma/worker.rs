@@ -219,6 +219,21 @@ impl NicWorker {
             return;
         };
         let failed = wc.status != ibv_wc_status::IBV_WC_SUCCESS;
+        if failed && !p.work.is_stopped() {
+            // Failover: the requests are idempotent, so the range moves to a live queue
+            // pair of the same peer on another NIC, within the batch's deadline.
+            if let Some(alt) = p.endpoint.alternative() {
+                log::warn!(
+                    "kvxfer: an RDMA request on {} failed (work completion status {}); moving its slices to {}",
+                    self.nic.name(),
+                    wc.status.0,
+                    alt.worker_name()
+                );
+                p.endpoint.completed(p.wrs, true);
+                alt.retry(p.work, p.range);
+                return;
+            }
+        }
         let result = if failed {
             Err(TransportError {
                 transport: TransportKind::Rdma,
