@@ -42,6 +42,9 @@
 //!     transport or -> <completed | how it ended>`
 //!   - `exit` or end of input: ends.
 
+mod common;
+use common::{digest, pattern};
+
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
@@ -71,39 +74,6 @@ const ANSWER: Duration = Duration::from_secs(30);
 const LONG: Duration = Duration::from_secs(30);
 /// The unprivileged uid and gid both children of the cross-memory-attach test run as.
 const NOBODY: u32 = 65534;
-
-// ---------------------------------------------------------------------------------------
-// Patterns and digests (the same code runs in every process)
-// ---------------------------------------------------------------------------------------
-
-/// splitmix64's finalizer.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// `len` bytes in which every 8-byte word depends on `seed` and its position.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut word = 0u64;
-    while out.len() < len {
-        out.extend_from_slice(&mix(seed ^ mix(word)).to_le_bytes());
-        word += 1;
-    }
-    out.truncate(len);
-    out
-}
-
-/// A position-sensitive 64-bit digest (it only has to notice a wrong byte).
-fn digest(bytes: &[u8]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ bytes.len() as u64;
-    for &b in bytes {
-        h = (h.rotate_left(23) ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    mix(h)
-}
 
 // ---------------------------------------------------------------------------------------
 // The children
