@@ -34,6 +34,7 @@ fn write_read_and_notify_over_rdma() {
             .find(|t| t.kind == TransportKind::Rdma)
             .unwrap();
         assert!(rdma.detail.starts_with("not used: "), "{}", rdma.detail);
+        assert!(e.rdma_nic_counters().is_empty());
         println!("skipped: not in the RDMA VM ({})", rdma.detail);
         return;
     }
@@ -81,6 +82,13 @@ fn write_read_and_notify_over_rdma() {
     assert!(back.to_vec() == got, "READ differs");
     let stats = initiator.stats();
     println!("over rdma: {stats:?}");
+    // The per-NIC counters saw the slices: 128 WRITE slices of 64 KiB and the READ's.
+    let nics = initiator.rdma_nic_counters();
+    println!("per NIC: {nics:?}");
+    assert_eq!(nics.len(), 1);
+    assert_eq!(nics[0].0, "rxe1");
+    assert!(nics[0].1 >= 128 + (LEN / (64 << 10)) as u64, "{nics:?}");
+    assert_eq!(nics[0].2, 0, "no chain failed: {nics:?}");
 }
 
 #[test]

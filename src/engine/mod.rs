@@ -369,6 +369,22 @@ impl Engine {
         })
     }
 
+    /// Per RDMA NIC in use: its name, the slices posted on it and the chains of requests
+    /// that failed on it, since the engine started (empty without RDMA).
+    pub fn rdma_nic_counters(&self) -> Vec<(String, u64, u64)> {
+        match self.net.as_ref().map(|n| &n.rdma) {
+            Some(Ok(rdma)) => rdma
+                .workers()
+                .iter()
+                .map(|w| {
+                    let (slices, failures) = w.counters();
+                    (w.nic().name().to_string(), slices, failures)
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The transport that moves (or moved) `batch`.
     pub fn batch_transport(&self, batch: BatchId) -> Result<TransportKind> {
         Ok(self.batch(batch)?.transport.kind())

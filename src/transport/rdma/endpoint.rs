@@ -458,6 +458,7 @@ impl Endpoint {
         }
         self.outstanding.fetch_add(count as u32, Ordering::AcqRel);
         self.posted.fetch_add(count as u64, Ordering::Relaxed);
+        self.worker.count_posted(count as u64);
         let mut bad: *mut ibv_send_wr = ptr::null_mut();
         // SAFETY: the QP is live; the chain and its SGEs are valid for the call (the
         // provider copies them); local ranges are in our MRs (lkeys looked up above),

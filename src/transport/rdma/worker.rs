@@ -72,6 +72,9 @@ impl Slab {
 /// A NIC with its poller.
 pub struct NicWorker {
     nic: Arc<Nic>,
+    /// Slices posted on this NIC, and chains it failed (its counters).
+    slices: std::sync::atomic::AtomicU64,
+    failures: std::sync::atomic::AtomicU64,
     inflight: Mutex<Slab>,
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -92,6 +95,8 @@ impl NicWorker {
     pub fn start(nic: Arc<Nic>) -> std::io::Result<Arc<NicWorker>> {
         let worker = Arc::new(NicWorker {
             nic,
+            slices: std::sync::atomic::AtomicU64::new(0),
+            failures: std::sync::atomic::AtomicU64::new(0),
             inflight: Mutex::new(Slab::default()),
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
@@ -112,6 +117,18 @@ impl NicWorker {
     /// The NIC, shared.
     pub fn nic_arc(&self) -> Arc<Nic> {
         Arc::clone(&self.nic)
+    }
+
+    /// Slices posted on this NIC so far, and chains that failed on it.
+    pub fn counters(&self) -> (u64, u64) {
+        (
+            self.slices.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(super) fn count_posted(&self, slices: u64) {
+        self.slices.fetch_add(slices, Ordering::Relaxed);
     }
 
     pub(super) fn track(&self, p: Posted) -> u64 {
@@ -219,6 +236,9 @@ impl NicWorker {
             return;
         };
         let failed = wc.status != ibv_wc_status::IBV_WC_SUCCESS;
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
         if failed && !p.work.is_stopped() {
             // Failover: the requests are idempotent, so the range moves to a live queue
             // pair of the same peer on another NIC, within the batch's deadline.
