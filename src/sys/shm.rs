@@ -114,17 +114,6 @@ impl SharedMapping {
         self.file.as_fd()
     }
 
-    /// A new, read-only open file description of the memfd (close-on-exec), for passing to
-    /// a peer that must only read: it can map it `PROT_READ` only (`PROT_WRITE` with
-    /// `MAP_SHARED` fails with `EACCES`). This guards against mistakes, not against a
-    /// hostile peer, which could reopen the file read/write through its own
-    /// `/proc/self/fd`.
-    pub fn read_only_fd(&self) -> io::Result<OwnedFd> {
-        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-        // std opens with O_CLOEXEC; read-only is the default.
-        Ok(File::open(path)?.into())
-    }
-
     /// Faults every page in now (after any NUMA binding), so that transfers into fresh
     /// memory do not pay a page fault per 4 KiB. Uses `MADV_POPULATE_WRITE` (Linux 5.14+);
     /// where the kernel or a seccomp filter does not offer it (EINVAL, ENOSYS, EPERM) it
@@ -451,49 +440,5 @@ mod tests {
         // The exact end is fine.
         let peer = PeerMapping::map(fd(), p, page(), false).unwrap();
         assert!(!peer.is_writable());
-    }
-
-    #[test]
-    fn read_only_fd_maps_read_only() {
-        let m = SharedMapping::create("t", page()).unwrap();
-        assert!(m.write_at(0, b"read me"));
-        let ro = m.read_only_fd().unwrap();
-        // SAFETY: F_GETFL / F_GETFD on a descriptor we own; no pointers involved.
-        let (fl, fd_flags) = unsafe {
-            (
-                libc::fcntl(ro.as_raw_fd(), libc::F_GETFL),
-                libc::fcntl(ro.as_raw_fd(), libc::F_GETFD),
-            )
-        };
-        assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
-        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
-        // SAFETY: a fresh mapping request; the kernel must refuse it, touching nothing.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                page(),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                ro.as_raw_fd(),
-                0,
-            )
-        };
-        assert_eq!(raw, libc::MAP_FAILED);
-        assert_eq!(
-            io::Error::last_os_error().raw_os_error(),
-            Some(libc::EACCES)
-        );
-        let err = PeerMapping::map(ro.try_clone().unwrap(), 0, page(), true).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
-        let peer = PeerMapping::map(ro, 0, page(), false).unwrap();
-        let mut got = [0u8; 7];
-        // SAFETY: the first 7 bytes of the live read-only mapping.
-        unsafe { std::ptr::copy_nonoverlapping(peer.as_ptr(), got.as_mut_ptr(), 7) };
-        assert_eq!(&got, b"read me");
-        // Later writes by the owner show through.
-        assert!(m.write_at(0, b"changed"));
-        // SAFETY: as above.
-        unsafe { std::ptr::copy_nonoverlapping(peer.as_ptr(), got.as_mut_ptr(), 7) };
-        assert_eq!(&got, b"changed");
     }
 }

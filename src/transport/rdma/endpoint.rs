@@ -13,7 +13,7 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::mr::{MrTable, RemoteKeys};
+use super::mr::{LocalKeys, MrTable, RemoteKeys};
 use super::nic::{path_mtu, PortAddress};
 use super::worker::{NicWorker, Posted};
 use crate::sys::verbs::bindings::*;
@@ -217,10 +217,11 @@ impl Endpoint {
     /// endpoint reaches) and we hold one for every local range.
     pub fn reaches(&self, slices: &[Slice]) -> bool {
         let keys = Arc::clone(&lock(&self.keys));
+        let local = self.mrs.local_keys(self.nic);
         slices.iter().all(|s| {
             let len = u64::from(s.len);
             keys.rkey(self.remote_nic, s.remote, len).is_some()
-                && self.mrs.lkey(self.nic, s.local, len).is_some()
+                && local.lkey(s.local, len).is_some()
         })
     }
 
@@ -404,16 +405,20 @@ impl Endpoint {
         scratch.wrs.clear();
         scratch.sges.clear();
         let keys = Arc::clone(&lock(&self.keys));
-        for s in slices {
-            match self.sge(s, &keys) {
-                Ok(sge) => scratch.sges.push(sge),
+        let local = self.mrs.local_keys(self.nic);
+        for (i, s) in slices.iter().enumerate() {
+            let (lkey, rkey) = match self.keys_of(s, &local, &keys) {
+                Ok(k) => k,
                 Err(e) => {
                     self.worker.untrack(wr_id);
                     return Err(e);
                 }
-            }
-        }
-        for (i, s) in slices.iter().enumerate() {
+            };
+            scratch.sges.push(ibv_sge {
+                addr: s.local,
+                length: s.len,
+                lkey,
+            });
             let mut flags = 0;
             if i + 1 == count {
                 flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
@@ -421,9 +426,6 @@ impl Endpoint {
             if s.kind == OpKind::Write && s.len <= MAX_INLINE {
                 flags |= ibv_send_flags::IBV_SEND_INLINE.0;
             }
-            let rkey = keys
-                .rkey(self.remote_nic, s.remote, u64::from(s.len))
-                .unwrap_or(0);
             let mut wr = ibv_send_wr {
                 wr_id,
                 num_sge: 1,
@@ -440,6 +442,7 @@ impl Endpoint {
             };
             scratch.wrs.push(wr);
         }
+        drop(local);
         // Link the chain now that the vectors no longer move.
         let sges = scratch.sges.as_mut_ptr();
         let wrs = scratch.wrs.as_mut_ptr();
@@ -509,26 +512,28 @@ impl Endpoint {
         Ok(())
     }
 
-    fn sge(&self, s: &Slice, keys: &RemoteKeys) -> Result<ibv_sge, String> {
+    /// The local and remote keys of a slice.
+    fn keys_of(
+        &self,
+        s: &Slice,
+        local: &LocalKeys<'_>,
+        keys: &RemoteKeys,
+    ) -> Result<(u32, u32), String> {
         let len = u64::from(s.len);
-        let lkey = self.mrs.lkey(self.nic, s.local, len).ok_or_else(|| {
+        let lkey = local.lkey(s.local, len).ok_or_else(|| {
             format!(
                 "local range {:#x}+{len} has no memory registration on {}",
                 s.local,
                 self.worker.nic().name()
             )
         })?;
-        if keys.rkey(self.remote_nic, s.remote, len).is_none() {
-            return Err(format!(
+        let rkey = keys.rkey(self.remote_nic, s.remote, len).ok_or_else(|| {
+            format!(
                 "the peer published no key for {:#x}+{len} on its NIC {}",
                 s.remote, self.remote_nic
-            ));
-        }
-        Ok(ibv_sge {
-            addr: s.local,
-            length: s.len,
-            lkey,
-        })
+            )
+        })?;
+        Ok((lkey, rkey))
     }
 
     /// Moves the queue pair to the error state: everything posted on it completes as

@@ -141,15 +141,12 @@ impl MrTable {
             .contains_key(&addr)
     }
 
-    /// The local key of NIC `nic` for `[addr, addr + len)`, if one MR covers it.
-    pub fn lkey(&self, nic: usize, addr: u64, len: u64) -> Option<u32> {
-        let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
-        let (_, r) = regions.range(..=addr).next_back()?;
-        r.per_nic
-            .get(nic)?
-            .iter()
-            .find(|m| addr >= m.addr && addr + len <= m.addr + m.len)
-            .map(|m| m.lkey)
+    /// The local keys of NIC `nic`, under one read lock for a whole range of slices.
+    pub fn local_keys(&self, nic: usize) -> LocalKeys<'_> {
+        LocalKeys {
+            regions: self.regions.read().unwrap_or_else(PoisonError::into_inner),
+            nic,
+        }
     }
 
     /// Every key, for peers.
@@ -203,6 +200,24 @@ fn verbs_access(access: Access) -> ibv_access_flags {
         flags |= ibv_access_flags::IBV_ACCESS_REMOTE_READ;
     }
     flags
+}
+
+/// One NIC's local keys, read under the table's lock (see [`MrTable::local_keys`]).
+pub struct LocalKeys<'a> {
+    regions: std::sync::RwLockReadGuard<'a, BTreeMap<u64, RegionMrs>>,
+    nic: usize,
+}
+
+impl LocalKeys<'_> {
+    /// The local key for `[addr, addr + len)`, if one MR covers it.
+    pub fn lkey(&self, addr: u64, len: u64) -> Option<u32> {
+        let (_, r) = self.regions.range(..=addr).next_back()?;
+        r.per_nic
+            .get(self.nic)?
+            .iter()
+            .find(|m| addr >= m.addr && addr + len <= m.addr + m.len)
+            .map(|m| m.lkey)
+    }
 }
 
 /// A peer's keys, by NIC and address.

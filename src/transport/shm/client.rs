@@ -641,6 +641,18 @@ mod tests {
         }
     }
 
+    /// Registers caller memory at `addr` (the test keeps it alive).
+    fn register_caller(registry: &Registry, addr: u64, len: u64, access: Access) {
+        registry
+            .register(vec![RegionSpec::caller(
+                addr,
+                len,
+                Some(Location::Any),
+                access,
+            )])
+            .unwrap();
+    }
+
     fn far() -> Instant {
         Instant::now() + Duration::from_secs(5)
     }
@@ -653,14 +665,7 @@ mod tests {
         let (_server, link) = served(&registry);
         let target = vec![0u8; 8192];
         let addr = target.as_ptr() as u64;
-        registry
-            .register(vec![RegionSpec::caller(
-                addr,
-                8192,
-                Some(Location::Any),
-                Access::ALL,
-            )])
-            .unwrap();
+        register_caller(&registry, addr, 8192, Access::ALL);
         let a = link.attach(addr, far()).unwrap();
         assert!(
             a.map.is_none(),
@@ -689,14 +694,7 @@ mod tests {
         let (server, link) = served(&registry);
         let target = vec![0u8; 4096];
         let addr = target.as_ptr() as u64;
-        registry
-            .register(vec![RegionSpec::caller(
-                addr,
-                4096,
-                Some(Location::Any),
-                Access::ALL,
-            )])
-            .unwrap();
+        register_caller(&registry, addr, 4096, Access::ALL);
         link.attach(addr, far()).unwrap();
         server.shutdown();
         registry.set_revoker(None);
@@ -742,26 +740,12 @@ mod tests {
         let (_server, link) = served(&registry);
         let target = vec![0u8; 4096];
         let addr = target.as_ptr() as u64;
-        registry
-            .register(vec![RegionSpec::caller(
-                addr,
-                4096,
-                Some(Location::Any),
-                Access::ALL,
-            )])
-            .unwrap();
+        register_caller(&registry, addr, 4096, Access::ALL);
         let w = write(addr, &[5u8; 64]);
         link.reach(&[w], |_| Some(addr), far()).unwrap();
         registry.unregister(addr).unwrap();
         let read_only = Access::LOCAL_READ | Access::REMOTE_READ;
-        registry
-            .register(vec![RegionSpec::caller(
-                addr,
-                4096,
-                Some(Location::Any),
-                read_only,
-            )])
-            .unwrap();
+        register_caller(&registry, addr, 4096, read_only);
         // Another batch attaches the region as it is now.
         let r = Slice {
             kind: OpKind::Read,
