@@ -119,3 +119,37 @@ fn memory_the_target_does_not_grant_is_refused() {
     assert!(matches!(err, Error::NotRegistered { .. }), "{err}");
     assert!(ro.to_vec().iter().all(|&b| b == 0));
 }
+
+/// An engine on both NICs spreads one batch over both (the per-NIC counters), and every
+/// byte lands.
+#[test]
+fn one_engine_spreads_a_batch_over_both_nics() {
+    if !in_vm() {
+        println!("skipped: not in the RDMA VM");
+        return;
+    }
+    let target = rdma_engine("rxe0,rxe1");
+    let initiator = rdma_engine("rxe0,rxe1");
+    const LEN: usize = 16 << 20;
+    let src = initiator.allocate(LEN, Location::Any).unwrap();
+    let dst = target.allocate(LEN, Location::Any).unwrap();
+    let image: Vec<u8> = (0..LEN).map(|i| (i * 29 % 251) as u8).collect();
+    src.write_at(0, &image).unwrap();
+    let peer = initiator.open_peer(target.session_id().unwrap()).unwrap();
+    let page = 16u64 << 10;
+    let ops: Vec<Op> = (0..(LEN as u64 / page))
+        .map(|i| Op::write(src.addr() + i * page, dst.addr() + i * page, page))
+        .collect();
+    initiator.transfer_sync(peer, &ops).unwrap();
+    assert!(dst.to_vec() == image, "bytes differ");
+    let nics = initiator.rdma_nic_counters();
+    println!("per NIC: {nics:?}");
+    assert_eq!(nics.len(), 2, "{nics:?}");
+    assert!(
+        nics.iter()
+            .all(|(_, slices, failed)| *slices > 0 && *failed == 0),
+        "a NIC carried nothing or failed: {nics:?}"
+    );
+    let total: u64 = nics.iter().map(|n| n.1).sum();
+    assert_eq!(total, LEN as u64 / page, "{nics:?}");
+}

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::{Error, Result};
+use crate::topology::PausePolicy;
 use crate::transport::{parse_transport_list, TransportKind};
 
 /// How an engine runs. Build one with [`EngineConfig::builder`] or `Default`.
@@ -41,6 +42,10 @@ pub struct EngineConfig {
     /// The GID index to use on every NIC; `None` chooses per NIC (RoCE v2 with an
     /// IPv4-mapped address first). Default `None`.
     pub rdma_gid_index: Option<u8>,
+    /// When an RDMA NIC that keeps failing is paused: `failures` within `window` pause it
+    /// for `pause` (batches go over the engine's other NICs meanwhile). Default 3 failures
+    /// within 10 s pause it for 30 s.
+    pub nic_pause: PausePolicy,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +64,7 @@ impl Default for EngineConfig {
             transports: vec![TransportKind::Shm, TransportKind::Rdma, TransportKind::Tcp],
             rdma_devices: "auto".into(),
             rdma_gid_index: None,
+            nic_pause: PausePolicy::default(),
         }
     }
 }
@@ -261,6 +267,12 @@ impl EngineConfigBuilder {
     /// See [`EngineConfig::rdma_gid_index`].
     pub fn rdma_gid_index(mut self, index: Option<u8>) -> Self {
         self.0.rdma_gid_index = index;
+        self
+    }
+
+    /// See [`EngineConfig::nic_pause`].
+    pub fn nic_pause(mut self, policy: PausePolicy) -> Self {
+        self.0.nic_pause = policy;
         self
     }
 

@@ -437,7 +437,11 @@ fn start_rdma(config: &EngineConfig) -> std::result::Result<Arc<Rdma>, String> {
     if !config.transports.contains(&TransportKind::Rdma) {
         return Err("not used: the configuration's transports leave it out".into());
     }
-    match Rdma::open(&config.rdma_devices, config.rdma_gid_index) {
+    match Rdma::open(
+        &config.rdma_devices,
+        config.rdma_gid_index,
+        config.nic_pause,
+    ) {
         Ok(rdma) => {
             log::info!("kvxfer: {}", rdma.describe());
             Ok(Arc::new(rdma))

@@ -407,9 +407,17 @@ impl RemotePeer {
             return Err("the peer has no RDMA NIC".into());
         }
         let keys = Arc::new(remote_keys(descriptor));
+        let peer_nics: Vec<String> = descriptor
+            .rdma_nics
+            .iter()
+            .map(|n| n.name.clone())
+            .collect();
         let mut endpoints = Vec::new();
         for (i, worker) in rdma.workers().iter().enumerate() {
-            let j = i % descriptor.rdma_nics.len();
+            // Rail affinity: the peer's NIC of the same name, else the same position.
+            let j = crate::topology::remote_nic(worker.nic().name(), i, &peer_nics, &peer_nics)
+                .and_then(|name| peer_nics.iter().position(|n| n == name))
+                .unwrap_or(i % peer_nics.len());
             let ep = Endpoint::create(worker, i, j, Arc::clone(rdma.mrs()), Arc::clone(&keys))?;
             let request = RdmaConnectRequest {
                 initiator: super::net::rdma_nic(worker.nic().name(), worker.nic().address()),

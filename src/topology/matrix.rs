@@ -88,6 +88,17 @@ impl PriorityMatrix {
         PriorityMatrix { entries }
     }
 
+    /// Every NIC in `names` preferred for memory anywhere (no topology known).
+    pub fn flat(names: &[String]) -> Self {
+        let anywhere = Priorities {
+            preferred: names.to_vec(),
+            fallback: Vec::new(),
+        };
+        PriorityMatrix {
+            entries: BTreeMap::from([(Location::Any, anywhere)]),
+        }
+    }
+
     /// Parses Mooncake's topology JSON: an object from location (`cpu:N`, `cuda:N`, `*`)
     /// to `[[preferred...], [fallback...]]` (the fallback list may be omitted).
     pub fn from_json(text: &str) -> Result<Self, TopologyError> {

@@ -135,11 +135,7 @@ impl NicSelector {
         tried: &[NicId],
         now: Instant,
     ) -> Option<NicId> {
-        let plan = self
-            .plans
-            .get(&location)
-            .or_else(|| self.plans.get(&Location::Any))
-            .unwrap_or(&self.everything);
+        let plan = self.plan(location);
         let usable = |nic: &NicId| !tried.contains(nic) && !self.is_paused(*nic, now);
         self.least_loaded(&plan.preferred, &plan.turn, usable)
             .or_else(|| self.least_loaded(&plan.fallback, &plan.turn, usable))
@@ -154,6 +150,42 @@ impl NicSelector {
                     .min_by_key(|&&n| self.paused_until[n].load(Ordering::Relaxed))
                     .copied()
             })
+    }
+
+    /// Every NIC that may carry a batch from memory at `location` now (a transport that
+    /// lets its queue pairs claim slices from a shared batch posts to all of them): the
+    /// preferred NICs not paused; else the fallback ones not paused; else the one whose
+    /// pause ends first. Empty only when the location has no NIC at all.
+    pub fn usable(&self, location: Location, now: Instant) -> Vec<NicId> {
+        let plan = self.plan(location);
+        let live = |list: &[NicId]| -> Vec<NicId> {
+            list.iter()
+                .copied()
+                .filter(|&n| !self.is_paused(n, now))
+                .collect()
+        };
+        let preferred = live(&plan.preferred);
+        if !preferred.is_empty() {
+            return preferred;
+        }
+        let fallback = live(&plan.fallback);
+        if !fallback.is_empty() {
+            return fallback;
+        }
+        plan.preferred
+            .iter()
+            .chain(&plan.fallback)
+            .min_by_key(|&&n| self.paused_until[n].load(Ordering::Relaxed))
+            .copied()
+            .into_iter()
+            .collect()
+    }
+
+    fn plan(&self, location: Location) -> &Plan {
+        self.plans
+            .get(&location)
+            .or_else(|| self.plans.get(&Location::Any))
+            .unwrap_or(&self.everything)
     }
 
     /// Records `bytes` handed to `nic`.
@@ -330,6 +362,33 @@ mod tests {
         assert!(!s.is_paused(a, at(44)), "the pause is over after 30 s");
         s.begin(s.id("b").unwrap(), 10);
         assert_eq!(s.choose(Location::Cpu(0), at(44)), Some(a));
+    }
+
+    #[test]
+    fn usable_nics_are_the_preferred_live_ones_then_fallback_then_soonest_back() {
+        let policy = PausePolicy {
+            failures: 1,
+            window: Duration::from_secs(1),
+            pause: Duration::from_secs(5),
+        };
+        let (s, t0) = selector(TWO_NODES, policy);
+        let (a, b, c) = (s.id("a").unwrap(), s.id("b").unwrap(), s.id("c").unwrap());
+        let at = |secs| t0 + Duration::from_secs(secs);
+        assert_eq!(s.usable(Location::Cpu(0), at(0)), vec![a, b]);
+        assert_eq!(s.usable(Location::Cpu(1), at(0)), vec![c]);
+        s.report_failure(a, at(0));
+        assert_eq!(s.usable(Location::Cpu(0), at(1)), vec![b]);
+        s.report_failure(b, at(1));
+        assert_eq!(s.usable(Location::Cpu(0), at(2)), vec![c], "fallback");
+        s.report_failure(c, at(2));
+        assert_eq!(
+            s.usable(Location::Cpu(0), at(3)),
+            vec![a],
+            "all paused: the one back first"
+        );
+        assert_eq!(s.usable(Location::Cpu(0), at(9)), vec![a, b], "pauses over");
+        let (empty, t0) = selector("{}", PausePolicy::default());
+        assert!(empty.usable(Location::Cpu(0), t0).is_empty());
     }
 
     #[test]

@@ -320,13 +320,29 @@ impl Endpoint {
         let _ = self.siblings.set(others);
     }
 
-    /// A live queue pair to the same peer on another NIC.
+    /// A live queue pair to the same peer on another NIC, one on a NIC that is not
+    /// paused first.
     pub(super) fn alternative(&self) -> Option<Arc<Endpoint>> {
-        self.siblings
+        let live: Vec<Arc<Endpoint>> = self
+            .siblings
             .get()?
             .iter()
             .filter_map(std::sync::Weak::upgrade)
-            .find(|e| !e.is_broken())
+            .filter(|e| !e.is_broken())
+            .collect();
+        let healthy = live.iter().position(|e| !e.worker.is_paused());
+        let pick = healthy.unwrap_or(0);
+        live.into_iter().nth(pick)
+    }
+
+    /// The memory registrations it posts with.
+    pub fn mrs(&self) -> &Arc<MrTable> {
+        &self.mrs
+    }
+
+    /// The NIC this queue pair is on.
+    pub fn worker(&self) -> &Arc<NicWorker> {
+        &self.worker
     }
 
     /// Posts `range` of `work` (claimed already, failed on another queue pair) again.

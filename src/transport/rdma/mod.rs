@@ -24,9 +24,15 @@ pub mod worker;
 
 use std::sync::Arc;
 
+use std::time::Instant;
+
 use crate::memory::{Region, Registry};
 use crate::sys::verbs::{kernel_support, DeviceList, Verbs};
-use crate::topology::DeviceList as DeviceFilter;
+
+use crate::topology::{
+    discover, DeviceList as DeviceFilter, NicSelector, PausePolicy, PriorityMatrix,
+};
+use std::path::Path;
 
 pub use endpoint::{Endpoint, RemoteQp};
 pub use mr::{Key, MrTable, RemoteKeys};
@@ -85,15 +91,69 @@ impl Transport for RdmaTransport {
 
     fn post(&self, work: Arc<dyn SliceSource>) {
         let live: Vec<&Arc<Endpoint>> = self.endpoints.iter().filter(|e| !e.is_broken()).collect();
-        // Every live queue pair claims from the batch; if none is left, the first fails
-        // what it claims (the batch ends with its error).
-        let targets = if live.is_empty() {
-            self.endpoints.iter().take(1).collect()
-        } else {
+        // The live queue pairs on the NICs the selector picks for the batch's memory (its
+        // location's preferred NICs that are not paused, else fallback ones) claim from
+        // the batch; if none of them lives, every live one; if none is left, the first
+        // fails what it claims (the batch ends with its error).
+        let location = work
+            .slices()
+            .first()
+            .and_then(|s| self.endpoints.first()?.mrs().location_of(s.local));
+        let selector = self.endpoints.first().and_then(|e| e.worker().health());
+        let chosen: Vec<&Arc<Endpoint>> = match (location, selector) {
+            (Some(location), Some((selector, _))) => {
+                let usable = selector.usable(location, Instant::now());
+                live.iter()
+                    .copied()
+                    .filter(|e| {
+                        e.worker()
+                            .health()
+                            .is_some_and(|(_, id)| usable.contains(&id))
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        let targets = if !chosen.is_empty() {
+            chosen
+        } else if !live.is_empty() {
             live
+        } else {
+            self.endpoints.iter().take(1).collect()
         };
         for ep in targets {
             ep.post(Arc::clone(&work));
+        }
+    }
+}
+
+/// The NIC preferences per memory location: from this host's topology (`/sys`) when it
+/// knows every opened NIC, else every NIC preferred everywhere (said in the log).
+fn nic_matrix(filter: &DeviceFilter, opened: &[String]) -> PriorityMatrix {
+    let built = discover(Path::new("/sys")).map(|t| {
+        let mut m = PriorityMatrix::build(&t, filter);
+        m.retain_nics(|n| opened.iter().any(|o| o == n));
+        m
+    });
+    match built {
+        Ok(m) if m.nics().len() == opened.len() => {
+            log::info!(
+                "kvxfer: RDMA NIC preferences by memory location: {}",
+                m.to_json()
+            );
+            m
+        }
+        Ok(m) => {
+            log::info!(
+                "kvxfer: the topology places {} of the {} RDMA NICs; all are preferred for all memory",
+                m.nics().len(),
+                opened.len()
+            );
+            PriorityMatrix::flat(opened)
+        }
+        Err(e) => {
+            log::info!("kvxfer: no topology ({e}); all RDMA NICs are preferred for all memory");
+            PriorityMatrix::flat(opened)
         }
     }
 }
@@ -126,7 +186,9 @@ impl Rdma {
     /// devices), on port 1, with the GID `gid_index` or one chosen per NIC. `Err` says why
     /// RDMA cannot be used here, in one line: no libibverbs, no kernel support, no
     /// devices, none passing the list, every port down.
-    pub fn open(devices: &str, gid_index: Option<u8>) -> Result<Rdma, String> {
+    /// NICs that fail `policy.failures` times within `policy.window` are paused (their
+    /// queue pairs get no new batches while another NIC can carry them).
+    pub fn open(devices: &str, gid_index: Option<u8>, policy: PausePolicy) -> Result<Rdma, String> {
         let filter = DeviceFilter::parse(devices).map_err(|e| format!("bad device list: {e}"))?;
         let verbs = Verbs::load().map_err(|e| e.to_string())?;
         kernel_support().map_err(|e| e.to_string())?;
@@ -173,6 +235,14 @@ impl Rdma {
         }
         for why in &why_not {
             log::warn!("kvxfer: RDMA NIC not used: {why}");
+        }
+        let names: Vec<String> = workers.iter().map(|w| w.nic().name().to_string()).collect();
+        let matrix = nic_matrix(&filter, &names);
+        let selector = Arc::new(NicSelector::new(&matrix, policy, Instant::now()));
+        for w in &workers {
+            if let Some(id) = selector.id(w.nic().name()) {
+                w.set_health(Arc::clone(&selector), id);
+            }
         }
         let mrs = Arc::new(MrTable::new(workers.iter().map(|w| w.nic_arc()).collect()));
         Ok(Rdma {

@@ -9,7 +9,7 @@ use std::ptr::NonNull;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use super::nic::Nic;
-use crate::memory::{Access, Region};
+use crate::memory::{Access, Location, Region};
 use crate::sys::verbs::bindings::{ibv_access_flags, ibv_mr};
 
 /// One memory registration.
@@ -24,6 +24,9 @@ struct Mr {
 /// A region's registrations, per NIC.
 struct RegionMrs {
     per_nic: Vec<Vec<Mr>>,
+    /// End of the region (exclusive) and where its memory is, for the NIC choice.
+    end: u64,
+    location: Location,
 }
 
 /// A region's key on one NIC, as peers see it.
@@ -104,7 +107,14 @@ impl MrTable {
             .regions
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(range.start, RegionMrs { per_nic });
+            .insert(
+                range.start,
+                RegionMrs {
+                    per_nic,
+                    end: range.end(),
+                    location: region.location(),
+                },
+            );
         if let Some(old) = old {
             release(&self.nics, old.per_nic);
         }
@@ -147,6 +157,13 @@ impl MrTable {
             regions: self.regions.read().unwrap_or_else(PoisonError::into_inner),
             nic,
         }
+    }
+
+    /// Where the registered memory holding `addr` is (`None`: not registered here).
+    pub fn location_of(&self, addr: u64) -> Option<Location> {
+        let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
+        let (_, r) = regions.range(..=addr).next_back()?;
+        (addr < r.end).then_some(r.location)
     }
 
     /// Every key, for peers.

@@ -101,13 +101,19 @@ fn rig() -> Option<Rig> {
     let nics = workers.iter().map(|w| w.nic_arc()).collect();
     let mrs = Arc::new(MrTable::new(nics));
     let registry = Registry::new();
-    let bufs: Vec<Vec<u8>> = (0..3).map(|_| vec![0u8; LEN]).collect();
-    for b in &bufs {
+    let bufs: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; LEN]).collect();
+    for (i, b) in bufs.iter().enumerate() {
+        // Buffer 3 is on NUMA node 0 (for the NIC choice by location).
+        let location = if i == 3 {
+            Location::Cpu(0)
+        } else {
+            Location::Any
+        };
         let region = registry
             .register(vec![RegionSpec::caller(
                 b.as_ptr() as u64,
                 LEN as u64,
-                Some(Location::Any),
+                Some(location),
                 Access::ALL,
             )])
             .unwrap()
@@ -147,6 +153,17 @@ impl Rig {
         a.connect(&remote(&b, &self.workers[to])).unwrap();
         b.connect(&remote(&a, &self.workers[from])).unwrap();
         (Arc::new(a), Arc::new(b))
+    }
+
+    /// Gives both NICs a selector over `matrix` (JSON) pausing by `policy`.
+    fn select(&self, matrix: &str, policy: PausePolicy) -> Arc<NicSelector> {
+        let m = PriorityMatrix::from_json(matrix).unwrap();
+        let selector = Arc::new(NicSelector::new(&m, policy, Instant::now()));
+        for w in &self.workers {
+            let id = selector.id(w.nic().name()).unwrap();
+            w.set_health(Arc::clone(&selector), id);
+        }
+        selector
     }
 
     fn keys(&self) -> Arc<RemoteKeys> {
@@ -314,4 +331,86 @@ fn failed_ranges_move_to_the_other_queue_pair() {
         b.slices_posted() > 0,
         "the refused queue pair carried nothing: no failover tested"
     );
+}
+
+/// A NIC whose queue pair fails is paused (policy: one failure): the batch still
+/// completes by failover, and a later batch over a fresh, good queue pair on the paused
+/// NIC goes entirely over the other NIC.
+#[test]
+fn a_failing_nic_is_paused_and_new_batches_avoid_it() {
+    let Some(mut rig) = rig() else { return };
+    for (i, b) in rig.bufs[0].iter_mut().enumerate() {
+        *b = (i % 227) as u8;
+    }
+    let policy = PausePolicy {
+        failures: 1,
+        window: Duration::from_secs(60),
+        pause: Duration::from_secs(60),
+    };
+    let selector = rig.select(r#"{"*": [["rxe0", "rxe1"]]}"#, policy);
+    let good = rig.keys();
+    let wrong: Vec<Key> = rig
+        .mrs
+        .keys()
+        .into_iter()
+        .map(|k| Key {
+            rkey: k.rkey ^ 0x5a5a_0000,
+            ..k
+        })
+        .collect();
+    let (a, _pa) = rig.pair(0, 1, Arc::clone(&good));
+    let (b, _pb) = rig.pair(1, 0, Arc::new(RemoteKeys::new(&wrong)));
+    let t = RdmaTransport::new(vec![a.clone(), b.clone()]);
+    let w = Work::new(slices(OpKind::Write, rig.addr(0), rig.addr(1), 512, 2048));
+    t.post(w.clone());
+    assert!(w.wait().is_empty(), "failover did not complete the batch");
+    assert!(
+        b.slices_posted() > 0,
+        "the refused queue pair carried nothing"
+    );
+    let rxe1 = selector.id("rxe1").unwrap();
+    assert!(
+        selector.is_paused(rxe1, Instant::now()),
+        "rxe1 failed and is not paused"
+    );
+    assert!(!rig.workers[0].is_paused());
+    // A fresh queue pair on the paused NIC, with good keys: it gets nothing.
+    let (c, _pc) = rig.pair(1, 0, good);
+    let t2 = RdmaTransport::new(vec![a.clone(), c.clone()]);
+    let before = a.slices_posted();
+    let w = Work::new(slices(OpKind::Write, rig.addr(0), rig.addr(2), 512, 2048));
+    t2.post(w.clone());
+    assert!(w.wait().is_empty());
+    assert!(rig.bufs[2] == rig.bufs[0], "buffers differ");
+    assert_eq!(c.slices_posted(), 0, "a batch went to the paused NIC");
+    assert_eq!(a.slices_posted() - before, 512);
+}
+
+/// Memory on NUMA node 0, whose preferred NIC is rxe0 (rxe1 is fallback), goes over
+/// rxe0 only; memory anywhere else over both.
+#[test]
+fn batches_go_over_the_nics_preferred_for_their_memory() {
+    let Some(mut rig) = rig() else { return };
+    for (i, b) in rig.bufs[3].iter_mut().enumerate() {
+        *b = (i % 223) as u8;
+    }
+    rig.select(
+        r#"{"cpu:0": [["rxe0"], ["rxe1"]], "*": [["rxe0", "rxe1"]]}"#,
+        PausePolicy::default(),
+    );
+    let keys = rig.keys();
+    let (a, _pa) = rig.pair(0, 1, Arc::clone(&keys));
+    let (b, _pb) = rig.pair(1, 0, keys);
+    let t = RdmaTransport::new(vec![a.clone(), b.clone()]);
+    let w = Work::new(slices(OpKind::Write, rig.addr(3), rig.addr(1), 1024, 1024));
+    t.post(w.clone());
+    assert!(w.wait().is_empty());
+    assert!(rig.bufs[1] == rig.bufs[3], "buffers differ");
+    assert_eq!((a.slices_posted(), b.slices_posted()), (1024, 0));
+    let w = Work::new(slices(OpKind::Write, rig.addr(0), rig.addr(2), 1024, 1024));
+    t.post(w.clone());
+    assert!(w.wait().is_empty());
+    let (sa, sb) = (a.slices_posted() - 1024, b.slices_posted());
+    println!("memory anywhere: rxe0 {sa}, rxe1 {sb} slices");
+    assert!(sa > 0 && sb > 0, "one NIC carried everything: {sa} / {sb}");
 }

@@ -13,6 +13,7 @@ use super::endpoint::Endpoint;
 use super::nic::Nic;
 use crate::sys::verbs::bindings::{ibv_cq, ibv_wc, ibv_wc_status};
 use crate::sys::verbs::{poll_cq, req_notify_cq};
+use crate::topology::{NicId, NicSelector};
 use crate::transport::{SliceSource, TransportError, TransportKind};
 
 /// How long the poller keeps polling after a completion before it sleeps on the channel
@@ -78,6 +79,9 @@ pub struct NicWorker {
     inflight: Mutex<Slab>,
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The engine's NIC selector and this NIC's id in it: failures are reported there,
+    /// and a NIC that keeps failing is paused (set once, by `Rdma::open`).
+    health: std::sync::OnceLock<(Arc<NicSelector>, NicId)>,
 }
 
 impl std::fmt::Debug for NicWorker {
@@ -100,6 +104,7 @@ impl NicWorker {
             inflight: Mutex::new(Slab::default()),
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
+            health: std::sync::OnceLock::new(),
         });
         let polled = Arc::clone(&worker);
         let handle = std::thread::Builder::new()
@@ -125,6 +130,23 @@ impl NicWorker {
             self.slices.load(Ordering::Relaxed),
             self.failures.load(Ordering::Relaxed),
         )
+    }
+
+    /// Reports this NIC's failures to `selector` (as NIC `id`), which pauses it by its
+    /// policy. Only the first call counts.
+    pub fn set_health(&self, selector: Arc<NicSelector>, id: NicId) {
+        let _ = self.health.set((selector, id));
+    }
+
+    /// The selector and this NIC's id in it, if set.
+    pub fn health(&self) -> Option<(&NicSelector, NicId)> {
+        self.health.get().map(|(s, id)| (s.as_ref(), *id))
+    }
+
+    /// Whether the selector paused this NIC (it kept failing).
+    pub fn is_paused(&self) -> bool {
+        self.health()
+            .is_some_and(|(s, id)| s.is_paused(id, Instant::now()))
     }
 
     pub(super) fn count_posted(&self, slices: u64) {
@@ -238,6 +260,11 @@ impl NicWorker {
         let failed = wc.status != ibv_wc_status::IBV_WC_SUCCESS;
         if failed {
             self.failures.fetch_add(1, Ordering::Relaxed);
+            if !p.work.is_stopped() {
+                if let Some((selector, id)) = self.health() {
+                    selector.report_failure(id, Instant::now());
+                }
+            }
         }
         if failed && !p.work.is_stopped() {
             // Failover: the requests are idempotent, so the range moves to a live queue
