@@ -35,6 +35,7 @@ pub mod control;
 pub mod engine;
 pub mod ffi;
 pub mod memory;
+pub mod store;
 pub mod sys;
 pub mod topology;
 pub mod transport;

@@ -52,7 +52,7 @@ struct State {
 }
 
 enum Reply {
-    /// A reply message (ProbeReply, NotifyAck, RdmaConnectReply or Error).
+    /// A reply message (ProbeReply, NotifyAck, RdmaConnectReply, StoreReply or Error).
     Message(Message),
     /// A Refresh answered a DescriptorRequest and was applied to the stored descriptor.
     Descriptor,
@@ -343,6 +343,21 @@ impl ControlClient {
             Reply::Descriptor => {
                 Err(self.unexpected(Message::DescriptorRequest, "RdmaConnectReply"))
             }
+        }
+    }
+
+    /// Sends a request to the peer's store segment (`body`: the store's own message) and
+    /// returns the reply's body.
+    ///
+    /// Errors: [`ControlError::Timeout`], [`ControlError::Disconnected`],
+    /// [`ControlError::PeerError`] (code
+    /// [`error_code::STORE_REFUSED`](super::error_code::STORE_REFUSED) when the peer serves
+    /// no store; the connection stays up), [`ControlError::MalformedReply`].
+    pub fn store(&self, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, ControlError> {
+        match self.request(&Message::StoreRequest(body), timeout, "a StoreRequest")? {
+            Reply::Message(Message::StoreReply(reply)) => Ok(reply),
+            Reply::Message(other) => Err(self.unexpected(other, "StoreReply")),
+            Reply::Descriptor => Err(self.unexpected(Message::DescriptorRequest, "StoreReply")),
         }
     }
 
@@ -669,6 +684,7 @@ fn read_one(inner: &Inner, reader: &mut BufReader<TcpStream>) -> Result<bool, St
         Message::ProbeReply { .. }
         | Message::NotifyAck
         | Message::RdmaConnectReply(_)
+        | Message::StoreReply(_)
         | Message::Error { .. }
             if id != 0 =>
         {

@@ -44,10 +44,14 @@ pub mod kind {
     pub const RDMA_CONNECT: u16 = 10;
     /// [`Message::RdmaConnectReply`](super::Message::RdmaConnectReply).
     pub const RDMA_CONNECT_REPLY: u16 = 11;
+    /// [`Message::StoreRequest`](super::Message::StoreRequest).
+    pub const STORE_REQUEST: u16 = 12;
+    /// [`Message::StoreReply`](super::Message::StoreReply).
+    pub const STORE_REPLY: u16 = 13;
 
     /// Whether this build knows the kind.
     pub fn is_known(kind: u16) -> bool {
-        (HANDSHAKE..=RDMA_CONNECT_REPLY).contains(&kind)
+        (HANDSHAKE..=STORE_REPLY).contains(&kind)
     }
 }
 
@@ -71,6 +75,9 @@ pub mod error_code {
     /// RDMA, the NIC index is out of range, it is out of QPs, ...); the message says why.
     /// The connection stays usable.
     pub const RDMA_REFUSED: u16 = 7;
+    /// A store request was refused as a whole (the engine serves no store segment); the
+    /// connection stays up.
+    pub const STORE_REFUSED: u16 = 8;
 
     /// The name of a code (`"UNKNOWN"` for codes this build does not know).
     pub fn name(code: u16) -> &'static str {
@@ -82,6 +89,7 @@ pub mod error_code {
             INTERNAL => "INTERNAL",
             BUSY => "BUSY",
             RDMA_REFUSED => "RDMA_REFUSED",
+            STORE_REFUSED => "STORE_REFUSED",
             _ => "UNKNOWN",
         }
     }
@@ -154,6 +162,8 @@ pub fn kind_name(kind: u16) -> &'static str {
         kind::ERROR => "Error",
         kind::RDMA_CONNECT => "RdmaConnect",
         kind::RDMA_CONNECT_REPLY => "RdmaConnectReply",
+        kind::STORE_REQUEST => "StoreRequest",
+        kind::STORE_REPLY => "StoreReply",
         _ => "unknown",
     }
 }
@@ -488,6 +498,12 @@ pub enum Message {
     RdmaConnect(RdmaConnectRequest),
     /// Reply to [`Message::RdmaConnect`]: the target's queue pair.
     RdmaConnectReply(RdmaConnectReply),
+    /// A request to the store segment the target serves; the body is the store's own
+    /// message (`store::wire`), opaque here. The reply is [`Message::StoreReply`] or an
+    /// Error (code [`error_code::STORE_REFUSED`] when the target serves no store).
+    StoreRequest(Vec<u8>),
+    /// Reply to [`Message::StoreRequest`].
+    StoreReply(Vec<u8>),
 }
 
 impl Message {
@@ -519,6 +535,8 @@ impl Message {
             Message::Error { .. } => kind::ERROR,
             Message::RdmaConnect(_) => kind::RDMA_CONNECT,
             Message::RdmaConnectReply(_) => kind::RDMA_CONNECT_REPLY,
+            Message::StoreRequest(_) => kind::STORE_REQUEST,
+            Message::StoreReply(_) => kind::STORE_REPLY,
         }
     }
 
@@ -550,6 +568,10 @@ impl Message {
             Message::RdmaConnectReply(reply) => {
                 w.u32(reply.qpn);
                 w.u32(reply.psn);
+            }
+            // The store's bytes are the whole body (the frame has the length).
+            Message::StoreRequest(body) | Message::StoreReply(body) => {
+                return (self.kind(), body.clone())
             }
         }
         (self.kind(), w.0)
@@ -587,6 +609,14 @@ impl Message {
             kind::RDMA_CONNECT_REPLY => {
                 Message::RdmaConnectReply(r.rdma_connect_reply().map_err(malformed)?)
             }
+            kind::STORE_REQUEST => {
+                r.pos = body.len();
+                Message::StoreRequest(body.to_vec())
+            }
+            kind::STORE_REPLY => {
+                r.pos = body.len();
+                Message::StoreReply(body.to_vec())
+            }
             _ => {
                 // kind::ERROR, the only one left.
                 let code = r.u16("error code").map_err(malformed)?;
@@ -622,6 +652,9 @@ impl fmt::Display for Message {
                 write!(f, "{name}({nonce:#x})")
             }
             Message::Notify { bytes } => write!(f, "{name}({} bytes)", bytes.len()),
+            Message::StoreRequest(body) | Message::StoreReply(body) => {
+                write!(f, "{name}({} bytes)", body.len())
+            }
             Message::Error { code, message } => {
                 write!(f, "{name}({} {code}: {message})", error_code::name(*code))
             }
@@ -951,20 +984,38 @@ pub(crate) mod tests {
         assert_eq!(descriptor_body(&d), Message::Refresh(d.clone()).encode().1);
         assert_eq!(error_code::name(error_code::BUSY), "BUSY");
         assert_eq!(error_code::name(error_code::RDMA_REFUSED), "RDMA_REFUSED");
-        assert_eq!(error_code::name(8), "UNKNOWN");
+        assert_eq!(error_code::name(error_code::STORE_REFUSED), "STORE_REFUSED");
+        assert_eq!(error_code::name(9), "UNKNOWN");
     }
 
     #[test]
     fn every_known_kind_has_a_name_and_a_bound() {
         for k in 0..=20u16 {
             let known = kind::is_known(k);
-            assert_eq!(known, (1..=11).contains(&k), "kind {k}");
+            assert_eq!(known, (1..=13).contains(&k), "kind {k}");
             assert_eq!(kind_name(k) != "unknown", known, "kind {k}");
         }
         assert_eq!(kind_name(kind::RDMA_CONNECT), "RdmaConnect");
         assert_eq!(kind_name(kind::RDMA_CONNECT_REPLY), "RdmaConnectReply");
         assert_eq!(max_body(kind::RDMA_CONNECT_REPLY), 8);
         assert_eq!(max_body(kind::RDMA_CONNECT), 4 + 4096 + 24 + 10);
+        assert_eq!(kind_name(kind::STORE_REQUEST), "StoreRequest");
+        assert_eq!(kind_name(kind::STORE_REPLY), "StoreReply");
+    }
+
+    #[test]
+    fn store_bodies_travel_as_they_are() {
+        for m in [
+            Message::StoreRequest(vec![1, 2, 3]),
+            Message::StoreReply(Vec::new()),
+        ] {
+            let (kind, body) = m.encode();
+            assert_eq!(Message::decode(kind, &body).unwrap(), m);
+        }
+        assert_eq!(
+            Message::StoreRequest(vec![9; 5]).encode(),
+            (kind::STORE_REQUEST, vec![9; 5])
+        );
     }
     use proptest::collection::vec;
     use proptest::prelude::*;
@@ -1313,8 +1364,8 @@ pub(crate) mod tests {
             Err(ControlError::UnknownKind { kind: 0 })
         ));
         assert!(matches!(
-            Message::decode(12, &[]),
-            Err(ControlError::UnknownKind { kind: 12 })
+            Message::decode(14, &[]),
+            Err(ControlError::UnknownKind { kind: 14 })
         ));
     }
 

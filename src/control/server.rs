@@ -83,6 +83,19 @@ pub trait ControlHandler: Send + Sync + 'static {
         let _ = (from, request);
         Err("this engine does not serve RDMA".into())
     }
+
+    /// A peer sent a request to the store segment this engine serves (`body`: the store's
+    /// own message, opaque here). Called on the connection's thread.
+    ///
+    /// `Ok(reply)`: sent back as a StoreReply. `Err(reason)`: the peer gets an Error of
+    /// code [`error_code::STORE_REFUSED`](super::error_code::STORE_REFUSED); the connection
+    /// stays up.
+    ///
+    /// The default refuses: "this engine serves no store segment".
+    fn store(&self, from: &SegmentDescriptor, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        let _ = (from, body);
+        Err("this engine serves no store segment".into())
+    }
 }
 
 /// Limits of a [`ControlServer`] (see [`ControlServer::start_with`]).
@@ -900,6 +913,13 @@ fn serve_frames(shared: &Shared, conn: &Conn, reader: &mut BufReader<ConnReader>
                         );
                         Message::error(error_code::RDMA_REFUSED, reason)
                     }
+                };
+                send(conn, &answer, id)
+            }
+            (Some(from), Message::StoreRequest(body)) => {
+                let answer = match shared.handler.store(from, body) {
+                    Ok(reply) => Message::StoreReply(reply),
+                    Err(reason) => Message::error(error_code::STORE_REFUSED, reason),
                 };
                 send(conn, &answer, id)
             }

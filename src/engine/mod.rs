@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 pub use config::{EngineConfig, EngineConfigBuilder, SLICE_SIZE_RANGE};
 pub use error::{Error, Result, Side};
-pub use net::Notification;
+pub(crate) use net::split_host_port as split_session;
+pub use net::{Notification, StoreService};
 pub use progress::Outcome;
 pub use slicing::Op;
 pub use stats::EngineStats;
@@ -247,6 +248,49 @@ impl Engine {
         }
     }
 
+    /// Serves store requests from peers with `service` (`None`: stop serving; peers then
+    /// get "this engine serves no store segment").
+    pub fn set_store_service(&self, service: Option<Arc<dyn StoreService>>) -> Result<()> {
+        let net = self.net.as_ref().ok_or(Error::NoListener)?;
+        *net.shared
+            .store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = service;
+        Ok(())
+    }
+
+    /// Sends a store request to `peer` and returns its reply (the loopback peer is this
+    /// engine's own service, called directly).
+    ///
+    /// Errors: [`Error::Peer`] when the peer is gone, does not answer within `timeout`, or
+    /// refuses (it serves no store); [`Error::UnknownPeer`].
+    pub fn store_call(&self, peer: PeerId, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>> {
+        let p = self.peer(peer)?;
+        match &p.segment {
+            Segment::Loopback => {
+                let session = self.session_id().unwrap_or("local").to_string();
+                let service = self
+                    .net
+                    .as_ref()
+                    .and_then(|n| n.shared.store_service())
+                    .ok_or_else(|| Error::Peer {
+                        session: session.clone(),
+                        reason: "this engine serves no store segment".into(),
+                    })?;
+                service
+                    .handle(&session, body)
+                    .map_err(|reason| Error::Peer { session, reason })
+            }
+            Segment::Remote(r) => {
+                let link = self.link(r)?;
+                link.control.store(body, timeout).map_err(|e| Error::Peer {
+                    session: r.session.clone(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
     /// The regions `peer` has registered, as it last published them.
     pub fn peer_regions(&self, peer: PeerId) -> Result<Vec<RegionInfo>> {
         let p = self.peer(peer)?;
@@ -310,6 +354,17 @@ impl Engine {
     pub fn unregister(&self, addr: u64) -> Result<()> {
         self.registry.unregister(addr)?;
         Ok(())
+    }
+
+    /// Whether `[addr, addr + len)` lies inside one registered region that grants
+    /// `access` (a caller's check before it names the range in a batch).
+    pub fn is_registered(&self, addr: u64, len: u64, access: Access) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        self.registry
+            .lookup(addr)
+            .is_some_and(|r| end <= r.range().end() && r.access().contains(access))
     }
 
     /// Allocates `len` bytes of registered host memory on `location` (memfd-backed, every

@@ -131,6 +131,22 @@ pub(super) struct NetShared {
     pub(super) rdma: std::result::Result<Arc<Rdma>, String>,
     /// Queue pairs peers connected to ours (they post; we only keep them up).
     pub(super) served_qps: Mutex<Vec<Arc<Endpoint>>>,
+    /// The store segment this engine serves, if any.
+    pub(super) store: std::sync::RwLock<Option<Arc<dyn StoreService>>>,
+}
+
+/// Answers the store requests peers send to this engine (the store layer's segment
+/// server plugs in here; the engine carries the bytes and knows nothing of them).
+pub trait StoreService: Send + Sync {
+    /// Handles one request from the peer at `from` (its session); `Err` refuses the whole
+    /// request with a reason the peer sees.
+    fn handle(&self, from: &str, body: Vec<u8>) -> std::result::Result<Vec<u8>, String>;
+}
+
+impl std::fmt::Debug for dyn StoreService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreService")
+    }
 }
 
 impl NetShared {
@@ -220,9 +236,26 @@ pub(super) fn region_infos(registry: &Registry) -> Vec<RegionInfo> {
         .collect()
 }
 
+impl NetShared {
+    /// The store service, if one is set.
+    pub(super) fn store_service(&self) -> Option<Arc<dyn StoreService>> {
+        self.store
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
 impl ControlHandler for NetShared {
     fn descriptor(&self) -> SegmentDescriptor {
         NetShared::descriptor(self)
+    }
+
+    fn store(&self, from: &SegmentDescriptor, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        match self.store_service() {
+            Some(service) => service.handle(&from.session, body),
+            None => Err("this engine serves no store segment".into()),
+        }
     }
 
     fn notified(&self, from: &SegmentDescriptor, bytes: Vec<u8>) -> Result<(), String> {
@@ -354,6 +387,7 @@ impl Net {
             inbox: Arc::clone(inbox),
             rdma: rdma.clone(),
             served_qps: Mutex::new(Vec::new()),
+            store: std::sync::RwLock::new(None),
         });
         let control = Arc::new(
             ControlServer::start(

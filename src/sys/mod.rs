@@ -9,6 +9,7 @@ pub mod meminfo;
 pub mod numa;
 pub mod shm;
 pub mod unix;
+pub mod uring_file;
 pub mod verbs;
 
 /// The size of a virtual memory page on this machine.
