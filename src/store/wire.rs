@@ -2040,9 +2040,9 @@ mod tests {
                 len: MAX_MESSAGE + 1
             })
         );
-        // validate: keys beyond MAX_KEY are refused first, so only an item count over
-        // u32 would reach TooLong for requests; replies cannot get there within
-        // MAX_ITEMS at all. The encoded-length check is a guard kept for changed limits.
+        // `validate` cannot reach TooLong with today's limits: MAX_ITEMS items with keys
+        // of at most MAX_KEY bytes encode within MAX_REQUEST_LEN and MAX_REPLY_LEN, both
+        // under MAX_MESSAGE (asserted at compile time); its check guards changed limits.
     }
 
     #[test]
