@@ -51,6 +51,9 @@ use std::time::{Duration, Instant};
 
 use kvxfer::{Access, Buffer, Engine, EngineConfig, Location, Op, PeerId, TransportKind};
 
+#[path = "support/store_bench.rs"]
+mod store_bench;
+
 const USAGE: &str = "\
 kvxfer_bench: throughput and latency of kvxfer transfers
 
@@ -213,7 +216,10 @@ fn main() -> ExitCode {
 
 fn run(args: &[String]) -> Res<()> {
     match parse_command(args)? {
-        Cmd::Help => out_line(USAGE.trim_end()),
+        Cmd::Help => {
+            out_line(USAGE.trim_end())?;
+            out_line(store_bench::USAGE)
+        }
         Cmd::Target(t) => target_main(&t),
         Cmd::Initiator {
             peer,
@@ -226,6 +232,8 @@ fn run(args: &[String]) -> Res<()> {
             bench,
         } => pair_main(transport, memory, &bench),
         Cmd::Memcpy(bench) => memcpy_main(&bench),
+        Cmd::Store(args) => store_bench::store_main(&args),
+        Cmd::StoreNode(args) => store_bench::node_main(&args),
     }
 }
 
@@ -595,6 +603,8 @@ enum Cmd {
         bench: BenchArgs,
     },
     Memcpy(BenchArgs),
+    Store(store_bench::StoreArgs),
+    StoreNode(store_bench::NodeArgs),
 }
 
 const BENCH_VALUED: [&str; 6] = ["op", "block", "batch", "duration", "threads", "size"];
@@ -665,8 +675,10 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
             }
             Ok(Cmd::Memcpy(bench))
         }
+        "store" => Ok(Cmd::Store(store_bench::parse_store(rest)?)),
+        "store-node" => Ok(Cmd::StoreNode(store_bench::parse_node(rest)?)),
         other => Err(usage_err(format!(
-            "unknown subcommand {other:?}: expected target, initiator, pair or memcpy"
+            "unknown subcommand {other:?}: expected target, initiator, pair, memcpy or store"
         ))),
     }
 }
@@ -1078,15 +1090,24 @@ struct TargetProc {
 
 impl TargetProc {
     fn spawn(size: u64, memory: MemoryChoice, devices: Option<&str>) -> Res<TargetProc> {
+        let mut args: Vec<String> = ["target", "--listen", "127.0.0.1:0", "--size"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.push(size.to_string());
+        args.extend(["--memory".to_string(), memory.name().to_string()]);
+        if let Some(devices) = devices {
+            args.extend(["--device-list".to_string(), devices.to_string()]);
+        }
+        Self::spawn_args(&args, memory)
+    }
+
+    /// Starts this executable with `args` (a subcommand that prints `ready <session>` and
+    /// answers `cpu` on stdin, as `target` does).
+    fn spawn_args(args: &[String], memory: MemoryChoice) -> Res<TargetProc> {
         let exe = std::env::current_exe().context(|| "cannot find this executable".into())?;
         let mut command = Command::new(&exe);
-        command
-            .args(["target", "--listen", "127.0.0.1:0", "--size"])
-            .arg(size.to_string())
-            .args(["--memory", memory.name()]);
-        if let Some(devices) = devices {
-            command.args(["--device-list", devices]);
-        }
+        command.args(args);
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use kvxfer::control::{
     error_code, kind, ControlClient, ControlError, ControlHandler, ControlServer, FrameHeader,
     Message, RdmaConnectReply, RdmaConnectRequest, RdmaNic, RegionInfo, RegionKey,
-    SegmentDescriptor, ServerLimits, TransportOffer, HANDSHAKE_TIMEOUT, HEADER_LEN, MAX_BODY,
-    MAX_CONNECTIONS, MAX_NOTIFY, MAX_STRING,
+    SegmentDescriptor, ServerLimits, SyncControlClient, TransportOffer, HANDSHAKE_TIMEOUT,
+    HEADER_LEN, MAX_BODY, MAX_CONNECTIONS, MAX_NOTIFY, MAX_STRING,
 };
 use kvxfer::{Access, Location};
 
@@ -125,6 +125,15 @@ impl ControlHandler for TestHandler {
         self.notes.lock().unwrap().push((from.engine_id, bytes));
         self.noted.notify_all();
         Ok(())
+    }
+
+    /// Echoes the body reversed, or refuses a body starting with `no`.
+    fn store(&self, _from: &SegmentDescriptor, mut body: Vec<u8>) -> Result<Vec<u8>, String> {
+        if body.starts_with(b"no") {
+            return Err("not serving that".into());
+        }
+        body.reverse();
+        Ok(body)
     }
 }
 
@@ -1397,4 +1406,82 @@ fn descriptors_with_bad_rdma_fields_are_refused_at_the_handshake() {
     assert!(message.contains("for RDMA NIC 5"), "{message}");
     expect_closed(&mut stream);
     assert_healthy(&f, None);
+}
+
+#[test]
+fn store_requests_reach_the_handler_over_both_clients() {
+    let f = start();
+    let client = connect(&f.session);
+    assert_eq!(client.store(b"abc".to_vec(), T).unwrap(), b"cba");
+    match client.store(b"no thanks".to_vec(), T) {
+        Err(ControlError::PeerError { code, message, .. }) => {
+            assert_eq!(code, error_code::STORE_REFUSED);
+            assert!(message.contains("not serving"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(client.is_alive(), "a refusal keeps the connection");
+    let mut sync = SyncControlClient::connect(&f.session, &initiator(), T).unwrap();
+    for i in 0..100u8 {
+        assert_eq!(sync.store(vec![1, 2, i], T).unwrap(), vec![i, 2, 1]);
+    }
+    // A descriptor pushed meanwhile (an unsolicited frame) is skipped by the next call.
+    f.server.publish(&descriptor(0x2222, &f.session, 9, 2));
+    assert_eq!(sync.store(b"xy".to_vec(), T).unwrap(), b"yx");
+    assert!(matches!(
+        sync.store(b"no".to_vec(), T),
+        Err(ControlError::PeerError {
+            code: error_code::STORE_REFUSED,
+            ..
+        })
+    ));
+    assert!(!sync.is_dead(), "a refusal keeps the connection");
+    assert_eq!(sync.store(b"ok".to_vec(), T).unwrap(), b"ko");
+}
+
+#[test]
+fn a_sync_client_times_out_and_notices_a_dead_server() {
+    let (session, thread) = fake_server(|mut stream| {
+        stream
+            .write_all(&message_frame(
+                &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
+                1,
+            ))
+            .unwrap();
+        // Take one request and never answer it; then take another and hang up.
+        assert!(matches!(
+            read_frame(&mut stream),
+            Some((_, Message::StoreRequest(_)))
+        ));
+    });
+    let mut sync = SyncControlClient::connect(&session, &initiator(), T).unwrap();
+    let start = Instant::now();
+    match sync.store(b"q".to_vec(), Duration::from_secs(600)) {
+        Err(ControlError::Disconnected { .. }) => {}
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    assert!(start.elapsed() < T, "waited {:?}", start.elapsed());
+    thread.join().unwrap();
+
+    // A server that never answers: the call ends at its timeout.
+    let (session, thread) = fake_server(|mut stream| {
+        stream
+            .write_all(&message_frame(
+                &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
+                1,
+            ))
+            .unwrap();
+        let _ = read_frame(&mut stream);
+        let _ = read_frame(&mut stream); // blocks until the client hangs up
+    });
+    let mut sync = SyncControlClient::connect(&session, &initiator(), T).unwrap();
+    let t = Duration::from_millis(200);
+    let start = Instant::now();
+    assert!(matches!(
+        sync.store(b"q".to_vec(), t),
+        Err(ControlError::Timeout { .. })
+    ));
+    assert!(start.elapsed() >= t && start.elapsed() < T);
+    drop(sync);
+    thread.join().unwrap();
 }

@@ -91,118 +91,11 @@ impl ControlClient {
         own: &SegmentDescriptor,
         timeout: Duration,
     ) -> Result<ControlClient, ControlError> {
-        own.validate()?;
-        let handshake = encode_frame(&Message::Handshake(own.clone()), HANDSHAKE_ID)?;
-        let deadline = deadline_after(timeout);
-        let timed_out = || ControlError::Timeout {
+        let (stream, reader, peer) = handshake(session, own, timeout)?;
+        let io = |what: &str, e: std::io::Error| ControlError::Disconnected {
             session: session.to_owned(),
-            what: "the handshake",
-            timeout,
+            reason: format!("{what}: {e}"),
         };
-        let remaining =
-            || Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero());
-        let disconnected = |reason: String| ControlError::Disconnected {
-            session: session.to_owned(),
-            reason,
-        };
-        let malformed = |reason: String| ControlError::MalformedReply {
-            session: session.to_owned(),
-            reason,
-        };
-        let io = |what: &str, e: std::io::Error| {
-            if is_timeout(&e) {
-                timed_out()
-            } else {
-                disconnected(format!("{what}: {e}"))
-            }
-        };
-
-        let addrs: Vec<SocketAddr> = session
-            .to_socket_addrs()
-            .map_err(|e| ControlError::BadAddress {
-                session: session.to_owned(),
-                reason: e.to_string(),
-            })?
-            .collect();
-        if addrs.is_empty() {
-            return Err(ControlError::BadAddress {
-                session: session.to_owned(),
-                reason: "it resolves to no address".into(),
-            });
-        }
-        let stream = connect_any(session, &addrs, deadline, timeout)?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| io("setting TCP_NODELAY", e))?;
-
-        stream
-            .set_write_timeout(Some(remaining().ok_or_else(timed_out)?))
-            .map_err(|e| io("setting the write timeout", e))?;
-        (&stream)
-            .write_all(&handshake)
-            .map_err(|e| io("sending the handshake", e))?;
-
-        stream
-            .set_read_timeout(Some(remaining().ok_or_else(timed_out)?))
-            .map_err(|e| io("setting the read timeout", e))?;
-        let read_clone = stream
-            .try_clone()
-            .map_err(|e| io("cloning the socket", e))?;
-        let mut reader = BufReader::with_capacity(64 * 1024, read_clone);
-        let read_failed = |e: ControlError| {
-            if is_io_timeout(&e) {
-                timed_out()
-            } else if matches!(
-                e,
-                ControlError::BadMagic { .. } | ControlError::BodyTooLong { .. }
-            ) {
-                malformed(e.to_string())
-            } else {
-                disconnected(format!("during the handshake: {e}"))
-            }
-        };
-        let header = frame::read_header(&mut reader)
-            .map_err(read_failed)?
-            .ok_or_else(|| {
-                disconnected("the peer closed the connection during the handshake".into())
-            })?;
-        if let Err(e) = header.check_version() {
-            return Err(malformed(e.to_string()));
-        }
-        if header.len > max_body(header.kind) {
-            return Err(malformed(format!(
-                "a {} of {} bytes answered the Handshake (at most {} bytes)",
-                kind_name(header.kind),
-                header.len,
-                max_body(header.kind)
-            )));
-        }
-        let body = frame::read_body(&mut reader, header.len).map_err(read_failed)?;
-        if header.request_id != HANDSHAKE_ID {
-            return Err(malformed(format!(
-                "the first frame has request id {} (a {}), not the handshake's {HANDSHAKE_ID}",
-                header.request_id,
-                kind_name(header.kind)
-            )));
-        }
-        let peer =
-            match Message::decode(header.kind, &body).map_err(|e| malformed(e.to_string()))? {
-                Message::HandshakeReply(descriptor) => descriptor,
-                Message::Error { code, message } => {
-                    return Err(ControlError::PeerError {
-                        session: session.to_owned(),
-                        code,
-                        message,
-                    })
-                }
-                other => {
-                    return Err(malformed(format!(
-                        "a {} answered the Handshake",
-                        kind_name(other.kind())
-                    )))
-                }
-            };
-
         // From here on reads block without a timeout (peers may be idle for hours); each
         // request sets the write timeout it needs.
         stream
@@ -623,6 +516,285 @@ impl Inner {
             *stored = Arc::new(descriptor);
         }
     }
+}
+
+/// How long a [`SyncControlClient`] spins for its reply before it sleeps in read.
+const SYNC_SPIN: Duration = Duration::from_micros(100);
+
+/// A control connection for one request at a time, whose caller reads the reply itself,
+/// spinning briefly before it sleeps: a round trip costs no thread hand-off and, on a busy
+/// connection, no wake-up. For latency-bound request/reply traffic (store lookups); it
+/// has no reader thread, so it notices nothing while idle (unsolicited frames are skipped
+/// when the next reply is read). A failure of the connection (not a refusal by the peer)
+/// leaves it dead; open a new one.
+pub struct SyncControlClient {
+    session: String,
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    next_id: u32,
+    dead: Option<String>,
+}
+
+impl std::fmt::Debug for SyncControlClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncControlClient")
+            .field("session", &self.session)
+            .field("dead", &self.dead)
+            .finish()
+    }
+}
+
+impl SyncControlClient {
+    /// Connects and handshakes as [`ControlClient::connect`] does (same errors).
+    pub fn connect(
+        session: &str,
+        own: &SegmentDescriptor,
+        timeout: Duration,
+    ) -> Result<SyncControlClient, ControlError> {
+        let (stream, reader, _peer) = handshake(session, own, timeout)?;
+        Ok(SyncControlClient {
+            session: session.to_owned(),
+            stream,
+            reader,
+            next_id: HANDSHAKE_ID.wrapping_add(1),
+            dead: None,
+        })
+    }
+
+    /// Whether an earlier error ended the connection.
+    pub fn is_dead(&self) -> bool {
+        self.dead.is_some()
+    }
+
+    /// Sends a store request and returns the reply's body (as [`ControlClient::store`]).
+    pub fn store(&mut self, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, ControlError> {
+        match self.call(&Message::StoreRequest(body), timeout, "a StoreRequest")? {
+            Message::StoreReply(reply) => Ok(reply),
+            Message::Error { code, message } => Err(ControlError::PeerError {
+                session: self.session.clone(),
+                code,
+                message,
+            }),
+            other => Err(ControlError::MalformedReply {
+                session: self.session.clone(),
+                reason: format!("expected StoreReply, got {}", kind_name(other.kind())),
+            }),
+        }
+    }
+
+    /// Sends `message` and reads frames until its reply; any failure kills the connection.
+    fn call(
+        &mut self,
+        message: &Message,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Message, ControlError> {
+        if let Some(reason) = &self.dead {
+            return Err(ControlError::Disconnected {
+                session: self.session.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let result = self.exchange(message, timeout, what);
+        if let Err(e) = &result {
+            self.dead = Some(e.to_string());
+        }
+        result
+    }
+
+    fn exchange(
+        &mut self,
+        message: &Message,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Message, ControlError> {
+        let deadline = deadline_after(timeout);
+        let session = self.session.clone();
+        let timed_out = || ControlError::Timeout {
+            session: session.clone(),
+            what,
+            timeout,
+        };
+        let left =
+            || Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero());
+        let io = |e: std::io::Error| {
+            if is_timeout(&e) {
+                timed_out()
+            } else {
+                ControlError::Disconnected {
+                    session: session.clone(),
+                    reason: format!("{what}: {e}"),
+                }
+            }
+        };
+        let read_failed = |e: ControlError| if is_io_timeout(&e) { timed_out() } else { e };
+        let id = self.next_id;
+        self.next_id = self
+            .next_id
+            .wrapping_add(1)
+            .max(HANDSHAKE_ID.wrapping_add(1));
+        let frame = encode_frame(message, id)?;
+        self.stream
+            .set_write_timeout(Some(left().ok_or_else(timed_out)?))
+            .map_err(io)?;
+        (&self.stream).write_all(&frame).map_err(io)?;
+        loop {
+            if self.reader.buffer().is_empty() {
+                crate::sys::spin::spin_until_readable(&self.stream, SYNC_SPIN);
+            }
+            self.stream
+                .set_read_timeout(Some(left().ok_or_else(timed_out)?))
+                .map_err(io)?;
+            let header = frame::read_header(&mut self.reader)
+                .map_err(read_failed)?
+                .ok_or_else(|| ControlError::Disconnected {
+                    session: session.clone(),
+                    reason: "the peer closed the connection".into(),
+                })?;
+            header.check_version()?;
+            if !kind::is_known(header.kind) || header.request_id != id {
+                // Unsolicited (a Refresh) or of a kind this build does not know: skipped.
+                frame::skip_body(&mut self.reader, header.len).map_err(read_failed)?;
+                continue;
+            }
+            if header.len > max_body(header.kind) {
+                return Err(ControlError::MalformedReply {
+                    session: session.clone(),
+                    reason: format!(
+                        "a {} of {} bytes exceeds the limit for its kind",
+                        kind_name(header.kind),
+                        header.len
+                    ),
+                });
+            }
+            let body = frame::read_body(&mut self.reader, header.len).map_err(read_failed)?;
+            return Message::decode(header.kind, &body).map_err(|e| ControlError::MalformedReply {
+                session: session.clone(),
+                reason: e.to_string(),
+            });
+        }
+    }
+}
+
+/// Connects to `session`, sends `Handshake(own)` and reads the HandshakeReply, all within
+/// `timeout`: the socket (read timeout still set), a reader over it and the peer's
+/// descriptor. Errors as [`ControlClient::connect`].
+fn handshake(
+    session: &str,
+    own: &SegmentDescriptor,
+    timeout: Duration,
+) -> Result<(TcpStream, BufReader<TcpStream>, SegmentDescriptor), ControlError> {
+    own.validate()?;
+    let handshake = encode_frame(&Message::Handshake(own.clone()), HANDSHAKE_ID)?;
+    let deadline = deadline_after(timeout);
+    let timed_out = || ControlError::Timeout {
+        session: session.to_owned(),
+        what: "the handshake",
+        timeout,
+    };
+    let remaining =
+        || Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero());
+    let disconnected = |reason: String| ControlError::Disconnected {
+        session: session.to_owned(),
+        reason,
+    };
+    let malformed = |reason: String| ControlError::MalformedReply {
+        session: session.to_owned(),
+        reason,
+    };
+    let io = |what: &str, e: std::io::Error| {
+        if is_timeout(&e) {
+            timed_out()
+        } else {
+            disconnected(format!("{what}: {e}"))
+        }
+    };
+
+    let addrs: Vec<SocketAddr> = session
+        .to_socket_addrs()
+        .map_err(|e| ControlError::BadAddress {
+            session: session.to_owned(),
+            reason: e.to_string(),
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(ControlError::BadAddress {
+            session: session.to_owned(),
+            reason: "it resolves to no address".into(),
+        });
+    }
+    let stream = connect_any(session, &addrs, deadline, timeout)?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| io("setting TCP_NODELAY", e))?;
+
+    stream
+        .set_write_timeout(Some(remaining().ok_or_else(timed_out)?))
+        .map_err(|e| io("setting the write timeout", e))?;
+    (&stream)
+        .write_all(&handshake)
+        .map_err(|e| io("sending the handshake", e))?;
+
+    stream
+        .set_read_timeout(Some(remaining().ok_or_else(timed_out)?))
+        .map_err(|e| io("setting the read timeout", e))?;
+    let read_clone = stream
+        .try_clone()
+        .map_err(|e| io("cloning the socket", e))?;
+    let mut reader = BufReader::with_capacity(64 * 1024, read_clone);
+    let read_failed = |e: ControlError| {
+        if is_io_timeout(&e) {
+            timed_out()
+        } else if matches!(
+            e,
+            ControlError::BadMagic { .. } | ControlError::BodyTooLong { .. }
+        ) {
+            malformed(e.to_string())
+        } else {
+            disconnected(format!("during the handshake: {e}"))
+        }
+    };
+    let header = frame::read_header(&mut reader)
+        .map_err(read_failed)?
+        .ok_or_else(|| {
+            disconnected("the peer closed the connection during the handshake".into())
+        })?;
+    if let Err(e) = header.check_version() {
+        return Err(malformed(e.to_string()));
+    }
+    if header.len > max_body(header.kind) {
+        return Err(malformed(format!(
+            "a {} of {} bytes answered the Handshake (at most {} bytes)",
+            kind_name(header.kind),
+            header.len,
+            max_body(header.kind)
+        )));
+    }
+    let body = frame::read_body(&mut reader, header.len).map_err(read_failed)?;
+    if header.request_id != HANDSHAKE_ID {
+        return Err(malformed(format!(
+            "the first frame has request id {} (a {}), not the handshake's {HANDSHAKE_ID}",
+            header.request_id,
+            kind_name(header.kind)
+        )));
+    }
+    let peer = match Message::decode(header.kind, &body).map_err(|e| malformed(e.to_string()))? {
+        Message::HandshakeReply(descriptor) => descriptor,
+        Message::Error { code, message } => {
+            return Err(ControlError::PeerError {
+                session: session.to_owned(),
+                code,
+                message,
+            })
+        }
+        other => {
+            return Err(malformed(format!(
+                "a {} answered the Handshake",
+                kind_name(other.kind())
+            )))
+        }
+    };
+    Ok((stream, reader, peer))
 }
 
 fn read_loop(inner: &Inner, mut reader: BufReader<TcpStream>) {

@@ -45,6 +45,8 @@ const LINGER_BYTES: u64 = 1 << 20;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the accept thread does
 /// not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+/// How long a connection's thread spins for the next request before it sleeps in read.
+const SPIN: Duration = Duration::from_micros(50);
 
 /// What the control server asks of the engine.
 pub trait ControlHandler: Send + Sync + 'static {
@@ -786,6 +788,11 @@ fn fail_answered(conn: &Conn, request_id: u32, code: u16, e: ControlError) -> En
 fn serve_frames(shared: &Shared, conn: &Conn, reader: &mut BufReader<ConnReader>) -> End {
     let mut peer: Option<SegmentDescriptor> = None;
     loop {
+        if reader.buffer().is_empty() {
+            // A peer issuing requests back to back (a prefix-cache lookup per batch) sends
+            // the next within microseconds: spin before sleeping in read.
+            crate::sys::spin::spin_until_readable(&reader.get_ref().stream, SPIN);
+        }
         let header = match frame::read_header(reader) {
             Ok(Some(header)) => header,
             Ok(None) => return End::Closed,

@@ -283,10 +283,28 @@ impl Engine {
             }
             Segment::Remote(r) => {
                 let link = self.link(r)?;
-                link.control.store(body, timeout).map_err(|e| Error::Peer {
+                let failed = |e: crate::control::ControlError| Error::Peer {
                     session: r.session.clone(),
                     reason: e.to_string(),
-                })
+                };
+                // The fast connection when free (opened on first use), else the shared one.
+                if let Ok(mut fast) = link.fast.try_lock() {
+                    if fast.as_ref().is_none_or(|f| f.is_dead()) {
+                        let net = self.net.as_ref().ok_or(Error::NoListener)?;
+                        *fast = Some(
+                            crate::control::SyncControlClient::connect(
+                                &r.session,
+                                &net.shared.descriptor(),
+                                self.config.connect_timeout,
+                            )
+                            .map_err(failed)?,
+                        );
+                    }
+                    if let Some(f) = fast.as_mut() {
+                        return f.store(body, timeout).map_err(failed);
+                    }
+                }
+                link.control.store(body, timeout).map_err(failed)
             }
         }
     }

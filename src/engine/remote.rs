@@ -14,7 +14,7 @@ use super::batch::Batch;
 use super::net::{split_host_port, Net};
 use super::{EngineConfig, Error, Result};
 use crate::control::RdmaConnectRequest;
-use crate::control::{ControlClient, ControlError, SegmentDescriptor};
+use crate::control::{ControlClient, ControlError, SegmentDescriptor, SyncControlClient};
 use crate::memory::{Access, AddrRange, Backing, Region, RegionLookup};
 use crate::transport::copy::CopyPool;
 use crate::transport::rdma::{Endpoint, Key, RdmaTransport, RemoteKeys, RemoteQp};
@@ -44,6 +44,10 @@ pub(super) struct Link {
     order: Vec<TransportKind>,
     regions: Mutex<(u64, RemoteRegions)>,
     notifier: Notifier,
+    /// A second control connection whose caller reads its own reply (lowest latency for
+    /// store requests); opened on first use, reopened after an error. Callers that find
+    /// it busy use `control` instead.
+    pub(super) fast: Mutex<Option<SyncControlClient>>,
 }
 
 impl Link {
@@ -328,6 +332,7 @@ impl RemotePeer {
             order: config.transports.clone(),
             regions: Mutex::new((u64::MAX, Arc::default())),
             notifier: Notifier::default(),
+            fast: Mutex::new(None),
         })
     }
 

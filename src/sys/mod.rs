@@ -8,6 +8,7 @@ pub mod cma;
 pub mod meminfo;
 pub mod numa;
 pub mod shm;
+pub mod spin;
 pub mod unix;
 pub mod uring_file;
 pub mod verbs;
