@@ -21,15 +21,17 @@ use super::{
 };
 
 pub(super) const USAGE: &str = "\
-  kvxfer_bench store     [--nodes N] [--value SIZE] [--batch N] [--op put,get,exists]
-                         [--duration SECS] [--node-memory SIZE] [--transport tcp|shm|auto]
-                         [--json]
+  kvxfer_bench store     [--nodes N | --members HOST:PORT,...] [--value SIZE] [--batch N]
+                         [--op put,get,exists] [--duration SECS] [--node-memory SIZE]
+                         [--transport tcp|shm|auto] [--json]
 
 store      starts --nodes store nodes (child processes, each contributing --node-memory,
            default 1GiB) and a client in this process, then one point per --op (default
            put,get,exists): values of --value bytes (default 64KiB), --batch keys per call
            (default 32), over --transport (default tcp: loopback TCP). Columns as above,
-           plus keys/s; here ops/s counts batch calls and GB/s value bytes.";
+           plus keys/s; here ops/s counts batch calls and GB/s value bytes.
+           --members uses running store nodes (kvxfer_store_node) instead of starting any
+           (--node-memory then only sizes the get/exists working set; cpu_tgt_s is -).";
 
 /// Options of `store`.
 #[derive(Debug)]
@@ -43,6 +45,8 @@ pub(super) struct StoreArgs {
     transport: Vec<TransportKind>,
     transport_name: String,
     json: bool,
+    /// Running nodes to use instead of starting any.
+    members: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +89,7 @@ pub(super) fn parse_store(rest: &[String]) -> Res<StoreArgs> {
             "duration",
             "node-memory",
             "transport",
+            "members",
         ],
         &["json"],
     )?;
@@ -122,6 +127,9 @@ pub(super) fn parse_store(rest: &[String]) -> Res<StoreArgs> {
         transport: transports(&transport_name)?,
         transport_name,
         json: f.has("json"),
+        members: f
+            .value("members")
+            .map(|m| m.split(',').map(|s| s.trim().to_string()).collect()),
     })
 }
 
@@ -198,7 +206,12 @@ struct Measured {
 
 pub(super) fn store_main(args: &StoreArgs) -> Res<()> {
     let mut nodes = Vec::new();
-    for _ in 0..args.nodes {
+    let started = if args.members.is_some() {
+        0
+    } else {
+        args.nodes
+    };
+    for _ in 0..started {
         let a: Vec<String> = [
             "store-node".to_string(),
             "--memory".into(),
@@ -209,7 +222,11 @@ pub(super) fn store_main(args: &StoreArgs) -> Res<()> {
         .to_vec();
         nodes.push(TargetProc::spawn_args(&a, MemoryChoice::Buffer)?);
     }
-    let members: Vec<String> = nodes.iter().map(|n| n.session.clone()).collect();
+    let members: Vec<String> = match &args.members {
+        Some(m) => m.clone(),
+        None => nodes.iter().map(|n| n.session.clone()).collect(),
+    };
+    let node_count = members.len() as u64;
     let engine = engine(&args.transport)?;
     let store = Store::setup(
         Arc::clone(&engine),
@@ -238,7 +255,7 @@ pub(super) fn store_main(args: &StoreArgs) -> Res<()> {
         .collect();
     let sizes = vec![value; args.batch];
     // The working set of get/exists: half of the nodes' memory at most, whole batches.
-    let set_bytes = (args.node_memory * args.nodes as u64 / 2).min(4 << 30);
+    let set_bytes = (args.node_memory * node_count / 2).min(4 << 30);
     let set_batches = ((set_bytes / value) as usize / args.batch).clamp(1, 4096);
     let key = |prefix: &str, n: u64| format!("{prefix}-{n:016}").into_bytes();
     let mut working_set_ready = false;
@@ -313,7 +330,7 @@ pub(super) fn store_main(args: &StoreArgs) -> Res<()> {
             format!(
                 "{{\"transport\":\"{}\",\"op\":\"{}\",\"block\":{},\"batch\":{},\"gbps\":{gbps:.6},\
                  \"ops_per_s\":{:.3},\"keys_per_s\":{:.3},\"p50_us\":{p50:.3},\"p99_us\":{p99:.3},\
-                 \"cpu_s\":{:.6},\"cpu_initiator_s\":{cpu_client:.6},\"cpu_target_s\":{cpu_nodes:.6},\
+                 \"cpu_s\":{:.6},\"cpu_initiator_s\":{cpu_client:.6},\"cpu_target_s\":{},\
                  \"nodes\":{},\"failures\":{}}}",
                 args.transport_name,
                 op.name(),
@@ -322,12 +339,13 @@ pub(super) fn store_main(args: &StoreArgs) -> Res<()> {
                 m.calls as f64 / secs,
                 m.keys as f64 / secs,
                 cpu_client + cpu_nodes,
-                args.nodes,
+                if nodes.is_empty() { "null".to_string() } else { format!("{cpu_nodes:.6}") },
+                node_count,
                 m.failures
             )
         } else {
             format!(
-                "{:<9} {:<6} {:>7} {:>5} {:>8.3} {:>11.0} {:>10.1} {:>10.1} {:>10.3} {:>9.3} {:>11.0}",
+                "{:<9} {:<6} {:>7} {:>5} {:>8.3} {:>11.0} {:>10.1} {:>10.1} {:>10.3} {:>9} {:>11.0}",
                 args.transport_name,
                 op.name(),
                 fmt_size(value),
@@ -337,7 +355,7 @@ pub(super) fn store_main(args: &StoreArgs) -> Res<()> {
                 p50,
                 p99,
                 cpu_client,
-                cpu_nodes,
+                if nodes.is_empty() { "-".to_string() } else { format!("{cpu_nodes:.3}") },
                 m.keys as f64 / secs
             )
         };

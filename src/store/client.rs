@@ -22,7 +22,7 @@ use super::placement::owners;
 use super::server::{SegmentConfig, SegmentServer};
 use super::wire::{
     check_key, reply_matches, ItemStatus, LookupItem, Reply, Request, ReserveItem, StoreStats,
-    MAX_ITEMS,
+    MAX_ITEMS, WRITE_WINDOW,
 };
 use crate::engine::{Engine, Op, PeerId, StoreService};
 use crate::memory::Access;
@@ -722,6 +722,9 @@ impl Inner {
                 .map(|&i| (keys[i].to_vec(), sizes[i]))
                 .collect(),
         };
+        // The bytes must land within the write window from here (the server keeps the
+        // reservation longer than that, never shorter).
+        let write_deadline = Instant::now() + self.timeout.min(WRITE_WINDOW);
         let Reply::Reserved(granted) = self.call(m, &request)? else {
             return Err(CallError::Failed("Reserve: unexpected reply".into()));
         };
@@ -755,7 +758,7 @@ impl Inner {
         let tokens = |w: &[(usize, u64)]| -> Vec<(Vec<u8>, u64)> {
             w.iter().map(|&(i, t)| (keys[i].to_vec(), t)).collect()
         };
-        if let Err(why) = self.transfer(m, &ops) {
+        if let Err(why) = self.transfer(m, &ops, write_deadline) {
             // Best effort: an abort that does not arrive is reclaimed by timeout.
             let _ = self.call(
                 m,
@@ -848,7 +851,7 @@ impl Inner {
             }
         }
         if !ops.is_empty() {
-            let moved = self.transfer(m, &ops);
+            let moved = self.transfer(m, &ops, Instant::now() + self.timeout);
             // The lease is counted from before the request: never later than the server's.
             let expired = asked.elapsed() >= Duration::from_millis(u64::from(lease_ms));
             for (i, len) in reading {
@@ -868,15 +871,16 @@ impl Inner {
         Ok(out)
     }
 
-    /// Moves `ops` to or from member `m`; `Err` says why not.
-    fn transfer(&self, m: usize, ops: &[Op]) -> Result<(), String> {
+    /// Moves `ops` to or from member `m` by `deadline`; `Err` says why not.
+    fn transfer(&self, m: usize, ops: &[Op], deadline: Instant) -> Result<(), String> {
         let peer = self.peer(m).map_err(|e| describe(&e))?;
-        let deadline = Instant::now() + self.timeout;
         let id = self
             .engine
             .submit_with_deadline(peer, ops, deadline)
             .map_err(|e| e.to_string())?;
-        let state = self.engine.wait(id, self.timeout);
+        let state = self
+            .engine
+            .wait(id, deadline.saturating_duration_since(Instant::now()));
         let _ = self.engine.free(id);
         state
             .map_err(|e| e.to_string())?

@@ -34,7 +34,8 @@ pub struct SegmentConfig {
     pub high_watermark: f64,
     /// ...down to this fraction.
     pub low_watermark: f64,
-    /// A reservation not committed within this is reclaimed.
+    /// A reservation not committed within this is reclaimed; longer than the clients'
+    /// write window ([`WRITE_WINDOW`](super::wire::WRITE_WINDOW)). Default 10 s.
     pub reserve_timeout: Duration,
     /// How long a reader may copy an object it looked up.
     pub lease: Duration,
@@ -98,6 +99,14 @@ impl SegmentServer {
             return Err(format!(
                 "watermarks must satisfy 0 < low ({}) <= high ({}) <= 1",
                 config.low_watermark, config.high_watermark
+            ));
+        }
+        if config.reserve_timeout <= super::wire::WRITE_WINDOW {
+            return Err(format!(
+                "reserve_timeout {:?} must be longer than the clients' write window {:?} \
+                 (the difference is the margin for bytes in flight when a client gives up)",
+                config.reserve_timeout,
+                super::wire::WRITE_WINDOW
             ));
         }
         let len = usize::try_from(config.memory_bytes)

@@ -92,6 +92,11 @@ pub const MAX_ITEMS: usize = 8192;
 pub const MAX_MESSAGE: usize = 4 << 20;
 /// Bytes of an [`Reply::Error`] reason, at most; [`Reply::encode`] cuts longer ones.
 pub const MAX_REASON: usize = 1024;
+/// A client writes a reservation's bytes within this of sending its Reserve, or gives up
+/// (and Aborts). Servers reclaim an uncommitted reservation no sooner than this plus a
+/// margin for bytes still in flight when the client gave up, so a late write never lands
+/// in memory given to another object.
+pub const WRITE_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 /// Bytes before the fields: version and kind.
 pub const HEADER_LEN: usize = 2;
 /// Bytes of a granted [`ReserveItem`] on the wire (a refused one is 1 byte).
