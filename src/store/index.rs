@@ -239,7 +239,7 @@ pub struct IndexStats {
     pub leases: u64,
     /// Objects committed.
     pub puts: u64,
-    /// Lookups that found a committed object (in memory or on disk).
+    /// Lookups that found a committed object in memory (one on disk counts once promoted).
     pub hits: u64,
     /// Lookups that found none.
     pub misses: u64,
@@ -476,9 +476,10 @@ impl Index {
 
     /// Looks `key` up. A committed object in memory is leased to the caller until
     /// `now + lease` (its memory is not reused before that or [`release`](Self::release))
-    /// and counts as recently used; one on disk is reported as
-    /// [`OnDisk`](Lookup::OnDisk) (both count as hits). A key that is absent or only
-    /// reserved is [`NotFound`](Lookup::NotFound) (a miss).
+    /// and counts as recently used (a hit); one on disk is reported as
+    /// [`OnDisk`](Lookup::OnDisk) and counts nothing yet: the caller promotes it and looks
+    /// it up again (the hit), or reports it missing ([`note_miss`](Self::note_miss)). A key
+    /// that is absent or only reserved is [`NotFound`](Lookup::NotFound) (a miss).
     pub fn lookup(&mut self, key: &[u8], now: Instant) -> Lookup {
         let (len, place) = match self.entries.get_mut(key) {
             Some(Entry::Object(obj)) => {
@@ -490,9 +491,9 @@ impl Index {
                 return Lookup::NotFound;
             }
         };
-        self.stats.hits += 1;
         match place {
             Place::Memory { offset } | Place::Demoting { offset, .. } => {
+                self.stats.hits += 1;
                 let lease = self.fresh_id();
                 let expires = later(now, self.config.lease);
                 self.leases.insert(lease, (offset, expires));
@@ -519,6 +520,12 @@ impl Index {
                 len,
             },
         }
+    }
+
+    /// Counts a lookup answered "not found" after all (an object on disk that could not
+    /// be promoted).
+    pub fn note_miss(&mut self) {
+        self.stats.misses += 1;
     }
 
     /// Ends a lease early. `false` if it is unknown (already released, dropped after its
@@ -653,11 +660,19 @@ impl Index {
     /// returned as a [`Demotion`] (it stays in memory and readable until
     /// [`demoted`](Self::demoted)).
     pub fn evict(&mut self, now: Instant) -> Vec<Demotion> {
+        self.evict_for(0, now)
+    }
+
+    /// [`evict`](Self::evict) as if `incoming` more bytes were used: a server with an SSD
+    /// tier calls it before it reserves or promotes `incoming` bytes, so that room is made
+    /// by demoting objects rather than by dropping them.
+    pub fn evict_for(&mut self, incoming: u64, now: Instant) -> Vec<Demotion> {
         let mut demotions = Vec::new();
-        if self.effective_used() <= self.high_bytes {
+        let incoming = SegmentAllocator::rounded(incoming);
+        if self.effective_used().saturating_add(incoming) <= self.high_bytes {
             return demotions;
         }
-        while self.effective_used() > self.low_bytes {
+        while self.effective_used().saturating_add(incoming) > self.low_bytes {
             let Some(key) = self.pick_memory_victim(now) else {
                 break;
             };
@@ -2058,7 +2073,6 @@ mod tests {
                             });
                         }
                         (Lookup::OnDisk { disk_offset, len }, Some(o)) => {
-                            self.hits += 1;
                             assert_eq!(o.tier, Tier::Disk);
                             assert_eq!(len, o.len);
                             assert!(

@@ -195,6 +195,12 @@ impl SegmentServer {
         let base = self.segment.addr();
         match request {
             Request::Reserve { items } => {
+                // With an SSD tier, room for the batch is made by demoting, not dropping.
+                let incoming = items
+                    .iter()
+                    .map(|(_, len)| *len)
+                    .fold(0u64, u64::saturating_add);
+                self.make_room(incoming);
                 let mut index = lock(&self.index);
                 let out = items
                     .iter()
@@ -296,12 +302,16 @@ impl SegmentServer {
                     }
                 }
                 Lookup::NotFound => return LookupItem::Missing(ItemStatus::NotFound),
-                Lookup::OnDisk { .. } => {
+                Lookup::OnDisk { len, .. } => {
                     let Some(ssd) = &self.ssd else {
                         return LookupItem::Missing(ItemStatus::Failed);
                     };
-                    let Some((offset, disk, len)) = index.promote_begin(key, now) else {
+                    drop(index);
+                    self.make_room(len);
+                    let mut index = lock(&self.index);
+                    let Some((offset, disk, len)) = index.promote_begin(key, Instant::now()) else {
                         // No memory for it now, or another reader is promoting it.
+                        index.note_miss();
                         return LookupItem::Missing(ItemStatus::NotFound);
                     };
                     drop(index);
@@ -317,14 +327,26 @@ impl SegmentServer {
                                 false
                             }
                         });
-                    lock(&self.index).promote_end(key, ok, Instant::now());
+                    let mut index = lock(&self.index);
+                    index.promote_end(key, ok, Instant::now());
                     if !ok {
+                        index.note_miss();
                         return LookupItem::Missing(ItemStatus::Failed);
                     }
                 }
             }
         }
         LookupItem::Missing(ItemStatus::NotFound)
+    }
+
+    /// With an SSD tier: demotes objects now if `incoming` more bytes would take memory
+    /// above the high watermark (the index would otherwise drop objects to make room).
+    fn make_room(&self, incoming: u64) {
+        if self.ssd.is_none() {
+            return;
+        }
+        let demotions = lock(&self.index).evict_for(incoming, Instant::now());
+        self.demote(demotions);
     }
 
     /// Wakes housekeeping (memory may be above the watermark).
@@ -340,6 +362,11 @@ impl SegmentServer {
             index.reclaim(now);
             index.evict(now)
         };
+        self.demote(demotions);
+    }
+
+    /// Copies `demotions` to the SSD tier and reports each to the index.
+    fn demote(&self, demotions: Vec<super::index::Demotion>) {
         if demotions.is_empty() {
             return;
         }
