@@ -1425,7 +1425,8 @@ fn store_requests_reach_the_handler_over_both_clients() {
     for i in 0..100u8 {
         assert_eq!(sync.store(vec![1, 2, i], T).unwrap(), vec![i, 2, 1]);
     }
-    // A descriptor pushed meanwhile (an unsolicited frame) is skipped by the next call.
+    // A descriptor published meanwhile is not pushed to this quiet connection (one pushed
+    // before the server saw Quiet would be skipped by the next call).
     f.server.publish(&descriptor(0x2222, &f.session, 9, 2));
     assert_eq!(sync.store(b"xy".to_vec(), T).unwrap(), b"yx");
     assert!(matches!(
@@ -1448,7 +1449,8 @@ fn a_sync_client_times_out_and_notices_a_dead_server() {
                 1,
             ))
             .unwrap();
-        // Take one request and never answer it; then take another and hang up.
+        // Take Quiet and one request, never answer it, and hang up.
+        assert!(matches!(read_frame(&mut stream), Some((_, Message::Quiet))));
         assert!(matches!(
             read_frame(&mut stream),
             Some((_, Message::StoreRequest(_)))
@@ -1471,7 +1473,8 @@ fn a_sync_client_times_out_and_notices_a_dead_server() {
                 1,
             ))
             .unwrap();
-        let _ = read_frame(&mut stream);
+        let _ = read_frame(&mut stream); // Quiet
+        let _ = read_frame(&mut stream); // the request, never answered
         let _ = read_frame(&mut stream); // blocks until the client hangs up
     });
     let mut sync = SyncControlClient::connect(&session, &initiator(), T).unwrap();

@@ -35,8 +35,8 @@ fuzz_target!(|data: &[u8]| {
             Err(other) => panic!("header {bytes:?} refused with {other:?}"),
         }
     }
-    // Every known kind (1 to 13) and one unknown kind on each side.
-    for kind in (0..=14).chain(header_kind) {
+    // Every known kind (1 to 14) and one unknown kind on each side.
+    for kind in (0..=15).chain(header_kind) {
         check(kind, body);
     }
 });
@@ -77,7 +77,7 @@ fn check(kind: u16, body: &[u8]) {
         Err(ControlError::UnknownKind { kind: k }) => {
             assert_eq!(k, kind);
             assert!(
-                !(1..=13).contains(&kind),
+                !(1..=14).contains(&kind),
                 "known kind {kind} refused as unknown"
             );
         }

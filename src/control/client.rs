@@ -552,6 +552,15 @@ impl SyncControlClient {
         timeout: Duration,
     ) -> Result<SyncControlClient, ControlError> {
         let (stream, reader, _peer) = handshake(session, own, timeout)?;
+        // Nobody reads this connection between calls: descriptor pushes would pile up
+        // until the server gave up on it. (One pushed before this arrives is skipped.)
+        let quiet = encode_frame(&Message::Quiet, 0)?;
+        (&stream)
+            .write_all(&quiet)
+            .map_err(|e| ControlError::Disconnected {
+                session: session.to_owned(),
+                reason: format!("sending Quiet: {e}"),
+            })?;
         Ok(SyncControlClient {
             session: session.to_owned(),
             stream,
@@ -627,7 +636,14 @@ impl SyncControlClient {
                 }
             }
         };
-        let read_failed = |e: ControlError| if is_io_timeout(&e) { timed_out() } else { e };
+        let read_failed = |e: ControlError| match e {
+            e if is_io_timeout(&e) => timed_out(),
+            ControlError::Io { .. } => ControlError::Disconnected {
+                session: session.clone(),
+                reason: e.to_string(),
+            },
+            e => e,
+        };
         let id = self.next_id;
         self.next_id = self
             .next_id

@@ -48,10 +48,12 @@ pub mod kind {
     pub const STORE_REQUEST: u16 = 12;
     /// [`Message::StoreReply`](super::Message::StoreReply).
     pub const STORE_REPLY: u16 = 13;
+    /// [`Message::Quiet`](super::Message::Quiet).
+    pub const QUIET: u16 = 14;
 
     /// Whether this build knows the kind.
     pub fn is_known(kind: u16) -> bool {
-        (HANDSHAKE..=STORE_REPLY).contains(&kind)
+        (HANDSHAKE..=QUIET).contains(&kind)
     }
 }
 
@@ -132,7 +134,7 @@ pub(crate) fn max_body(kind: u16) -> u32 {
     const MAX_RDMA_CONNECT_BODY: u32 = (MIN_NIC_BYTES + MAX_STRING) as u32 + 2 + 4 + 4;
     match kind {
         kind::PROBE | kind::PROBE_REPLY | kind::RDMA_CONNECT_REPLY => 8,
-        kind::DESCRIPTOR_REQUEST | kind::NOTIFY_ACK => 0,
+        kind::DESCRIPTOR_REQUEST | kind::NOTIFY_ACK | kind::QUIET => 0,
         kind::NOTIFY => MAX_NOTIFY_BODY,
         kind::ERROR => MAX_ERROR_BODY,
         kind::RDMA_CONNECT => MAX_RDMA_CONNECT_BODY,
@@ -164,6 +166,7 @@ pub fn kind_name(kind: u16) -> &'static str {
         kind::RDMA_CONNECT_REPLY => "RdmaConnectReply",
         kind::STORE_REQUEST => "StoreRequest",
         kind::STORE_REPLY => "StoreReply",
+        kind::QUIET => "Quiet",
         _ => "unknown",
     }
 }
@@ -504,6 +507,9 @@ pub enum Message {
     StoreRequest(Vec<u8>),
     /// Reply to [`Message::StoreRequest`].
     StoreReply(Vec<u8>),
+    /// Asks the server not to push Refresh on this connection any more (a connection
+    /// whose client only reads replies to its own requests); no reply.
+    Quiet,
 }
 
 impl Message {
@@ -537,6 +543,7 @@ impl Message {
             Message::RdmaConnectReply(_) => kind::RDMA_CONNECT_REPLY,
             Message::StoreRequest(_) => kind::STORE_REQUEST,
             Message::StoreReply(_) => kind::STORE_REPLY,
+            Message::Quiet => kind::QUIET,
         }
     }
 
@@ -552,7 +559,7 @@ impl Message {
             Message::Handshake(d) | Message::HandshakeReply(d) | Message::Refresh(d) => {
                 w.descriptor(d)
             }
-            Message::DescriptorRequest | Message::NotifyAck => {}
+            Message::DescriptorRequest | Message::NotifyAck | Message::Quiet => {}
             Message::Probe { nonce } | Message::ProbeReply { nonce } => w.u64(*nonce),
             Message::Notify { bytes } => w.bytes(bytes),
             Message::Error { code, message } => {
@@ -605,6 +612,7 @@ impl Message {
                     .to_vec(),
             },
             kind::NOTIFY_ACK => Message::NotifyAck,
+            kind::QUIET => Message::Quiet,
             kind::RDMA_CONNECT => Message::RdmaConnect(r.rdma_connect().map_err(malformed)?),
             kind::RDMA_CONNECT_REPLY => {
                 Message::RdmaConnectReply(r.rdma_connect_reply().map_err(malformed)?)
@@ -666,7 +674,7 @@ impl fmt::Display for Message {
             Message::RdmaConnectReply(r) => {
                 write!(f, "{name}(qpn {:#x}, psn {:#x})", r.qpn, r.psn)
             }
-            Message::DescriptorRequest | Message::NotifyAck => f.write_str(name),
+            Message::DescriptorRequest | Message::NotifyAck | Message::Quiet => f.write_str(name),
         }
     }
 }
@@ -948,6 +956,7 @@ pub(crate) mod tests {
             Message::ProbeReply { nonce: 1 },
             Message::DescriptorRequest,
             Message::NotifyAck,
+            Message::Quiet,
             Message::Notify {
                 bytes: vec![7; MAX_NOTIFY],
             },
@@ -992,7 +1001,7 @@ pub(crate) mod tests {
     fn every_known_kind_has_a_name_and_a_bound() {
         for k in 0..=20u16 {
             let known = kind::is_known(k);
-            assert_eq!(known, (1..=13).contains(&k), "kind {k}");
+            assert_eq!(known, (1..=14).contains(&k), "kind {k}");
             assert_eq!(kind_name(k) != "unknown", known, "kind {k}");
         }
         assert_eq!(kind_name(kind::RDMA_CONNECT), "RdmaConnect");
@@ -1364,8 +1373,8 @@ pub(crate) mod tests {
             Err(ControlError::UnknownKind { kind: 0 })
         ));
         assert!(matches!(
-            Message::decode(14, &[]),
-            Err(ControlError::UnknownKind { kind: 14 })
+            Message::decode(15, &[]),
+            Err(ControlError::UnknownKind { kind: 15 })
         ));
     }
 

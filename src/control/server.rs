@@ -885,6 +885,11 @@ fn serve_frames(shared: &Shared, conn: &Conn, reader: &mut BufReader<ConnReader>
                 send_descriptor(conn, Message::Refresh(descriptor), id, None)
             }
             (Some(_), Message::Probe { nonce }) => send(conn, &Message::ProbeReply { nonce }, id),
+            (Some(_), Message::Quiet) => {
+                // No more Refresh pushes here (the client reads only its own replies).
+                lock(&conn.writer).handshaken = false;
+                Ok(())
+            }
             (Some(from), Message::Notify { bytes }) => match shared.handler.notified(from, bytes) {
                 Ok(()) => send(conn, &Message::NotifyAck, id),
                 Err(reason) => {

@@ -137,6 +137,9 @@ pub struct Engine {
     inbox: Arc<Inbox>,
     /// Open remote peers by session id.
     sessions: Mutex<HashMap<String, PeerId>>,
+    /// One lock per session being opened: opening one peer (connect, handshake, which may
+    /// take up to `connect_timeout`) never holds up opening another.
+    opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl Engine {
@@ -172,6 +175,7 @@ impl Engine {
             net,
             inbox,
             sessions: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
         })
     }
 
@@ -193,12 +197,37 @@ impl Engine {
         if session == net.shared.session {
             return Ok(self.loopback);
         }
-        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(&id) = sessions.get(session) {
+        let known = |engine: &Engine| {
+            engine
+                .sessions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(session)
+                .copied()
+        };
+        if let Some(id) = known(self) {
+            return Ok(id);
+        }
+        // Opening the same session twice at once: the second waits for the first.
+        let gate = Arc::clone(
+            self.opening
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(session.to_string())
+                .or_default(),
+        );
+        let _opening = gate.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(id) = known(self) {
             return Ok(id);
         }
         let remote = RemotePeer::new(session.to_string());
-        remote.link(net, &self.config, self.local.pool())?;
+        let linked = remote.link(net, &self.config, self.local.pool());
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        self.opening
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(session);
+        linked?;
         let id = PeerId(self.peers_mut().insert(Arc::new(Peer {
             name: session.to_string(),
             segment: Segment::Remote(remote),
@@ -259,6 +288,11 @@ impl Engine {
         Ok(())
     }
 
+    /// The store service this engine serves, if any.
+    pub fn store_service(&self) -> Option<Arc<dyn StoreService>> {
+        self.net.as_ref().and_then(|n| n.shared.store_service())
+    }
+
     /// Sends a store request to `peer` and returns its reply (the loopback peer is this
     /// engine's own service, called directly).
     ///
@@ -287,21 +321,29 @@ impl Engine {
                     session: r.session.clone(),
                     reason: e.to_string(),
                 };
-                // The fast connection when free (opened on first use), else the shared one.
+                // The fast connection when free (opened on first use), else the shared one;
+                // a fast connection that broke (an idle one the peer dropped, say) gets the
+                // request again over the shared one.
                 if let Ok(mut fast) = link.fast.try_lock() {
                     if fast.as_ref().is_none_or(|f| f.is_dead()) {
                         let net = self.net.as_ref().ok_or(Error::NoListener)?;
-                        *fast = Some(
-                            crate::control::SyncControlClient::connect(
-                                &r.session,
-                                &net.shared.descriptor(),
-                                self.config.connect_timeout,
-                            )
-                            .map_err(failed)?,
-                        );
+                        *fast = crate::control::SyncControlClient::connect(
+                            &r.session,
+                            &net.shared.descriptor(),
+                            self.config.connect_timeout,
+                        )
+                        .inspect_err(|e| log::debug!("kvxfer: no fast store connection: {e}"))
+                        .ok();
                     }
                     if let Some(f) = fast.as_mut() {
-                        return f.store(body, timeout).map_err(failed);
+                        use crate::control::ControlError as C;
+                        match f.store(body.clone(), timeout) {
+                            Ok(reply) => return Ok(reply),
+                            Err(e @ (C::Timeout { .. } | C::PeerError { .. })) => {
+                                return Err(failed(e))
+                            }
+                            Err(e) => log::debug!("kvxfer: fast store connection broke: {e}"),
+                        }
                     }
                 }
                 link.control.store(body, timeout).map_err(failed)

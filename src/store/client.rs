@@ -182,6 +182,18 @@ struct Inner {
     replicas: usize,
     timeout: Duration,
     retry: Duration,
+    /// Set when the store is dropped: leases still queued for release are left to
+    /// expire instead of delaying the drop.
+    closing: std::sync::atomic::AtomicBool,
+}
+
+/// `now + d`, or a year from now when that does not fit the clock (a caller's
+/// `Duration::MAX` means "practically never").
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
 }
 
 /// A reply that did not come: the member is unreachable (skip it) or answered nonsense.
@@ -235,12 +247,18 @@ impl Store {
             }
             sessions.push(m.clone());
         }
+        // Members are reached through the engine's peers, which need its listener.
+        let own = engine
+            .session_id()
+            .ok_or(crate::engine::Error::NoListener)?
+            .to_string();
         let contributes = config.segment.as_ref().is_some_and(|s| s.memory_bytes > 0);
+        if contributes && engine.store_service().is_some() {
+            return Err(StoreError::Segment(
+                "this engine already serves a store segment (one per engine)".into(),
+            ));
+        }
         let server = if contributes {
-            let own = engine
-                .session_id()
-                .ok_or(crate::engine::Error::NoListener)?
-                .to_string();
             let segment = config.segment.as_ref().expect("checked above");
             let server = SegmentServer::start(&engine, segment).map_err(StoreError::Segment)?;
             engine.set_store_service(Some(Arc::clone(&server) as Arc<dyn StoreService>))?;
@@ -266,6 +284,7 @@ impl Store {
             replicas: config.replicas,
             timeout: config.timeout,
             retry: config.member_retry,
+            closing: std::sync::atomic::AtomicBool::new(false),
         });
         let (tx, rx) = channel::<(usize, Vec<u64>)>();
         let releasing = Arc::clone(&inner);
@@ -275,7 +294,10 @@ impl Store {
                 // Leases end early here, off the caller's path; one lost only delays
                 // eviction of its object until the lease expires.
                 while let Ok((m, leases)) = rx.recv() {
-                    let _ = releasing.call(m, &Request::Release { leases });
+                    let closing = releasing.closing.load(std::sync::atomic::Ordering::Acquire);
+                    if !closing && releasing.is_live(m) {
+                        let _ = releasing.call(m, &Request::Release { leases });
+                    }
                 }
             })
             .map_err(|e| StoreError::Segment(format!("cannot start a thread: {e}")))?;
@@ -319,8 +341,9 @@ impl Store {
             }
         }
         let inner = &self.inner;
-        for round in 0..inner.replicas {
-            let done = inner.drive(&valid, keys, round, |m, items| {
+        let mut taken = vec![Vec::new(); keys.len()];
+        for _ in 0..inner.replicas {
+            let done = inner.drive(&valid, keys, &mut taken, |m, items| {
                 inner.put_group(m, items, keys, ptrs, sizes)
             });
             for (i, r) in done {
@@ -364,18 +387,25 @@ impl Store {
         let inner = &self.inner;
         let releases = self.releases.as_ref().expect("set until drop");
         let releases = Mutex::new(releases.clone());
-        for round in 0..inner.replicas {
-            let done = inner.drive(&todo, keys, round, |m, items| {
+        let mut taken = vec![Vec::new(); keys.len()];
+        for _ in 0..inner.replicas {
+            let done = inner.drive(&todo, keys, &mut taken, |m, items| {
                 inner.get_group(m, items, keys, ptrs, sizes, &releases)
             });
             todo.clear();
             for (i, r) in done {
-                // A miss at this replica: the next one may have it.
-                let retry = matches!(r, Err(ItemError::NotFound | ItemError::Unavailable(_)));
-                if retry && round + 1 < inner.replicas {
+                // A miss or failure at this replica: the next one may have it. The answer
+                // kept is the data, else the first that is not "unavailable".
+                if r.is_err() {
                     todo.push(i);
                 }
-                results[i] = Some(r);
+                let keep = matches!(
+                    (&results[i], &r),
+                    (None, _) | (_, Ok(_)) | (Some(Err(ItemError::Unavailable(_))), _)
+                );
+                if keep {
+                    results[i] = Some(r);
+                }
             }
         }
         Ok(results
@@ -392,8 +422,9 @@ impl Store {
             .filter(|&i| check_key(keys[i]).is_ok())
             .collect();
         let inner = &self.inner;
-        for round in 0..inner.replicas {
-            let done = inner.drive(&todo, keys, round, |m, items| {
+        let mut taken = vec![Vec::new(); keys.len()];
+        for _ in 0..inner.replicas {
+            let done = inner.drive(&todo, keys, &mut taken, |m, items| {
                 let request = Request::Exists {
                     keys: items.iter().map(|&i| keys[i].to_vec()).collect(),
                 };
@@ -426,8 +457,9 @@ impl Store {
         let valid: Vec<usize> = (0..keys.len()).filter(|&i| results[i].is_ok()).collect();
         let inner = &self.inner;
         let mut first = vec![true; keys.len()];
-        for round in 0..inner.replicas {
-            let done = inner.drive(&valid, keys, round, |m, items| {
+        let mut taken = vec![Vec::new(); keys.len()];
+        for _ in 0..inner.replicas {
+            let done = inner.drive(&valid, keys, &mut taken, |m, items| {
                 let request = Request::Remove {
                     keys: items.iter().map(|&i| keys[i].to_vec()).collect(),
                 };
@@ -528,12 +560,21 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::Release);
         self.releases = None;
         if let Some(t) = self.releaser.take() {
             let _ = t.join();
         }
         if let Some(server) = self.server.take() {
-            let _ = self.inner.engine.set_store_service(None);
+            // Stop serving only if the engine still serves this segment.
+            let ours = Arc::clone(&server) as Arc<dyn StoreService>;
+            if let Some(current) = self.inner.engine.store_service() {
+                if Arc::ptr_eq(&current, &ours) {
+                    let _ = self.inner.engine.set_store_service(None);
+                }
+            }
             server.stop();
         }
     }
@@ -571,7 +612,7 @@ impl Inner {
             self.members[m].session,
             self.retry
         );
-        s.down_until = Some(Instant::now() + self.retry);
+        s.down_until = Some(later(self.retry));
         s.why = why.to_string();
         s.peer = None;
     }
@@ -618,50 +659,58 @@ impl Inner {
         Ok(reply)
     }
 
-    /// Runs `run` on the keys `items`, grouped by their owner of rank `round`; the groups
-    /// of an unreachable member are placed again without it (at most once per member).
-    /// Groups go in parallel when there are several.
+    /// Runs `run` on the keys `items`, each sent to its best owner not in `taken[i]` (the
+    /// members that served it in an earlier round: replicas go to distinct members), in
+    /// groups per owner, which go in parallel when there are several. The keys of a
+    /// member that cannot be reached are placed again without it; a member that failed
+    /// is not tried again within this call. Each key that reached a member gets it added
+    /// to `taken`.
     fn drive<T: Send>(
         &self,
         items: &[usize],
         keys: &[&[u8]],
-        round: usize,
+        taken: &mut [Vec<usize>],
         run: impl Fn(usize, &[usize]) -> Result<Vec<(usize, Result<T, ItemError>)>, CallError> + Sync,
     ) -> Vec<(usize, Result<T, ItemError>)> {
         let names: Vec<String> = self.members.iter().map(|m| m.session.clone()).collect();
+        let mut failed_here = vec![false; names.len()];
         let mut out = Vec::with_capacity(items.len());
         let mut todo = items.to_vec();
         for _ in 0..=self.members.len() {
             if todo.is_empty() {
                 break;
             }
-            let live: Vec<bool> = (0..names.len()).map(|m| self.is_live(m)).collect();
+            let live: Vec<bool> = (0..names.len())
+                .map(|m| !failed_here[m] && self.is_live(m))
+                .collect();
             let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
             for &i in &todo {
-                match owners(&names, keys[i], round + 1, |m| live[m]).get(round) {
-                    Some(&m) => match groups.iter_mut().find(|g| g.0 == m) {
+                let owner = owners(&names, keys[i], names.len(), |m| live[m])
+                    .into_iter()
+                    .find(|m| !taken[i].contains(m));
+                match owner {
+                    Some(m) => match groups.iter_mut().find(|g| g.0 == m) {
                         Some(g) => g.1.push(i),
                         None => groups.push((m, vec![i])),
                     },
-                    None => out.push((i, Err(ItemError::Unavailable(self.why_none(round))))),
+                    None => out.push((i, Err(ItemError::Unavailable(self.why_none())))),
                 }
             }
             todo.clear();
-            let answers: Vec<(usize, Vec<usize>, Result<Vec<_>, CallError>)> = if groups.len() == 1
-            {
+            let run_group = |m: usize, g: Vec<usize>| {
+                let (done, failure) = chunked(&g, |c| run(m, c));
+                (m, done, failure)
+            };
+            let answers: Vec<_> = if groups.len() == 1 {
                 let (m, g) = groups.pop().expect("one group");
-                let r = chunked(&g, |c| run(m, c));
-                vec![(m, g, r)]
+                vec![run_group(m, g)]
             } else {
                 std::thread::scope(|scope| {
                     let handles: Vec<_> = groups
                         .into_iter()
                         .map(|(m, g)| {
-                            let run = &run;
-                            scope.spawn(move || {
-                                let r = chunked(&g, |c| run(m, c));
-                                (m, g, r)
-                            })
+                            let run_group = &run_group;
+                            scope.spawn(move || run_group(m, g))
                         })
                         .collect();
                     handles
@@ -670,29 +719,39 @@ impl Inner {
                         .collect()
                 })
             };
-            for (m, g, r) in answers {
-                match r {
-                    Ok(done) => out.extend(done),
-                    Err(CallError::Unreachable(why)) => {
+            for (m, done, failure) in answers {
+                for (i, _) in &done {
+                    taken[*i].push(m);
+                }
+                out.extend(done);
+                match failure {
+                    None => {}
+                    Some((CallError::Unreachable(why), rest)) => {
                         self.mark_down(m, &why);
-                        todo.extend(g);
+                        failed_here[m] = true;
+                        todo.extend(rest);
                     }
-                    Err(CallError::Failed(why)) => out.extend(
-                        g.into_iter()
-                            .map(|i| (i, Err(ItemError::Failed(why.clone())))),
-                    ),
+                    Some((CallError::Failed(why), rest)) => {
+                        for &i in &rest {
+                            taken[i].push(m);
+                        }
+                        out.extend(
+                            rest.into_iter()
+                                .map(|i| (i, Err(ItemError::Failed(why.clone())))),
+                        )
+                    }
                 }
             }
         }
         out.extend(
             todo.into_iter()
-                .map(|i| (i, Err(ItemError::Unavailable(self.why_none(round))))),
+                .map(|i| (i, Err(ItemError::Unavailable(self.why_none())))),
         );
         out
     }
 
     /// Why no member could take a key: the reasons members were skipped.
-    fn why_none(&self, round: usize) -> String {
+    fn why_none(&self) -> String {
         let down: Vec<String> = self
             .members
             .iter()
@@ -702,7 +761,7 @@ impl Inner {
             })
             .collect();
         if down.is_empty() {
-            format!("fewer than {} members", round + 1)
+            "every member already holds a copy (fewer members than replicas)".to_string()
         } else {
             format!("members unreachable ({})", down.join("; "))
         }
@@ -724,7 +783,7 @@ impl Inner {
         };
         // The bytes must land within the write window from here (the server keeps the
         // reservation longer than that, never shorter).
-        let write_deadline = Instant::now() + self.timeout.min(WRITE_WINDOW);
+        let write_deadline = later(self.timeout.min(WRITE_WINDOW));
         let Reply::Reserved(granted) = self.call(m, &request)? else {
             return Err(CallError::Failed("Reserve: unexpected reply".into()));
         };
@@ -851,15 +910,19 @@ impl Inner {
             }
         }
         if !ops.is_empty() {
-            let moved = self.transfer(m, &ops, Instant::now() + self.timeout);
             // The lease is counted from before the request: never later than the server's.
-            let expired = asked.elapsed() >= Duration::from_millis(u64::from(lease_ms));
+            // Reading past it would only end in an error, so it is also the deadline.
+            let lease = Duration::from_millis(u64::from(lease_ms));
+            let deadline = asked.checked_add(lease.min(self.timeout)).unwrap_or(asked);
+            let moved = self.transfer(m, &ops, deadline);
+            let expired = asked.elapsed() >= lease;
             for (i, len) in reading {
                 out.push((
                     i,
                     match &moved {
+                        // Stopped at the lease's end (the deadline) or finished after it.
+                        _ if expired => Err(ItemError::LeaseExpired { lease_ms }),
                         Err(why) => Err(ItemError::Failed(why.clone())),
-                        Ok(()) if expired => Err(ItemError::LeaseExpired { lease_ms }),
                         Ok(()) => Ok(len),
                     },
                 ));
@@ -890,14 +953,20 @@ impl Inner {
     }
 }
 
-/// Runs `run` on `items` in chunks of at most [`MAX_ITEMS`] (one request each).
+/// Runs `run` on `items` in chunks of at most [`MAX_ITEMS`] (one request each): the
+/// results of the chunks that got an answer and, if one did not, why and the items of that
+/// chunk and of those after it (not sent).
+#[allow(clippy::type_complexity)]
 fn chunked<T>(
     items: &[usize],
     run: impl Fn(&[usize]) -> Result<Vec<T>, CallError>,
-) -> Result<Vec<T>, CallError> {
+) -> (Vec<T>, Option<(CallError, Vec<usize>)>) {
     let mut out = Vec::with_capacity(items.len());
-    for c in items.chunks(MAX_ITEMS) {
-        out.extend(run(c)?);
+    for (n, c) in items.chunks(MAX_ITEMS).enumerate() {
+        match run(c) {
+            Ok(done) => out.extend(done),
+            Err(e) => return (out, Some((e, items[n * MAX_ITEMS..].to_vec()))),
+        }
     }
-    Ok(out)
+    (out, None)
 }

@@ -319,6 +319,9 @@ pub struct Index {
     entries: HashMap<Key, Entry>,
     /// Reservations by (deadline, token).
     deadlines: BTreeMap<(Instant, u64), Key>,
+    /// Blocks of aborted reservations, kept until the reservation's deadline: a writer
+    /// that gave up may still have bytes in flight to them (freed by `reclaim`).
+    held: BTreeMap<(Instant, u64), (u64, u64)>,
     /// CLOCK queues: seq → key, oldest first.
     mem_queue: BTreeMap<u64, Key>,
     disk_queue: BTreeMap<u64, Key>,
@@ -379,6 +382,7 @@ impl Index {
             disk,
             entries: HashMap::new(),
             deadlines: BTreeMap::new(),
+            held: BTreeMap::new(),
             mem_queue: BTreeMap::new(),
             disk_queue: BTreeMap::new(),
             leases: HashMap::new(),
@@ -462,16 +466,24 @@ impl Index {
         Ok(())
     }
 
-    /// Frees the reservation of `key` with `token`. `false` if there is none (wrong token
-    /// or key, committed, already aborted or reclaimed).
+    /// Ends the reservation of `key` with `token`: the key may be reserved again at once,
+    /// its memory is freed at the reservation's deadline (by [`reclaim`](Self::reclaim)).
+    /// `false` if there is none (wrong token or key, committed, already aborted or
+    /// reclaimed).
     pub fn abort(&mut self, key: &[u8], token: u64) -> bool {
         match self.entries.get(key) {
-            Some(Entry::Reserved(r)) if r.token == token => {
-                self.drop_reservation(key);
-                true
-            }
-            _ => false,
+            Some(Entry::Reserved(r)) if r.token == token => {}
+            _ => return false,
         }
+        let Some(Entry::Reserved(r)) = self.entries.remove(key) else {
+            return false;
+        };
+        // The key is free at once; the block only at the reservation's deadline (the
+        // writer that gave up may have bytes in flight to it).
+        self.deadlines.remove(&(r.deadline, r.token));
+        self.held.insert((r.deadline, r.token), (r.offset, r.len));
+        self.stats.reservations -= 1;
+        true
     }
 
     /// Looks `key` up. A committed object in memory is leased to the caller until
@@ -643,6 +655,13 @@ impl Index {
             self.reclaim_reservation(&key);
             reclaimed += 1;
         }
+        while let Some((&(deadline, token), &(offset, len))) = self.held.first_key_value() {
+            if deadline > now {
+                break;
+            }
+            self.held.remove(&(deadline, token));
+            self.mem.free(offset, len);
+        }
         while let Some((&(expires, lease), ())) = self.lease_expiry.first_key_value() {
             if expires > now {
                 break;
@@ -660,19 +679,26 @@ impl Index {
     /// returned as a [`Demotion`] (it stays in memory and readable until
     /// [`demoted`](Self::demoted)).
     pub fn evict(&mut self, now: Instant) -> Vec<Demotion> {
-        self.evict_for(0, now)
+        self.evict_until(0, self.low_bytes, now)
     }
 
-    /// [`evict`](Self::evict) as if `incoming` more bytes were used: a server with an SSD
-    /// tier calls it before it reserves or promotes `incoming` bytes, so that room is made
-    /// by demoting objects rather than by dropping them.
+    /// Just enough eviction for `incoming` more bytes to stay at or below the high
+    /// watermark (all of memory at most): a server with an SSD tier calls it before it
+    /// reserves or promotes `incoming` bytes, so that room is made by demoting objects
+    /// rather than by dropping them. Housekeeping's [`evict`](Self::evict) does the rest.
     pub fn evict_for(&mut self, incoming: u64, now: Instant) -> Vec<Demotion> {
+        let incoming = SegmentAllocator::rounded(incoming).min(self.mem.capacity());
+        self.evict_until(incoming, self.high_bytes, now)
+    }
+
+    /// Evicts while used + `incoming` is above `target` (nothing unless it is above the
+    /// high watermark).
+    fn evict_until(&mut self, incoming: u64, target: u64, now: Instant) -> Vec<Demotion> {
         let mut demotions = Vec::new();
-        let incoming = SegmentAllocator::rounded(incoming);
         if self.effective_used().saturating_add(incoming) <= self.high_bytes {
             return demotions;
         }
-        while self.effective_used().saturating_add(incoming) > self.low_bytes {
+        while self.effective_used().saturating_add(incoming) > target {
             let Some(key) = self.pick_memory_victim(now) else {
                 break;
             };
@@ -1141,6 +1167,9 @@ mod tests {
             mem_blocks.push((z.offset, rounded(z.len), format!("zombie {:?}", z.key)));
             disk_blocks.push((z.disk, rounded(z.len), format!("zombie {:?}", z.key)));
         }
+        for (&(_, token), &(offset, len)) in &index.held {
+            mem_blocks.push((offset, rounded(len), format!("aborted {token}")));
+        }
         let mut lease_count = 0;
         for (&offset, pins) in &index.pins {
             assert!(!pins.leases.is_empty(), "empty pins kept");
@@ -1229,6 +1258,26 @@ mod tests {
         check(&index);
     }
 
+    /// A writer that gave up may still have bytes in flight to an aborted reservation's
+    /// block: it is not handed out again before the reservation's deadline.
+    #[test]
+    fn an_aborted_reservation_keeps_its_block_until_its_deadline() {
+        let now = Instant::now();
+        let mut index = Index::new(config(2, 0));
+        let r = reserve(&mut index, b"a", G, now);
+        assert!(index.abort(b"a", r.token));
+        // The key is free, the block is not: the other granule goes to the next one.
+        let r2 = reserve(&mut index, b"a", G, now);
+        assert_ne!(r2.offset, r.offset);
+        assert_eq!(index.reserve(b"b", G, now), PutOutcome::NoSpace);
+        let deadline = now + index.config().reserve_timeout;
+        index.reclaim(deadline - Duration::from_millis(1));
+        assert_eq!(index.reserve(b"b", G, now), PutOutcome::NoSpace);
+        index.reclaim(deadline);
+        let r3 = reserve(&mut index, b"b", G, deadline);
+        assert_eq!(r3.offset, r.offset, "the block is free after the deadline");
+    }
+
     #[test]
     fn put_if_absent() {
         let now = Instant::now();
@@ -1242,7 +1291,8 @@ mod tests {
             Err(CommitError::UnknownReservation),
             "double commit"
         );
-        // After an abort the key is free again.
+        // After an abort the key is free again (its block only at the deadline: see
+        // an_aborted_reservation_keeps_its_block_until_its_deadline).
         let r2 = reserve(&mut index, b"j", G, now);
         assert!(!index.abort(b"j", r2.token + 1));
         assert!(!index.abort(b"k", r2.token));
@@ -2430,6 +2480,8 @@ mod tests {
                 sim.step(Op::Abort { key });
             }
             sim.step(Op::RemoveAll);
+            // Aborted reservations' blocks are free once their deadlines have passed.
+            sim.index.reclaim(sim.now + Duration::from_secs(1 << 30));
             let s = sim.index.stats();
             prop_assert_eq!((s.memory_used, s.disk_used, s.leases, s.reservations), (0, 0, 0, 0));
             prop_assert_eq!((s.objects_in_memory, s.objects_on_disk), (0, 0));

@@ -19,6 +19,9 @@ use super::wire::{
 use crate::engine::{Engine, StoreService};
 use crate::memory::{Buffer, Location};
 
+/// How much longer than the clients' write window reservations are kept at least.
+pub const RESERVE_MARGIN: Duration = Duration::from_secs(1);
+
 /// How often housekeeping runs when nothing wakes it.
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_millis(50);
 
@@ -101,10 +104,10 @@ impl SegmentServer {
                 config.low_watermark, config.high_watermark
             ));
         }
-        if config.reserve_timeout <= super::wire::WRITE_WINDOW {
+        if config.reserve_timeout < super::wire::WRITE_WINDOW + RESERVE_MARGIN {
             return Err(format!(
-                "reserve_timeout {:?} must be longer than the clients' write window {:?} \
-                 (the difference is the margin for bytes in flight when a client gives up)",
+                "reserve_timeout {:?} must be at least the clients' write window {:?} plus \
+                 {RESERVE_MARGIN:?} (a margin for bytes in flight when a client gives up)",
                 config.reserve_timeout,
                 super::wire::WRITE_WINDOW
             ));
@@ -195,10 +198,13 @@ impl SegmentServer {
         let base = self.segment.addr();
         match request {
             Request::Reserve { items } => {
-                // With an SSD tier, room for the batch is made by demoting, not dropping.
+                // With an SSD tier, room for the batch is made by demoting, not dropping;
+                // only what can fit counts (a len beyond memory is refused anyway).
+                let capacity = self.segment.len() as u64;
                 let incoming = items
                     .iter()
                     .map(|(_, len)| *len)
+                    .filter(|&len| len <= capacity)
                     .fold(0u64, u64::saturating_add);
                 self.make_room(incoming);
                 let mut index = lock(&self.index);
