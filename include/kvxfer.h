@@ -15,7 +15,9 @@
 
 // Minor version of the C ABI: changes when declarations are added.
 // 1: `kvx_config.transports`, `kvx_peer_transport`, `kvx_batch_transport`, `KVX_TRANSPORT_*`.
-#define KVX_ABI_VERSION_MINOR 1
+// 2: the L3 store: `kvx_store_*`, `kvx_store_config`, `kvx_store_stats`,
+// `KVX_STORE_KEY_MAX`, and the status codes `KVX_ERR_BAD_KEY` .. `KVX_ERR_UNAVAILABLE`.
+#define KVX_ABI_VERSION_MINOR 2
 
 // Transport: in-process copies (the engine is its own peer).
 #define KVX_TRANSPORT_LOCAL 1
@@ -68,6 +70,9 @@
 // Largest notification payload of `kvx_submit_with_notify`, in bytes (1 MiB).
 #define KVX_NOTIFY_MAX (1 << 20)
 
+// Longest store key in bytes (keys are 1 to `KVX_STORE_KEY_MAX` bytes, any bytes).
+#define KVX_STORE_KEY_MAX 256
+
 // Engine-owned registered memory (opaque). Create with `kvx_allocate`, destroy with
 // `kvx_buffer_free`; it may outlive the engine that made it.
 typedef struct kvx_buffer kvx_buffer;
@@ -75,6 +80,15 @@ typedef struct kvx_buffer kvx_buffer;
 // An engine (opaque). Create with `kvx_engine_new`, destroy with `kvx_engine_free`.
 // Every call but `kvx_engine_free` may be made from many threads at once.
 typedef struct kvx_engine kvx_engine;
+
+// A store client (opaque), and a member of the store if it contributes memory. Create
+// with `kvx_store_setup`, destroy with `kvx_store_free`. Every call but `kvx_store_free`
+// may be made from many threads at once.
+//
+// The store holds its engine: stores and their engine may be freed in either order (the
+// engine stops when the last of its handle and its stores is freed; see
+// `kvx_engine_free`).
+typedef struct kvx_store kvx_store;
 
 // Engine settings; fill with `kvx_config_init`, then change what you need. Every field
 // is taken as it is (0 is not "default": `kvx_config_init` writes the defaults, and a 0
@@ -188,6 +202,83 @@ typedef struct kvx_region_info {
   uint32_t reserved;
 } kvx_region_info;
 
+// Store settings; fill with `kvx_store_config_init`, then change what you need. Unlike
+// `kvx_config`, a 0 in `replicas`, a time or a watermark means its default.
+typedef struct kvx_store_config {
+  // `sizeof(kvx_store_config)` as the caller's header declares it; set by
+  // `kvx_store_config_init`, do not change it. A later library whose struct has more
+  // fields at the end reads only what this caller's struct has. Any other value is
+  // `KVX_ERR_INVALID_ARGUMENT`.
+  uint32_t struct_size;
+  // Copies of each object, on the first `replicas` owners of its key. 0: 1.
+  uint32_t replicas;
+  // The members' sessions (`"host:port"` of their engines, `kvx_engine_session_id`),
+  // comma-separated (spaces around a session are ignored). NULL or `""`: none, which is
+  // allowed only when this store contributes memory (its own engine is always a member
+  // then). Every client of one store should list the same members.
+  const char *members;
+  // Bytes of memory this process contributes to the store (allocated from the engine).
+  // 0: a pure client.
+  uint64_t contributed_bytes;
+  // Directory of the SSD tier's cache file, for a contributing store. NULL or `""`: no
+  // SSD tier.
+  const char *disk_dir;
+  // Bytes of the SSD tier (> 0 when `disk_dir` is set, 0 when not).
+  uint64_t disk_bytes;
+  // How long one request or transfer to a member may take, milliseconds. 0: 10000.
+  uint64_t timeout_ms;
+  // How long a member that could not be reached is skipped, milliseconds. 0: 2000.
+  uint64_t member_retry_ms;
+  // Contributing store: how long a reader may copy an object it looked up,
+  // milliseconds. 0: 5000.
+  uint64_t lease_ms;
+  // Contributing store: a put reservation not committed within this is reclaimed,
+  // milliseconds (at least 6000: the clients' write window of 5 s plus a margin). 0:
+  // 10000.
+  uint64_t reserve_timeout_ms;
+  // Contributing store: above this fraction of the contributed memory in use, objects
+  // are evicted (moved to the SSD tier, or dropped)... 0: 0.9.
+  double high_watermark;
+  // ...down to this fraction (0 < low <= high <= 1). 0: 0.8.
+  double low_watermark;
+} kvx_store_config;
+
+// The counters of a store's members, summed (see `kvx_store_get_stats`).
+typedef struct kvx_store_stats {
+  // Bytes of memory the members hold objects in.
+  uint64_t memory_capacity;
+  // Bytes of that memory in use (objects and reservations).
+  uint64_t memory_used;
+  // Bytes of the SSD tiers (0 without one).
+  uint64_t disk_capacity;
+  // Bytes of the SSD tiers in use.
+  uint64_t disk_used;
+  // Objects in memory.
+  uint64_t objects_in_memory;
+  // Objects on an SSD tier only.
+  uint64_t objects_on_disk;
+  // Put reservations not yet committed or aborted.
+  uint64_t reservations;
+  // Read leases not yet released or expired.
+  uint64_t leases;
+  // Objects committed, ever.
+  uint64_t puts;
+  // Keys looked up and found, ever.
+  uint64_t hits;
+  // Keys looked up and not found, ever.
+  uint64_t misses;
+  // Objects evicted (dropped) to make room, ever.
+  uint64_t evictions;
+  // Objects moved from memory to an SSD tier, ever.
+  uint64_t demotions;
+  // Objects moved from an SSD tier back to memory, ever.
+  uint64_t promotions;
+  // Reservations dropped because they expired uncommitted, ever.
+  uint64_t reclaimed_reservations;
+  // Leases dropped because they expired unreleased, ever.
+  uint64_t expired_leases;
+} kvx_store_stats;
+
 // Success (for a batch: every byte moved).
 #define KVX_OK 0
 
@@ -197,7 +288,8 @@ typedef struct kvx_region_info {
 // A NULL pointer, bad enum value, reserved field set, or unusable buffer size.
 #define KVX_ERR_INVALID_ARGUMENT (0 - 1)
 
-// A region or op of zero bytes.
+// A region or op of zero bytes. (Store, per key: a size of 0; objects have at least one
+// byte.)
 #define KVX_ERR_ZERO_LENGTH (0 - 2)
 
 // An address range that wraps past the end of the address space.
@@ -206,10 +298,13 @@ typedef struct kvx_region_info {
 // The region overlaps a registered one.
 #define KVX_ERR_OVERLAP (0 - 4)
 
-// The address (or part of an op's range) is not registered.
+// The address (or part of an op's range) is not registered. (Store, per key: the buffer
+// is not wholly inside one region registered with the store's engine with
+// `KVX_ACCESS_LOCAL_READ` for a put, `KVX_ACCESS_LOCAL_WRITE` for a get.)
 #define KVX_ERR_NOT_REGISTERED (0 - 5)
 
-// The region is used by an unfinished batch.
+// The region is used by an unfinished batch. (Store, per key of `kvx_store_remove`: the
+// object is being read; remove it later.)
 #define KVX_ERR_BUSY (0 - 6)
 
 // A location string is not "cpu:N", "cuda:N" or "*".
@@ -260,15 +355,48 @@ typedef struct kvx_region_info {
 // The region belongs to a `kvx_buffer`: free the buffer instead of unregistering it.
 #define KVX_ERR_OWNED_BY_BUFFER (0 - 23)
 
-// A peer could not be reached, went away, or answered wrongly.
+// A peer could not be reached, went away, or answered wrongly. (Store, per key: the
+// key's owner refused the item or answered wrongly, or the transfer to or from it
+// failed; `kvx_store_remove_all` and `kvx_store_get_stats`: a member could not be asked.)
 #define KVX_ERR_PEER (0 - 24)
 
 // The bytes moved but the batch's notification was not delivered.
 #define KVX_ERR_NOTIFY (0 - 25)
 
+// Store, per key: the key is empty, longer than `KVX_STORE_KEY_MAX` bytes, or NULL with a
+// non-zero length.
+#define KVX_ERR_BAD_KEY (0 - 26)
+
+// Store, per key of a put: the key exists already (objects are immutable; the put left it
+// as it was).
+#define KVX_ERR_ALREADY_EXISTS (0 - 27)
+
+// Store, per key of a put: the key's owner has no room for the object, even after
+// evicting.
+#define KVX_ERR_NO_SPACE (0 - 28)
+
+// Store, per key: no object under the key (or its owner is gone).
+#define KVX_ERR_NOT_FOUND (0 - 29)
+
+// Store, per key of a get: the object is larger than the buffer given for it; nothing
+// was read.
+#define KVX_ERR_SIZE_MISMATCH (0 - 30)
+
+// Store, per key of a get: the read ended after the object's lease expired, so the bytes
+// in the buffer may be torn; read it again.
+#define KVX_ERR_LEASE_EXPIRED (0 - 31)
+
+// Store, per key: no live member can own the key (members unreachable, or fewer members
+// than the replica asked for).
+#define KVX_ERR_UNAVAILABLE (0 - 32)
+
 // A bug in kvxfer was caught at the boundary (a panic); the call had no effect beyond
 // what its text says.
 #define KVX_ERR_INTERNAL (0 - 21)
+
+
+
+
 
 #ifdef __cplusplus
 extern "C" {
@@ -294,6 +422,12 @@ kvx_status kvx_engine_new(const struct kvx_config *config, struct kvx_engine **o
 
 // Stops an engine: cancels its unfinished batches (waiting until none can touch memory)
 // and frees it. NULL is ignored. The handle is invalid afterwards.
+//
+// A store set up on the engine (`kvx_store_setup`) holds it too: while one is alive the
+// engine keeps running (serving peers, its registered memory still registered) and stops
+// when the last store is freed. Memory registered with `kvx_register` must stay valid
+// until the engine stops, so free the stores first, or unregister that memory, before
+// freeing it.
 void kvx_engine_free(struct kvx_engine *engine);
 
 // Registers `[addr, addr + len)` with `access` (`KVX_ACCESS_*` bits) at `location`
@@ -463,6 +597,125 @@ const char *kvx_status_name(kvx_status status);
 // The text of the last error returned on this thread ("" if none yet). Valid until the
 // next kvxfer call on this thread returns an error; copy it to keep it.
 const char *kvx_last_error(void);
+
+// Fills `config` with the defaults (a pure client with no members: set `members`, or
+// `contributed_bytes`) and sets its `struct_size`. NULL is ignored.
+//
+// # Safety
+// `config` is NULL or valid for one write of a `kvx_store_config`.
+void kvx_store_config_init(struct kvx_store_config *config);
+
+// Joins the store through `engine` with `config` and stores the handle in `*out` (left
+// as it was on an error). With `contributed_bytes > 0` the engine serves a segment of that
+// much memory (and the SSD tier, if `disk_dir` is set) to the members from now on, until
+// the store is freed; an engine serves one segment, so a second contributing store on it is
+// `KVX_ERR_CONFIG` while the first lives (pure clients are not limited). The engine needs
+// a listener (`kvx_config.listen` not `""`), also for a pure client: members are reached
+// through its peers. Members are not
+// contacted here: each is opened on first use, and one that cannot be reached is skipped
+// (its keys go to the next owner) for `member_retry_ms`.
+//
+// `KVX_ERR_INVALID_ARGUMENT`: a NULL argument, or `config` not filled by
+// `kvx_store_config_init` (`struct_size`). `KVX_ERR_CONFIG`: no members and nothing
+// contributed, a member that is not `host:port` or is listed twice, a segment that cannot
+// be set up (too small, bad watermarks, an SSD directory that cannot be used, the
+// memory not available, a `reserve_timeout_ms` under the clients' 5 s write window plus
+// 1 s), a second contributing store on the engine, or an engine without a listener;
+// `kvx_last_error()` names the value.
+//
+// The store keeps `engine` running: free stores and the engine in either order.
+//
+// # Safety
+// `engine` is NULL or a live handle; `config` is NULL or points to a `kvx_store_config`
+// whose strings are NULL or NUL-terminated (read only during this call); `out` is NULL or
+// valid for one write.
+kvx_status kvx_store_setup(const struct kvx_engine *engine, const struct kvx_store_config *config, struct kvx_store **out);
+
+// Leaves the store and frees the handle: a contributing store's segment stops being
+// served (its objects are gone; members then miss its keys). Waits for no call: none may
+// be running on this handle. Its engine stops here if its handle was freed already and
+// this was its last store. NULL is ignored.
+//
+// # Safety
+// `store` is NULL or a handle from `kvx_store_setup`, not freed before.
+void kvx_store_free(struct kvx_store *store);
+
+// Puts `n` objects if their keys do not exist yet: key `i` (`key_lens[i]` bytes at
+// `keys[i]`) gets the `sizes[i]` bytes at `ptrs[i]`, which must lie inside one region
+// registered with the store's engine with `KVX_ACCESS_LOCAL_READ` (the engine moves them
+// to the key's owner without a copy). Returns when every key is done.
+//
+// `results[i]` is `KVX_OK` (stored), or why not: `KVX_ERR_ALREADY_EXISTS` (the object is
+// there, unchanged: objects are immutable), `KVX_ERR_NO_SPACE`, `KVX_ERR_BAD_KEY`,
+// `KVX_ERR_ZERO_LENGTH` (size 0), `KVX_ERR_NOT_REGISTERED`, `KVX_ERR_UNAVAILABLE`,
+// `KVX_ERR_PEER` (the owner refused, or the transfer failed). The call returns `KVX_OK`
+// whatever the keys' results; if any key failed, `kvx_last_error()` names the first ("key
+// 3 of 64: ...") and how many failed. A whole-call error (`KVX_ERR_INVALID_ARGUMENT`: NULL
+// `store`, or a NULL array with `n > 0`) writes no result. The bytes may be reused once
+// this returns.
+//
+// # Safety
+// `store` is NULL or a live handle; `keys`, `key_lens`, `ptrs`, `sizes` are NULL or
+// valid for `n` reads each; each `keys[i]` is NULL or valid for `key_lens[i]` reads when
+// `key_lens[i] <= KVX_STORE_KEY_MAX` (a longer key is refused unread); `results` is NULL
+// or valid for `n` writes.
+kvx_status kvx_store_batch_put_from(const struct kvx_store *store, const uint8_t *const *keys, const size_t *key_lens, void *const *ptrs, const uint64_t *sizes, size_t n, int32_t *results);
+
+// Reads `n` objects: key `i`'s object goes into the buffer of `sizes[i]` bytes at
+// `ptrs[i]`, which must lie inside one region registered with the store's engine with
+// `KVX_ACCESS_LOCAL_WRITE` (the engine moves the bytes there without a copy). Returns
+// when every key is done.
+//
+// `results[i]` is the object's size in bytes (> 0; the bytes after it in the buffer are
+// untouched), or a negative status: `KVX_ERR_NOT_FOUND`, `KVX_ERR_SIZE_MISMATCH` (the
+// object is larger than the buffer; nothing was read), `KVX_ERR_LEASE_EXPIRED` (the
+// buffer may hold torn bytes; read again), `KVX_ERR_BAD_KEY`, `KVX_ERR_ZERO_LENGTH`,
+// `KVX_ERR_NOT_REGISTERED`, `KVX_ERR_UNAVAILABLE`, `KVX_ERR_PEER`. The buffer of a key
+// that failed may have been written in part. The call returns `KVX_OK` whatever the keys'
+// results, and sets `kvx_last_error()` as `kvx_store_batch_put_from` does.
+//
+// # Safety
+// As for `kvx_store_batch_put_from`.
+kvx_status kvx_store_batch_get_into(const struct kvx_store *store, const uint8_t *const *keys, const size_t *key_lens, void *const *ptrs, const uint64_t *sizes, size_t n, int64_t *results);
+
+// Which of `n` keys exist: `found[i]` is 1 if key `i`'s object exists, else 0, and
+// `*prefix` the number of keys that lead the list without a gap (keys `0 .. prefix - 1`
+// exist, key `prefix` does not): the pages a prefix cache can read back in order. A bad
+// key, or one whose owners cannot be reached, counts as missing (`kvx_last_error()` then
+// names the first such bad key). `found` and `prefix` may each be NULL.
+//
+// # Safety
+// `store` is NULL or a live handle; `keys` and `key_lens` are NULL or valid for `n` reads;
+// each key as for `kvx_store_batch_put_from`; `found` is NULL or valid for `n` writes;
+// `prefix` is NULL or valid for one write.
+kvx_status kvx_store_batch_exists(const struct kvx_store *store, const uint8_t *const *keys, const size_t *key_lens, size_t n, uint8_t *found, size_t *prefix);
+
+// Removes `n` objects. `results[i]` is `KVX_OK` (removed), `KVX_ERR_NOT_FOUND`,
+// `KVX_ERR_BUSY` (someone is reading it: remove it later), `KVX_ERR_BAD_KEY`,
+// `KVX_ERR_UNAVAILABLE` or `KVX_ERR_PEER`. The call returns `KVX_OK` whatever the keys'
+// results, and sets `kvx_last_error()` as `kvx_store_batch_put_from` does.
+//
+// # Safety
+// `store` is NULL or a live handle; `keys` and `key_lens` are NULL or valid for `n` reads;
+// each key as for `kvx_store_batch_put_from`; `results` is NULL or valid for `n` writes.
+kvx_status kvx_store_remove(const struct kvx_store *store, const uint8_t *const *keys, const size_t *key_lens, size_t n, int32_t *results);
+
+// Removes every object no one is reading, on every member, and stores how many in
+// `*removed` (if `removed` is not NULL). `KVX_ERR_PEER` if a member could not be reached
+// or answered wrongly (`kvx_last_error()` names each); the others were still emptied and
+// `*removed` counts theirs.
+//
+// # Safety
+// `store` is NULL or a live handle; `removed` is NULL or valid for one write.
+kvx_status kvx_store_remove_all(const struct kvx_store *store, uint64_t *removed);
+
+// Asks every member for its counters and stores their sums in `*out`. `KVX_ERR_PEER` if
+// a member could not be asked (`kvx_last_error()` names each); `*out` then holds the sums
+// of the members that answered.
+//
+// # Safety
+// `store` is NULL or a live handle; `out` is NULL or valid for one write.
+kvx_status kvx_store_get_stats(const struct kvx_store *store, struct kvx_store_stats *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,5 +1,6 @@
-//! Compiles tests/c/api_test.c against include/kvxfer.h and the freshly built cdylib, runs
-//! it, and checks the header is also valid C++.
+//! Compiles the C programs of tests/c/ (api_test.c: the engine; store_test.c: the store)
+//! against include/kvxfer.h and the freshly built cdylib, runs them, and checks the header
+//! is also valid C++.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,14 +39,15 @@ fn run(cmd: &mut Command) -> String {
     text
 }
 
-#[test]
-fn c_program_registers_transfers_and_sees_every_error() {
+/// Compiles `tests/c/<name>.c` against the header and the cdylib, runs it, and returns
+/// its output (the test fails if it does not build or exits non-zero).
+fn build_and_run_c(name: &str) -> String {
     let lib = lib_dir();
-    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kvx_api_test");
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kvx_{name}"));
     run(Command::new("cc")
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
         .arg(root().join("include"))
-        .arg(root().join("tests/c/api_test.c"))
+        .arg(root().join(format!("tests/c/{name}.c")))
         .arg("-L")
         .arg(&lib)
         .arg(format!("-Wl,-rpath,{}", lib.display()))
@@ -55,7 +57,22 @@ fn c_program_registers_transfers_and_sees_every_error() {
     // may have left a stale libkvxfer.so that would win over the rpath.
     let output = run(Command::new(&exe).env_remove("LD_LIBRARY_PATH"));
     println!("{output}");
+    output
+}
+
+#[test]
+fn c_program_registers_transfers_and_sees_every_error() {
+    let output = build_and_run_c("api_test");
     assert!(output.contains("all C ABI checks passed"), "{output}");
+}
+
+/// Two engines in one C program: one contributes store memory, the other is a pure client
+/// that puts, checks, gets and removes KV pages and meets every per-key and whole-call
+/// error.
+#[test]
+fn c_program_uses_the_store() {
+    let output = build_and_run_c("store_test");
+    assert!(output.contains("store C ABI checks passed"), "{output}");
 }
 
 #[test]

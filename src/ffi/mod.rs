@@ -13,14 +13,16 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 mod status;
+mod store;
 
 use std::collections::VecDeque;
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 pub use status::*;
+pub use store::*;
 
 use crate::engine::{BatchId, BatchState, Engine, EngineConfig, Notification, Op, PeerId};
 use crate::memory::{Access, Buffer, Location, RegionSpec};
@@ -31,7 +33,9 @@ use crate::transport::{OpKind, TransportKind};
 pub const KVX_ABI_VERSION_MAJOR: u32 = 1;
 /// Minor version of the C ABI: changes when declarations are added.
 /// 1: `kvx_config.transports`, `kvx_peer_transport`, `kvx_batch_transport`, `KVX_TRANSPORT_*`.
-pub const KVX_ABI_VERSION_MINOR: u32 = 1;
+/// 2: the L3 store: `kvx_store_*`, `kvx_store_config`, `kvx_store_stats`,
+/// `KVX_STORE_KEY_MAX`, and the status codes `KVX_ERR_BAD_KEY` .. `KVX_ERR_UNAVAILABLE`.
+pub const KVX_ABI_VERSION_MINOR: u32 = 2;
 
 /// Transport: in-process copies (the engine is its own peer).
 pub const KVX_TRANSPORT_LOCAL: u32 = 1;
@@ -85,7 +89,9 @@ pub type kvx_peer_id = u64;
 /// An engine (opaque). Create with `kvx_engine_new`, destroy with `kvx_engine_free`.
 /// Every call but `kvx_engine_free` may be made from many threads at once.
 pub struct kvx_engine {
-    engine: Engine,
+    /// Shared with the stores set up on this engine (`kvx_store_setup`), which keep it
+    /// running after `kvx_engine_free` until the last of them is freed.
+    engine: Arc<Engine>,
     /// Notifications taken from the engine that `kvx_poll_notification` could not hand
     /// over (the caller's buffer was too small), oldest first; handed out before any newer
     /// one.
@@ -270,7 +276,7 @@ pub extern "C" fn kvx_engine_new(
         };
         let engine = Engine::new(config)?;
         let handle = Box::into_raw(Box::new(kvx_engine {
-            engine,
+            engine: Arc::new(engine),
             pending: Mutex::new(VecDeque::new()),
         }));
         // SAFETY: `out` is non-NULL and the caller promises it is writable.
@@ -281,6 +287,12 @@ pub extern "C" fn kvx_engine_new(
 
 /// Stops an engine: cancels its unfinished batches (waiting until none can touch memory)
 /// and frees it. NULL is ignored. The handle is invalid afterwards.
+///
+/// A store set up on the engine (`kvx_store_setup`) holds it too: while one is alive the
+/// engine keeps running (serving peers, its registered memory still registered) and stops
+/// when the last store is freed. Memory registered with `kvx_register` must stay valid
+/// until the engine stops, so free the stores first, or unregister that memory, before
+/// freeing it.
 #[no_mangle]
 pub extern "C" fn kvx_engine_free(engine: *mut kvx_engine) {
     if engine.is_null() {
@@ -908,7 +920,7 @@ fn non_null<T>(ptr: *mut T, name: &str) -> Result<*mut T, FfiError> {
 }
 
 fn engine_ref<'a>(engine: *const kvx_engine) -> Result<&'a Engine, FfiError> {
-    handle_ref(engine).map(|h| &h.engine)
+    handle_ref(engine).map(|h| &*h.engine)
 }
 
 fn handle_ref<'a>(engine: *const kvx_engine) -> Result<&'a kvx_engine, FfiError> {

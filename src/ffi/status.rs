@@ -18,15 +18,19 @@ pub const KVX_OK: kvx_status = 0;
 pub const KVX_IN_PROGRESS: kvx_status = 1;
 /// A NULL pointer, bad enum value, reserved field set, or unusable buffer size.
 pub const KVX_ERR_INVALID_ARGUMENT: kvx_status = 0 - 1;
-/// A region or op of zero bytes.
+/// A region or op of zero bytes. (Store, per key: a size of 0; objects have at least one
+/// byte.)
 pub const KVX_ERR_ZERO_LENGTH: kvx_status = 0 - 2;
 /// An address range that wraps past the end of the address space.
 pub const KVX_ERR_ADDRESS_OVERFLOW: kvx_status = 0 - 3;
 /// The region overlaps a registered one.
 pub const KVX_ERR_OVERLAP: kvx_status = 0 - 4;
-/// The address (or part of an op's range) is not registered.
+/// The address (or part of an op's range) is not registered. (Store, per key: the buffer
+/// is not wholly inside one region registered with the store's engine with
+/// `KVX_ACCESS_LOCAL_READ` for a put, `KVX_ACCESS_LOCAL_WRITE` for a get.)
 pub const KVX_ERR_NOT_REGISTERED: kvx_status = 0 - 5;
-/// The region is used by an unfinished batch.
+/// The region is used by an unfinished batch. (Store, per key of `kvx_store_remove`: the
+/// object is being read; remove it later.)
 pub const KVX_ERR_BUSY: kvx_status = 0 - 6;
 /// A location string is not "cpu:N", "cuda:N" or "*".
 pub const KVX_ERR_BAD_LOCATION: kvx_status = 0 - 7;
@@ -60,10 +64,32 @@ pub const KVX_ERR_START: kvx_status = 0 - 20;
 pub const KVX_ERR_OVERLAPPING_OP: kvx_status = 0 - 22;
 /// The region belongs to a `kvx_buffer`: free the buffer instead of unregistering it.
 pub const KVX_ERR_OWNED_BY_BUFFER: kvx_status = 0 - 23;
-/// A peer could not be reached, went away, or answered wrongly.
+/// A peer could not be reached, went away, or answered wrongly. (Store, per key: the
+/// key's owner refused the item or answered wrongly, or the transfer to or from it
+/// failed; `kvx_store_remove_all` and `kvx_store_get_stats`: a member could not be asked.)
 pub const KVX_ERR_PEER: kvx_status = 0 - 24;
 /// The bytes moved but the batch's notification was not delivered.
 pub const KVX_ERR_NOTIFY: kvx_status = 0 - 25;
+/// Store, per key: the key is empty, longer than `KVX_STORE_KEY_MAX` bytes, or NULL with a
+/// non-zero length.
+pub const KVX_ERR_BAD_KEY: kvx_status = 0 - 26;
+/// Store, per key of a put: the key exists already (objects are immutable; the put left it
+/// as it was).
+pub const KVX_ERR_ALREADY_EXISTS: kvx_status = 0 - 27;
+/// Store, per key of a put: the key's owner has no room for the object, even after
+/// evicting.
+pub const KVX_ERR_NO_SPACE: kvx_status = 0 - 28;
+/// Store, per key: no object under the key (or its owner is gone).
+pub const KVX_ERR_NOT_FOUND: kvx_status = 0 - 29;
+/// Store, per key of a get: the object is larger than the buffer given for it; nothing
+/// was read.
+pub const KVX_ERR_SIZE_MISMATCH: kvx_status = 0 - 30;
+/// Store, per key of a get: the read ended after the object's lease expired, so the bytes
+/// in the buffer may be torn; read it again.
+pub const KVX_ERR_LEASE_EXPIRED: kvx_status = 0 - 31;
+/// Store, per key: no live member can own the key (members unreachable, or fewer members
+/// than the replica asked for).
+pub const KVX_ERR_UNAVAILABLE: kvx_status = 0 - 32;
 /// A bug in kvxfer was caught at the boundary (a panic); the call had no effect beyond
 /// what its text says.
 pub const KVX_ERR_INTERNAL: kvx_status = 0 - 21;
@@ -137,6 +163,13 @@ pub extern "C" fn kvx_status_name(status: kvx_status) -> *const c_char {
         KVX_ERR_OWNED_BY_BUFFER => "KVX_ERR_OWNED_BY_BUFFER\0",
         KVX_ERR_PEER => "KVX_ERR_PEER\0",
         KVX_ERR_NOTIFY => "KVX_ERR_NOTIFY\0",
+        KVX_ERR_BAD_KEY => "KVX_ERR_BAD_KEY\0",
+        KVX_ERR_ALREADY_EXISTS => "KVX_ERR_ALREADY_EXISTS\0",
+        KVX_ERR_NO_SPACE => "KVX_ERR_NO_SPACE\0",
+        KVX_ERR_NOT_FOUND => "KVX_ERR_NOT_FOUND\0",
+        KVX_ERR_SIZE_MISMATCH => "KVX_ERR_SIZE_MISMATCH\0",
+        KVX_ERR_LEASE_EXPIRED => "KVX_ERR_LEASE_EXPIRED\0",
+        KVX_ERR_UNAVAILABLE => "KVX_ERR_UNAVAILABLE\0",
         KVX_ERR_INTERNAL => "KVX_ERR_INTERNAL\0",
         _ => "KVX_UNKNOWN_STATUS\0",
     };
@@ -175,7 +208,8 @@ mod tests {
     #[test]
     fn every_status_has_a_distinct_name() {
         let mut names = std::collections::HashSet::new();
-        for code in KVX_ERR_NOTIFY..=KVX_IN_PROGRESS {
+        // Every code from the lowest to the highest is in use.
+        for code in KVX_ERR_UNAVAILABLE..=KVX_IN_PROGRESS {
             // SAFETY: kvx_status_name returns a static NUL-terminated string.
             let name = unsafe { CStr::from_ptr(kvx_status_name(code)) }
                 .to_str()
