@@ -268,3 +268,26 @@ fn one_segment_per_engine() {
     drop(plain);
     assert!(ne.store_service().is_some(), "the segment stopped serving");
 }
+
+/// A remove right after a get is not refused as busy: the get's leases are released
+/// first.
+#[test]
+fn remove_right_after_get_is_not_busy() {
+    let (_ne, node) = node(16 << 20, None);
+    let (ce, c) = client(node.members());
+    let buf = ce.allocate(8 * 4096, Location::Any).unwrap();
+    let keys: Vec<Vec<u8>> = (0..8).map(|i| format!("r{i}").into_bytes()).collect();
+    let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+    let ptrs: Vec<u64> = (0..8).map(|i| buf.addr() + i * 4096).collect();
+    for round in 0..20 {
+        let put = c.batch_put_from(&refs, &ptrs, &[4096; 8]).unwrap();
+        assert!(put.iter().all(|r| r.is_ok()), "round {round}: {put:?}");
+        let got = c.batch_get_into(&refs, &ptrs, &[4096; 8]).unwrap();
+        assert!(got.iter().all(|r| *r == Ok(4096)), "round {round}: {got:?}");
+        let removed = c.remove(&refs).unwrap();
+        assert!(
+            removed.iter().all(|r| r.is_ok()),
+            "round {round}: {removed:?}"
+        );
+    }
+}

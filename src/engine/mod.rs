@@ -288,6 +288,22 @@ impl Engine {
         Ok(())
     }
 
+    /// Serves store requests with `service` unless one is served already; `Ok(false)`
+    /// then (the check and the change are one step).
+    pub fn set_store_service_if_none(&self, service: Arc<dyn StoreService>) -> Result<bool> {
+        let net = self.net.as_ref().ok_or(Error::NoListener)?;
+        let mut current = net
+            .shared
+            .store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.is_some() {
+            return Ok(false);
+        }
+        *current = Some(service);
+        Ok(true)
+    }
+
     /// The store service this engine serves, if any.
     pub fn store_service(&self) -> Option<Arc<dyn StoreService>> {
         self.net.as_ref().and_then(|n| n.shared.store_service())

@@ -13,8 +13,7 @@
 //!   lease is released in the background. A read that ended after its lease expired is
 //!   reported as an error, never as data.
 
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -185,6 +184,12 @@ struct Inner {
     /// Set when the store is dropped: leases still queued for release are left to
     /// expire instead of delaying the drop.
     closing: std::sync::atomic::AtomicBool,
+    /// Leases to release (member, lease ids), sent by the releaser thread, or by a remove
+    /// first (so that an object just read is not reported busy).
+    releases: Mutex<Vec<(usize, Vec<u64>)>>,
+    queued: Condvar,
+    /// Held while releases are sent.
+    sending: Mutex<()>,
 }
 
 /// `now + d`, or a year from now when that does not fit the clock (a caller's
@@ -210,7 +215,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Store {
     inner: Arc<Inner>,
     server: Option<Arc<SegmentServer>>,
-    releases: Option<Sender<(usize, Vec<u64>)>>,
     releaser: Option<JoinHandle<()>>,
 }
 
@@ -253,22 +257,9 @@ impl Store {
             .ok_or(crate::engine::Error::NoListener)?
             .to_string();
         let contributes = config.segment.as_ref().is_some_and(|s| s.memory_bytes > 0);
-        if contributes && engine.store_service().is_some() {
-            return Err(StoreError::Segment(
-                "this engine already serves a store segment (one per engine)".into(),
-            ));
+        if contributes && !sessions.contains(&own) {
+            sessions.push(own);
         }
-        let server = if contributes {
-            let segment = config.segment.as_ref().expect("checked above");
-            let server = SegmentServer::start(&engine, segment).map_err(StoreError::Segment)?;
-            engine.set_store_service(Some(Arc::clone(&server) as Arc<dyn StoreService>))?;
-            if !sessions.contains(&own) {
-                sessions.push(own);
-            }
-            Some(server)
-        } else {
-            None
-        };
         if sessions.is_empty() {
             return Err(StoreError::NoMembers);
         }
@@ -285,28 +276,33 @@ impl Store {
             timeout: config.timeout,
             retry: config.member_retry,
             closing: std::sync::atomic::AtomicBool::new(false),
+            releases: Mutex::new(Vec::new()),
+            queued: Condvar::new(),
+            sending: Mutex::new(()),
         });
-        let (tx, rx) = channel::<(usize, Vec<u64>)>();
         let releasing = Arc::clone(&inner);
         let releaser = std::thread::Builder::new()
             .name("kvx-store-release".into())
-            .spawn(move || {
-                // Leases end early here, off the caller's path; one lost only delays
-                // eviction of its object until the lease expires.
-                while let Ok((m, leases)) = rx.recv() {
-                    let closing = releasing.closing.load(std::sync::atomic::Ordering::Acquire);
-                    if !closing && releasing.is_live(m) {
-                        let _ = releasing.call(m, &Request::Release { leases });
-                    }
-                }
-            })
-            .map_err(|e| StoreError::Segment(format!("cannot start a thread: {e}")))?;
-        Ok(Store {
+            .spawn(move || releasing.release_loop())
+            .map_err(|e| StoreError::BadConfig(format!("cannot start a thread: {e}")))?;
+        let mut store = Store {
             inner,
-            server,
-            releases: Some(tx),
+            server: None,
             releaser: Some(releaser),
-        })
+        };
+        if contributes {
+            let segment = config.segment.as_ref().expect("checked above");
+            let engine = &store.inner.engine;
+            let server = SegmentServer::start(engine, segment).map_err(StoreError::Segment)?;
+            if !engine.set_store_service_if_none(Arc::clone(&server) as Arc<dyn StoreService>)? {
+                server.stop();
+                return Err(StoreError::Segment(
+                    "this engine already serves a store segment (one per engine)".into(),
+                ));
+            }
+            store.server = Some(server);
+        }
+        Ok(store)
     }
 
     /// The members' sessions, in placement order.
@@ -385,12 +381,10 @@ impl Store {
             }
         }
         let inner = &self.inner;
-        let releases = self.releases.as_ref().expect("set until drop");
-        let releases = Mutex::new(releases.clone());
         let mut taken = vec![Vec::new(); keys.len()];
         for _ in 0..inner.replicas {
             let done = inner.drive(&todo, keys, &mut taken, |m, items| {
-                inner.get_group(m, items, keys, ptrs, sizes, &releases)
+                inner.get_group(m, items, keys, ptrs, sizes)
             });
             todo.clear();
             for (i, r) in done {
@@ -450,6 +444,7 @@ impl Store {
 
     /// Removes each key's object. One result per key (`NotFound`, `Busy` while read).
     pub fn remove(&self, keys: &[&[u8]]) -> Result<Vec<PutResult>, StoreError> {
+        self.inner.flush_releases();
         let mut results: Vec<PutResult> = keys
             .iter()
             .map(|k| check_key(k).map_err(|e| ItemError::BadKey(e.to_string())))
@@ -491,6 +486,7 @@ impl Store {
     /// Removes every object no one is reading, on every reachable member; returns how
     /// many, and the members that could not be reached.
     pub fn remove_all(&self) -> (u64, Vec<(String, String)>) {
+        self.inner.flush_releases();
         let mut removed = 0;
         let mut failed = Vec::new();
         for (m, member) in self.inner.members.iter().enumerate() {
@@ -563,7 +559,7 @@ impl Drop for Store {
         self.inner
             .closing
             .store(true, std::sync::atomic::Ordering::Release);
-        self.releases = None;
+        self.inner.queued.notify_all();
         if let Some(t) = self.releaser.take() {
             let _ = t.join();
         }
@@ -599,6 +595,46 @@ fn describe(e: &CallError) -> String {
 }
 
 impl Inner {
+    /// Leases end early here, off the callers' path; one lost only delays eviction of
+    /// its object until the lease expires. Ends when the store is dropped (what is still
+    /// queued then is left to expire).
+    fn release_loop(&self) {
+        let closing = || self.closing.load(std::sync::atomic::Ordering::Acquire);
+        loop {
+            {
+                let mut q = lock(&self.releases);
+                while q.is_empty() && !closing() {
+                    q = self.queued.wait(q).unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+            if closing() {
+                return;
+            }
+            self.flush_releases();
+        }
+    }
+
+    fn send_releases(&self, batch: Vec<(usize, Vec<u64>)>) {
+        for (m, leases) in batch {
+            if self.is_live(m) {
+                let _ = self.call(m, &Request::Release { leases });
+            }
+        }
+    }
+
+    fn queue_release(&self, m: usize, leases: Vec<u64>) {
+        lock(&self.releases).push((m, leases));
+        self.queued.notify_one();
+    }
+
+    /// Sends the queued releases now, after any the releaser is sending (a remove calls
+    /// it first, so that an object just read is not reported busy).
+    fn flush_releases(&self) {
+        let _one_at_a_time = lock(&self.sending);
+        let batch = std::mem::take(&mut *lock(&self.releases));
+        self.send_releases(batch);
+    }
+
     /// Whether member `m` may be used now (not marked down, or its time is up).
     fn is_live(&self, m: usize) -> bool {
         let s = lock(&self.members[m].state);
@@ -863,7 +899,6 @@ impl Inner {
         keys: &[&[u8]],
         ptrs: &[u64],
         sizes: &[u64],
-        releases: &Mutex<Sender<(usize, Vec<u64>)>>,
     ) -> Result<Vec<(usize, GetResult)>, CallError> {
         let request = Request::Lookup {
             keys: items.iter().map(|&i| keys[i].to_vec()).collect(),
@@ -929,7 +964,7 @@ impl Inner {
             }
         }
         if !leases.is_empty() {
-            let _ = lock(releases).send((m, leases));
+            self.queue_release(m, leases);
         }
         Ok(out)
     }
