@@ -192,6 +192,9 @@ struct Inner {
     sending: Mutex<()>,
 }
 
+/// Up to this many owner groups of a request that moves no data go one after the other.
+const SEQUENTIAL_GROUPS: usize = 4;
+
 /// `now + d`, or a year from now when that does not fit the clock (a caller's
 /// `Duration::MAX` means "practically never").
 fn later(d: Duration) -> Instant {
@@ -339,7 +342,7 @@ impl Store {
         let inner = &self.inner;
         let mut taken = vec![Vec::new(); keys.len()];
         for _ in 0..inner.replicas {
-            let done = inner.drive(&valid, keys, &mut taken, |m, items| {
+            let done = inner.drive(&valid, keys, &mut taken, true, |m, items| {
                 inner.put_group(m, items, keys, ptrs, sizes)
             });
             for (i, r) in done {
@@ -383,7 +386,7 @@ impl Store {
         let inner = &self.inner;
         let mut taken = vec![Vec::new(); keys.len()];
         for _ in 0..inner.replicas {
-            let done = inner.drive(&todo, keys, &mut taken, |m, items| {
+            let done = inner.drive(&todo, keys, &mut taken, true, |m, items| {
                 inner.get_group(m, items, keys, ptrs, sizes)
             });
             todo.clear();
@@ -418,7 +421,7 @@ impl Store {
         let inner = &self.inner;
         let mut taken = vec![Vec::new(); keys.len()];
         for _ in 0..inner.replicas {
-            let done = inner.drive(&todo, keys, &mut taken, |m, items| {
+            let done = inner.drive(&todo, keys, &mut taken, false, |m, items| {
                 let request = Request::Exists {
                     keys: items.iter().map(|&i| keys[i].to_vec()).collect(),
                 };
@@ -454,7 +457,7 @@ impl Store {
         let mut first = vec![true; keys.len()];
         let mut taken = vec![Vec::new(); keys.len()];
         for _ in 0..inner.replicas {
-            let done = inner.drive(&valid, keys, &mut taken, |m, items| {
+            let done = inner.drive(&valid, keys, &mut taken, false, |m, items| {
                 let request = Request::Remove {
                     keys: items.iter().map(|&i| keys[i].to_vec()).collect(),
                 };
@@ -697,7 +700,8 @@ impl Inner {
 
     /// Runs `run` on the keys `items`, each sent to its best owner not in `taken[i]` (the
     /// members that served it in an earlier round: replicas go to distinct members), in
-    /// groups per owner, which go in parallel when there are several. The keys of a
+    /// groups per owner, which go in parallel when there are several (and they move data,
+    /// or there are more than [`SEQUENTIAL_GROUPS`]). The keys of a
     /// member that cannot be reached are placed again without it; a member that failed
     /// is not tried again within this call. Each key that reached a member gets it added
     /// to `taken`.
@@ -706,6 +710,7 @@ impl Inner {
         items: &[usize],
         keys: &[&[u8]],
         taken: &mut [Vec<usize>],
+        moves_data: bool,
         run: impl Fn(usize, &[usize]) -> Result<Vec<(usize, Result<T, ItemError>)>, CallError> + Sync,
     ) -> Vec<(usize, Result<T, ItemError>)> {
         let names: Vec<String> = self.members.iter().map(|m| m.session.clone()).collect();
@@ -737,9 +742,11 @@ impl Inner {
                 let (done, failure) = chunked(&g, |c| run(m, c));
                 (m, done, failure)
             };
-            let answers: Vec<_> = if groups.len() == 1 {
-                let (m, g) = groups.pop().expect("one group");
-                vec![run_group(m, g)]
+            // Groups that move data overlap their transfers on threads; a few small
+            // requests (exists, remove) go one after the other, cheaper than a thread each.
+            let parallel = groups.len() > 1 && (moves_data || groups.len() > SEQUENTIAL_GROUPS);
+            let answers: Vec<_> = if !parallel {
+                groups.into_iter().map(|(m, g)| run_group(m, g)).collect()
             } else {
                 std::thread::scope(|scope| {
                     let handles: Vec<_> = groups
