@@ -1295,9 +1295,9 @@ fn ssd_tier_demotes_under_pressure_and_promotes_on_hit() {
         let r = c.put(chunk, SEED, V);
         assert!(r.iter().all(|r| r.is_ok()), "batch {b}: {}", put_line(&r));
     }
-    let after_puts = c.member_stats()[0].1.clone();
+    let after_puts = c.member_stats()[0].1;
     let got = c.check(&all, SEED, V);
-    let s = c.member_stats()[0].1.clone();
+    let s = c.member_stats()[0].1;
     eprintln!(
         "ssd: after puts {after_puts:?}\nssd: after gets {s:?}\nssd: {}",
         got.line()
@@ -1354,7 +1354,7 @@ fn a_get_from_the_ssd_tier_counts_one_hit() {
     // Housekeeping demotes the oldest objects (hit-0 first) down to the low watermark.
     let deadline = Instant::now() + Duration::from_secs(5);
     let before = loop {
-        let s = c.member_stats()[0].1.clone();
+        let s = c.member_stats()[0].1;
         if s.objects_on_disk > 0 {
             break s;
         }
@@ -1367,7 +1367,7 @@ fn a_get_from_the_ssd_tier_counts_one_hit() {
     assert_eq!(before.evictions, 0, "{before:?}");
     c.check(&all[..1], SEED, V)
         .assert_all_ok(1, "the oldest object, from disk");
-    let after = c.member_stats()[0].1.clone();
+    let after = c.member_stats()[0].1;
     assert_eq!(
         after.promotions - before.promotions,
         1,

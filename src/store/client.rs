@@ -330,15 +330,7 @@ impl Store {
         ptrs: &[u64],
         sizes: &[u64],
     ) -> Result<Vec<PutResult>, StoreError> {
-        same_lengths(keys.len(), ptrs.len(), sizes.len())?;
-        let mut results: Vec<Option<PutResult>> = vec![None; keys.len()];
-        let mut valid = Vec::new();
-        for i in 0..keys.len() {
-            match self.check_item(keys[i], ptrs[i], sizes[i], Access::LOCAL_READ, "read") {
-                Ok(()) => valid.push(i),
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
+        let (mut results, valid) = self.checked(keys, ptrs, sizes, Access::LOCAL_READ)?;
         let inner = &self.inner;
         let mut taken = vec![Vec::new(); keys.len()];
         for _ in 0..inner.replicas {
@@ -374,15 +366,7 @@ impl Store {
         ptrs: &[u64],
         sizes: &[u64],
     ) -> Result<Vec<GetResult>, StoreError> {
-        same_lengths(keys.len(), ptrs.len(), sizes.len())?;
-        let mut results: Vec<Option<GetResult>> = vec![None; keys.len()];
-        let mut todo = Vec::new();
-        for i in 0..keys.len() {
-            match self.check_item(keys[i], ptrs[i], sizes[i], Access::LOCAL_WRITE, "write") {
-                Ok(()) => todo.push(i),
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
+        let (mut results, mut todo) = self.checked(keys, ptrs, sizes, Access::LOCAL_WRITE)?;
         let inner = &self.inner;
         let mut taken = vec![Vec::new(); keys.len()];
         for _ in 0..inner.replicas {
@@ -530,14 +514,30 @@ impl Store {
         total
     }
 
-    fn check_item(
+    /// Checks every item (key, size, buffer registered with `access`): the results of
+    /// the bad ones (the rest `None`) and the indices of the good ones.
+    #[allow(clippy::type_complexity)]
+    fn checked<T>(
         &self,
-        key: &[u8],
-        ptr: u64,
-        size: u64,
+        keys: &[&[u8]],
+        ptrs: &[u64],
+        sizes: &[u64],
         access: Access,
-        need: &'static str,
-    ) -> Result<(), ItemError> {
+    ) -> Result<(Vec<Option<Result<T, ItemError>>>, Vec<usize>), StoreError> {
+        same_lengths(keys.len(), ptrs.len(), sizes.len())?;
+        let mut results: Vec<Option<Result<T, ItemError>>> =
+            (0..keys.len()).map(|_| None).collect();
+        let mut good = Vec::with_capacity(keys.len());
+        for i in 0..keys.len() {
+            match self.check_item(keys[i], ptrs[i], sizes[i], access) {
+                Ok(()) => good.push(i),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        Ok((results, good))
+    }
+
+    fn check_item(&self, key: &[u8], ptr: u64, size: u64, access: Access) -> Result<(), ItemError> {
         check_key(key).map_err(|e| ItemError::BadKey(e.to_string()))?;
         if size == 0 {
             return Err(ItemError::ZeroSize);
@@ -546,10 +546,10 @@ impl Store {
             return Err(ItemError::NotRegistered {
                 addr: ptr,
                 len: size,
-                need: if need == "read" {
-                    "the engine reads it: LOCAL_READ"
-                } else {
+                need: if access.contains(Access::LOCAL_WRITE) {
                     "the engine writes it: LOCAL_WRITE"
+                } else {
+                    "the engine reads it: LOCAL_READ"
                 },
             });
         }

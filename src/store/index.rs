@@ -216,44 +216,9 @@ pub struct Demotion {
     pub disk_offset: u64,
 }
 
-/// Counters and gauges of an [`Index`] (in the order the store's wire format carries them).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IndexStats {
-    /// Bytes of the memory segment.
-    pub memory_capacity: u64,
-    /// Bytes of memory allocated (objects, reservations, blocks kept for leases or
-    /// in-flight copies), in granules.
-    pub memory_used: u64,
-    /// Bytes of the SSD file (0: no SSD tier).
-    pub disk_capacity: u64,
-    /// Bytes of the SSD file allocated.
-    pub disk_used: u64,
-    /// Committed objects in memory (including those with a demotion in flight).
-    pub objects_in_memory: u64,
-    /// Committed objects on disk (including those with a promotion in flight).
-    pub objects_on_disk: u64,
-    /// Reservations not yet committed, aborted or reclaimed.
-    pub reservations: u64,
-    /// Leases not yet released or dropped (an expired lease is dropped by
-    /// [`Index::reclaim`], or when its object's memory is freed).
-    pub leases: u64,
-    /// Objects committed.
-    pub puts: u64,
-    /// Lookups that found a committed object in memory (one on disk counts once promoted).
-    pub hits: u64,
-    /// Lookups that found none.
-    pub misses: u64,
-    /// Objects dropped to make room (from memory, or from disk to make room there).
-    pub evictions: u64,
-    /// Demotions completed (`demoted` with `ok`).
-    pub demotions: u64,
-    /// Promotions completed (`promote_end` with `ok`).
-    pub promotions: u64,
-    /// Reservations reclaimed after their timeout.
-    pub reclaimed_reservations: u64,
-    /// Leases dropped after their expiry (not released).
-    pub expired_leases: u64,
-}
+/// Counters and gauges of an [`Index`]: the store's [`StoreStats`](super::wire::StoreStats),
+/// as a segment server reports them.
+pub type IndexStats = super::wire::StoreStats;
 
 #[derive(Debug)]
 enum Entry {

@@ -171,25 +171,7 @@ impl SegmentServer {
 
     /// This segment's counters.
     pub fn stats(&self) -> StoreStats {
-        let s = lock(&self.index).stats();
-        StoreStats {
-            memory_capacity: s.memory_capacity,
-            memory_used: s.memory_used,
-            disk_capacity: s.disk_capacity,
-            disk_used: s.disk_used,
-            objects_in_memory: s.objects_in_memory,
-            objects_on_disk: s.objects_on_disk,
-            reservations: s.reservations,
-            leases: s.leases,
-            puts: s.puts,
-            hits: s.hits,
-            misses: s.misses,
-            evictions: s.evictions,
-            demotions: s.demotions,
-            promotions: s.promotions,
-            reclaimed_reservations: s.reclaimed_reservations,
-            expired_leases: s.expired_leases,
-        }
+        lock(&self.index).stats()
     }
 
     /// Answers one request.

@@ -384,41 +384,45 @@ pub enum LookupItem {
     Missing(ItemStatus),
 }
 
-/// The counters of a segment server ([`Reply::Stats`]); a client adds up its members'
-/// with [`StoreStats::add`]. On the wire: the 16 fields as u64, in declaration order.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+/// The counters of a segment server ([`Reply::Stats`]; its index keeps them); a client
+/// adds up its members' with [`StoreStats::add`]. On the wire: the 16 fields as u64, in
+/// declaration order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct StoreStats {
-    /// Bytes of memory the segment holds objects in.
+    /// Bytes of the memory segment.
     pub memory_capacity: u64,
-    /// Bytes of that memory in use (objects and reservations).
+    /// Bytes of memory allocated (objects, reservations, blocks kept for leases or
+    /// in-flight copies, aborted reservations until their deadline), in granules.
     pub memory_used: u64,
     /// Bytes of the SSD tier (0 without one).
     pub disk_capacity: u64,
-    /// Bytes of the SSD tier in use.
+    /// Bytes of the SSD tier allocated.
     pub disk_used: u64,
-    /// Objects in memory.
+    /// Committed objects in memory (including those with a demotion in flight).
     pub objects_in_memory: u64,
-    /// Objects on the SSD tier only.
+    /// Committed objects on disk (including those with a promotion in flight).
     pub objects_on_disk: u64,
-    /// Reservations not yet committed or aborted.
+    /// Reservations not yet committed, aborted or reclaimed.
     pub reservations: u64,
-    /// Leases not yet released or expired.
+    /// Leases not yet released or dropped (an expired lease is dropped by the index's
+    /// `reclaim`, or when its object's memory is freed).
     pub leases: u64,
     /// Objects committed, ever.
     pub puts: u64,
-    /// Keys looked up and found, ever.
+    /// Lookups that found a committed object in memory (one on disk counts once
+    /// promoted), ever.
     pub hits: u64,
-    /// Keys looked up and not found, ever.
+    /// Lookups that found none, ever.
     pub misses: u64,
-    /// Objects evicted (dropped) to make room, ever.
+    /// Objects dropped to make room (from memory, or from disk to make room there), ever.
     pub evictions: u64,
     /// Objects moved from memory to the SSD tier, ever.
     pub demotions: u64,
     /// Objects moved from the SSD tier back to memory, ever.
     pub promotions: u64,
-    /// Reservations dropped because they expired uncommitted, ever.
+    /// Reservations reclaimed after their timeout, ever.
     pub reclaimed_reservations: u64,
-    /// Leases dropped because they expired unreleased, ever.
+    /// Leases dropped after their expiry (not released), ever.
     pub expired_leases: u64,
 }
 
@@ -455,7 +459,7 @@ impl StoreStats {
     }
 
     /// The fields in wire order.
-    fn to_array(&self) -> [u64; 16] {
+    fn to_array(self) -> [u64; 16] {
         [
             self.memory_capacity,
             self.memory_used,
