@@ -1488,3 +1488,36 @@ fn a_sync_client_times_out_and_notices_a_dead_server() {
     drop(sync);
     thread.join().unwrap();
 }
+
+/// A peer that sends its reply a byte at a time cannot stretch a sync call past its
+/// timeout.
+#[test]
+fn a_dribbled_reply_does_not_outlast_the_timeout() {
+    let (session, thread) = fake_server(|mut stream| {
+        stream
+            .write_all(&message_frame(
+                &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
+                1,
+            ))
+            .unwrap();
+        let _ = read_frame(&mut stream); // Quiet
+        let Some((header, _)) = read_frame(&mut stream) else {
+            panic!("no request")
+        };
+        let reply = message_frame(&Message::StoreReply(vec![7; 64]), header.request_id);
+        for byte in reply {
+            if stream.write_all(&[byte]).is_err() {
+                return; // the client gave up
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut sync = SyncControlClient::connect(&session, &initiator(), T).unwrap();
+    let t = Duration::from_millis(400);
+    let start = Instant::now();
+    let r = sync.store(b"q".to_vec(), t);
+    assert!(matches!(r, Err(ControlError::Timeout { .. })), "{r:?}");
+    assert!(start.elapsed() < t * 3, "took {:?}", start.elapsed());
+    drop(sync);
+    thread.join().unwrap();
+}

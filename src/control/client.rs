@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
-use std::io::{BufReader, ErrorKind, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -91,7 +91,7 @@ impl ControlClient {
         own: &SegmentDescriptor,
         timeout: Duration,
     ) -> Result<ControlClient, ControlError> {
-        let (stream, reader, peer) = handshake(session, own, timeout)?;
+        let (stream, reader, peer) = handshake(session, own, timeout, |s| s)?;
         let io = |what: &str, e: std::io::Error| ControlError::Disconnected {
             session: session.to_owned(),
             reason: format!("{what}: {e}"),
@@ -521,6 +521,26 @@ impl Inner {
 /// How long a [`SyncControlClient`] spins for its reply before it sleeps in read.
 const SYNC_SPIN: Duration = Duration::from_micros(100);
 
+/// A socket whose reads end by a deadline (each read gets the time left as its timeout),
+/// so a peer that sends a reply a byte at a time cannot stretch a call past it.
+struct DeadlineStream {
+    stream: TcpStream,
+    deadline: Option<Instant>,
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf)
+    }
+}
+
 /// A control connection for one request at a time, whose caller reads the reply itself,
 /// spinning briefly before it sleeps: a round trip costs no thread hand-off and, on a busy
 /// connection, no wake-up. For latency-bound request/reply traffic (store lookups); it
@@ -530,7 +550,7 @@ const SYNC_SPIN: Duration = Duration::from_micros(100);
 pub struct SyncControlClient {
     session: String,
     stream: TcpStream,
-    reader: BufReader<TcpStream>,
+    reader: BufReader<DeadlineStream>,
     next_id: u32,
     dead: Option<String>,
 }
@@ -551,7 +571,10 @@ impl SyncControlClient {
         own: &SegmentDescriptor,
         timeout: Duration,
     ) -> Result<SyncControlClient, ControlError> {
-        let (stream, reader, _peer) = handshake(session, own, timeout)?;
+        let (stream, reader, _peer) = handshake(session, own, timeout, |stream| DeadlineStream {
+            stream,
+            deadline: None,
+        })?;
         // Nobody reads this connection between calls: descriptor pushes would pile up
         // until the server gave up on it. (One pushed before this arrives is skipped.)
         let quiet = encode_frame(&Message::Quiet, 0)?;
@@ -658,9 +681,8 @@ impl SyncControlClient {
             if self.reader.buffer().is_empty() {
                 crate::sys::spin::spin_until_readable(&self.stream, SYNC_SPIN);
             }
-            self.stream
-                .set_read_timeout(Some(left().ok_or_else(timed_out)?))
-                .map_err(io)?;
+            // Every read of the reply (header, body, skipped frames) ends by the deadline.
+            self.reader.get_mut().deadline = Some(deadline);
             let header = frame::read_header(&mut self.reader)
                 .map_err(read_failed)?
                 .ok_or_else(|| ControlError::Disconnected {
@@ -695,11 +717,12 @@ impl SyncControlClient {
 /// Connects to `session`, sends `Handshake(own)` and reads the HandshakeReply, all within
 /// `timeout`: the socket (read timeout still set), a reader over it and the peer's
 /// descriptor. Errors as [`ControlClient::connect`].
-fn handshake(
+fn handshake<R: Read>(
     session: &str,
     own: &SegmentDescriptor,
     timeout: Duration,
-) -> Result<(TcpStream, BufReader<TcpStream>, SegmentDescriptor), ControlError> {
+    wrap: impl FnOnce(TcpStream) -> R,
+) -> Result<(TcpStream, BufReader<R>, SegmentDescriptor), ControlError> {
     own.validate()?;
     let handshake = encode_frame(&Message::Handshake(own.clone()), HANDSHAKE_ID)?;
     let deadline = deadline_after(timeout);
@@ -757,7 +780,7 @@ fn handshake(
     let read_clone = stream
         .try_clone()
         .map_err(|e| io("cloning the socket", e))?;
-    let mut reader = BufReader::with_capacity(64 * 1024, read_clone);
+    let mut reader = BufReader::with_capacity(64 * 1024, wrap(read_clone));
     let read_failed = |e: ControlError| {
         if is_io_timeout(&e) {
             timed_out()
