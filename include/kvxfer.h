@@ -310,7 +310,8 @@ typedef struct kvx_store_stats {
 // A location string is not "cpu:N", "cuda:N" or "*".
 #define KVX_ERR_BAD_LOCATION (0 - 7)
 
-// The location cannot be used for this call.
+// The location cannot be used for this call (e.g. a batch touching GPU memory over a
+// transport that copies with the CPU).
 #define KVX_ERR_UNSUPPORTED (0 - 8)
 
 // The operating system refused memory.

@@ -1680,3 +1680,38 @@ fn status_times_out_a_queued_batch_past_its_deadline() {
     engine.free(b).unwrap();
     assert!(engine.cancel(a).unwrap().is_finished());
 }
+
+/// Memory registered as GPU memory is never copied with the CPU: a batch touching it
+/// over the in-process transport is refused (nothing moves, no fault), naming the
+/// location and the transport.
+#[test]
+fn gpu_memory_is_refused_by_cpu_transports() {
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let host = engine.allocate(4096, Location::Any).unwrap();
+    // Host bytes declared cuda:0: the engine must treat them as unreachable by CPU copies.
+    let mut fake_vram = vec![7u8; 4096];
+    // SAFETY: the vector outlives its registration (unregistered below).
+    unsafe {
+        engine
+            .register(
+                fake_vram.as_mut_ptr() as u64,
+                4096,
+                Some(Location::Cuda(0)),
+                kvxfer::Access::ALL,
+            )
+            .unwrap();
+    }
+    let op = Op::write(host.addr(), fake_vram.as_ptr() as u64, 4096);
+    match engine.submit(engine.local_peer(), &[op]) {
+        Err(kvxfer::Error::GpuUnreachable {
+            location,
+            transport,
+        }) => {
+            assert_eq!(location, Location::Cuda(0));
+            assert_eq!(transport, kvxfer::TransportKind::Local);
+        }
+        other => panic!("expected GpuUnreachable, got {other:?}"),
+    }
+    assert!(fake_vram.iter().all(|&b| b == 7), "bytes moved");
+    engine.unregister(fake_vram.as_ptr() as u64).unwrap();
+}

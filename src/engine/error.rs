@@ -139,6 +139,15 @@ pub enum Error {
         /// What went wrong and what to check.
         reason: String,
     },
+    /// A batch touches GPU memory that the transport chosen cannot reach (it would copy
+    /// with the CPU).
+    #[error("the batch touches {location} memory, which {transport} cannot reach: it moves bytes with the CPU (GPU memory needs RDMA with the memory registered on the NIC)")]
+    GpuUnreachable {
+        /// Where the memory is.
+        location: crate::memory::Location,
+        /// The transport that would have carried the batch.
+        transport: crate::transport::TransportKind,
+    },
     /// A session id is not `host:port`.
     #[error("bad session id {session:?}: {reason}")]
     BadSession {

@@ -702,6 +702,16 @@ impl Engine {
             None => Arc::clone(&self.local) as Arc<dyn Transport>,
             Some(l) => l.choose(&peer.name, &slices, self.config.connect_timeout)?,
         };
+        // CPU copies (in-process, shared memory, TCP) must never touch GPU memory: the
+        // process would fault. Only RDMA (with the memory registered on the NIC) reaches it.
+        if let Some(location) = pins.gpu_location() {
+            if transport.kind() != TransportKind::Rdma {
+                return Err(Error::GpuUnreachable {
+                    location,
+                    transport: transport.kind(),
+                });
+            }
+        }
         self.start_batch(slices, pins, deadline, transport, link, notification)
     }
 

@@ -63,6 +63,14 @@ impl Pins {
         }
     }
 
+    /// The GPU location of a region the batch touches (either side), if any.
+    pub(crate) fn gpu_location(&self) -> Option<crate::memory::Location> {
+        self.regions
+            .iter()
+            .map(|r| r.location())
+            .find(|l| matches!(l, crate::memory::Location::Cuda(_)))
+    }
+
     /// Deduplicates the regions and pins each once. Call with the registry's read lock
     /// still held, so that no `unregister` can slip in between the checks and the pins.
     pub(crate) fn pin_all(&mut self) {

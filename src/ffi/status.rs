@@ -34,7 +34,8 @@ pub const KVX_ERR_NOT_REGISTERED: kvx_status = 0 - 5;
 pub const KVX_ERR_BUSY: kvx_status = 0 - 6;
 /// A location string is not "cpu:N", "cuda:N" or "*".
 pub const KVX_ERR_BAD_LOCATION: kvx_status = 0 - 7;
-/// The location cannot be used for this call.
+/// The location cannot be used for this call (e.g. a batch touching GPU memory over a
+/// transport that copies with the CPU).
 pub const KVX_ERR_UNSUPPORTED: kvx_status = 0 - 8;
 /// The operating system refused memory.
 pub const KVX_ERR_OUT_OF_MEMORY: kvx_status = 0 - 9;
@@ -129,6 +130,7 @@ pub(crate) fn status_of(error: &Error) -> kvx_status {
         Error::Notify(_) => KVX_ERR_NOTIFY,
         Error::NotificationTooLarge { .. } => KVX_ERR_INVALID_ARGUMENT,
         Error::NoListener => KVX_ERR_CONFIG,
+        Error::GpuUnreachable { .. } => KVX_ERR_UNSUPPORTED,
     }
 }
 
