@@ -263,8 +263,13 @@ fn overlapping(map: &BTreeMap<u64, Arc<Region>>, range: &AddrRange) -> Option<Ad
         .filter(|r| r.overlaps(range))
 }
 
-/// Host memory: the NUMA node of its first page, `*` when the kernel cannot tell.
+/// Device memory of a GPU (asked of the CUDA driver, when this process uses one):
+/// `cuda:N`; host memory: the NUMA node of its first page, `*` when the kernel cannot
+/// tell.
 fn detect_location(addr: u64) -> Location {
+    if let Some(device) = crate::sys::cuda::driver_in_use().and_then(|c| c.device_memory(addr)) {
+        return Location::Cuda(device.device);
+    }
     crate::sys::numa::node_of_address(addr).map_or(Location::Any, Location::Cpu)
 }
 

@@ -5,6 +5,7 @@
 //! driver API, the same way).
 
 pub mod cma;
+pub mod cuda;
 pub mod meminfo;
 pub mod numa;
 pub mod shm;
