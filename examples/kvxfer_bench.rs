@@ -51,6 +51,8 @@ use std::time::{Duration, Instant};
 
 use kvxfer::{Access, Buffer, Engine, EngineConfig, Location, Op, PeerId, TransportKind};
 
+#[path = "support/gpu_bench.rs"]
+mod gpu_bench;
 #[path = "support/store_bench.rs"]
 mod store_bench;
 
@@ -218,7 +220,8 @@ fn run(args: &[String]) -> Res<()> {
     match parse_command(args)? {
         Cmd::Help => {
             out_line(USAGE.trim_end())?;
-            out_line(store_bench::USAGE)
+            out_line(store_bench::USAGE)?;
+            out_line(gpu_bench::USAGE)
         }
         Cmd::Target(t) => target_main(&t),
         Cmd::Initiator {
@@ -233,6 +236,7 @@ fn run(args: &[String]) -> Res<()> {
         } => pair_main(transport, memory, &bench),
         Cmd::Memcpy(bench) => memcpy_main(&bench),
         Cmd::Store(args) => store_bench::store_main(&args),
+        Cmd::Gpu(args) => gpu_bench::gpu_main(&args),
         Cmd::StoreNode(args) => store_bench::node_main(&args),
     }
 }
@@ -604,6 +608,7 @@ enum Cmd {
     },
     Memcpy(BenchArgs),
     Store(store_bench::StoreArgs),
+    Gpu(gpu_bench::GpuArgs),
     StoreNode(store_bench::NodeArgs),
 }
 
@@ -676,6 +681,7 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
             Ok(Cmd::Memcpy(bench))
         }
         "store" => Ok(Cmd::Store(store_bench::parse_store(rest)?)),
+        "gpu" => Ok(Cmd::Gpu(gpu_bench::parse_gpu(rest)?)),
         "store-node" => Ok(Cmd::StoreNode(store_bench::parse_node(rest)?)),
         other => Err(usage_err(format!(
             "unknown subcommand {other:?}: expected target, initiator, pair, memcpy or store"

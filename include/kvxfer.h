@@ -28,6 +28,12 @@
 // Transport: TCP over io_uring.
 #define KVX_TRANSPORT_TCP 3
 
+// Transport: one-sided RDMA (verbs).
+#define KVX_TRANSPORT_RDMA 4
+
+// Transport: the GPU's copy engines (in-process batches touching GPU memory).
+#define KVX_TRANSPORT_CUDA 5
+
 // Access right: this engine may read the region (source of a WRITE).
 #define KVX_ACCESS_LOCAL_READ 1
 

@@ -129,6 +129,9 @@ pub struct Engine {
     config: EngineConfig,
     registry: Arc<Registry>,
     local: Arc<LocalTransport>,
+    /// GPU copies for in-process batches touching GPU memory; started on first need (when
+    /// the process uses the CUDA driver).
+    cuda: std::sync::OnceLock<Option<Arc<crate::transport::cuda::CudaTransport>>>,
     peers: RwLock<GenSlab<Arc<Peer>>>,
     loopback: PeerId,
     batches: Mutex<GenSlab<Arc<Batch>>>,
@@ -168,6 +171,7 @@ impl Engine {
             config,
             registry,
             local,
+            cuda: std::sync::OnceLock::new(),
             peers: RwLock::new(peers),
             loopback,
             batches: Mutex::new(GenSlab::default()),
@@ -688,6 +692,19 @@ impl Engine {
         }
     }
 
+    /// The GPU copy transport, if this process uses the CUDA driver (started once).
+    fn cuda_transport(&self) -> Option<Arc<crate::transport::cuda::CudaTransport>> {
+        self.cuda
+            .get_or_init(|| {
+                crate::sys::cuda::driver_in_use()?;
+                crate::transport::cuda::CudaTransport::new()
+                    .inspect_err(|e| log::warn!("kvxfer: cannot start the GPU copy thread: {e}"))
+                    .ok()
+                    .map(Arc::new)
+            })
+            .clone()
+    }
+
     /// Picks the transport for checked slices and starts the batch.
     fn route(
         &self,
@@ -698,14 +715,23 @@ impl Engine {
         link: Option<Arc<remote::Link>>,
         notification: Option<&[u8]>,
     ) -> Result<BatchId> {
-        let transport = match &link {
-            None => Arc::clone(&self.local) as Arc<dyn Transport>,
-            Some(l) => l.choose(&peer.name, &slices, self.config.connect_timeout)?,
+        let transport = match (&link, pins.gpu_location()) {
+            (None, None) => Arc::clone(&self.local) as Arc<dyn Transport>,
+            (None, Some(location)) => match self.cuda_transport() {
+                Some(cuda) => cuda as Arc<dyn Transport>,
+                None => {
+                    return Err(Error::GpuUnreachable {
+                        location,
+                        transport: TransportKind::Local,
+                    })
+                }
+            },
+            (Some(l), _) => l.choose(&peer.name, &slices, self.config.connect_timeout)?,
         };
         // CPU copies (in-process, shared memory, TCP) must never touch GPU memory: the
         // process would fault. Only RDMA (with the memory registered on the NIC) reaches it.
         if let Some(location) = pins.gpu_location() {
-            if transport.kind() != TransportKind::Rdma {
+            if !matches!(transport.kind(), TransportKind::Rdma | TransportKind::Cuda) {
                 return Err(Error::GpuUnreachable {
                     location,
                     transport: transport.kind(),
@@ -713,6 +739,16 @@ impl Engine {
             }
         }
         self.start_batch(slices, pins, deadline, transport, link, notification)
+    }
+
+    /// Whether the first op's local or remote end is registered GPU memory.
+    fn first_op_touches_gpu(&self, ops: &[Op]) -> bool {
+        let Some(op) = ops.first() else { return false };
+        [op.local_addr, op.remote_addr].iter().any(|&a| {
+            self.registry
+                .lookup(a)
+                .is_some_and(|r| matches!(r.location(), Location::Cuda(_)))
+        })
     }
 
     /// Checks `ops` against both sides and cuts them into slices.
@@ -724,7 +760,12 @@ impl Engine {
                 max,
             });
         }
-        let slice_size = self.config.slice_size as u64;
+        let mut slice_size = self.config.slice_size as u64;
+        if link.is_none() && self.first_op_touches_gpu(ops) {
+            // In-process GPU copies run as one copy per op whatever the slicing: small
+            // slices would only cost bookkeeping (a 4 GiB batch is 65536 of 64 KiB).
+            slice_size = slice_size.max(GPU_SLICE);
+        }
         let mut slices = Vec::with_capacity(ops.len());
         let mut pins = Pins::default();
         let remote_regions = link.map(remote::Link::regions);
@@ -943,8 +984,14 @@ impl Drop for Engine {
         // No batch can touch memory any more; stop the copy threads now rather than when
         // the last batch handle goes, so none outlives the engine.
         self.local.shutdown();
+        if let Some(Some(cuda)) = self.cuda.get() {
+            cuda.shutdown();
+        }
     }
 }
+
+/// The slice size of in-process batches that touch GPU memory.
+const GPU_SLICE: u64 = 64 << 20;
 
 fn deadline_after(timeout: Duration) -> Instant {
     Instant::now()

@@ -43,6 +43,10 @@ pub const KVX_TRANSPORT_LOCAL: u32 = 1;
 pub const KVX_TRANSPORT_SHM: u32 = 2;
 /// Transport: TCP over io_uring.
 pub const KVX_TRANSPORT_TCP: u32 = 3;
+/// Transport: one-sided RDMA (verbs).
+pub const KVX_TRANSPORT_RDMA: u32 = 4;
+/// Transport: the GPU's copy engines (in-process batches touching GPU memory).
+pub const KVX_TRANSPORT_CUDA: u32 = 5;
 
 /// Access right: this engine may read the region (source of a WRITE).
 pub const KVX_ACCESS_LOCAL_READ: u32 = 1;
@@ -1151,6 +1155,8 @@ fn transport_code(kind: TransportKind) -> u32 {
     match kind {
         TransportKind::Local => KVX_TRANSPORT_LOCAL,
         TransportKind::Shm => KVX_TRANSPORT_SHM,
+        TransportKind::Rdma => KVX_TRANSPORT_RDMA,
+        TransportKind::Cuda => KVX_TRANSPORT_CUDA,
         _ => KVX_TRANSPORT_TCP,
     }
 }

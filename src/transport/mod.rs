@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub mod copy;
+pub mod cuda;
 pub mod local;
 pub mod rdma;
 pub mod shm;
@@ -97,6 +98,8 @@ pub enum TransportKind {
     Tcp,
     /// One-sided RDMA over verbs queue pairs.
     Rdma,
+    /// The GPU's copy engines (CUDA), for in-process batches that touch GPU memory.
+    Cuda,
 }
 
 impl fmt::Display for TransportKind {
@@ -106,6 +109,7 @@ impl fmt::Display for TransportKind {
             TransportKind::Shm => "shm",
             TransportKind::Tcp => "tcp",
             TransportKind::Rdma => "rdma",
+            TransportKind::Cuda => "cuda",
         })
     }
 }
@@ -119,8 +123,9 @@ impl std::str::FromStr for TransportKind {
             "shm" => Ok(TransportKind::Shm),
             "tcp" => Ok(TransportKind::Tcp),
             "rdma" => Ok(TransportKind::Rdma),
+            "cuda" => Ok(TransportKind::Cuda),
             other => Err(format!(
-                "unknown transport {other:?}: expected local, shm, rdma or tcp"
+                "unknown transport {other:?}: expected local, shm, rdma, tcp or cuda"
             )),
         }
     }

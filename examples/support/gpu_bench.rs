@@ -1,0 +1,144 @@
+//! `kvxfer_bench gpu`: in-process batches between pinned host memory and GPU memory (and
+//! GPU to GPU) through the engine, next to the same copies issued directly on a CUDA
+//! stream in the same program (the baseline: what the copy engines do without kvxfer).
+
+use std::time::{Duration, Instant};
+
+use kvxfer::sys::cuda::{driver, DeviceBuffer, PinnedHost, Stream};
+use kvxfer::{Access, Engine, EngineConfig, Location, Op};
+
+use super::{fmt_size, out_line, parse_flags, parse_seconds, percentile, usage_err, Failure, Res};
+
+pub(super) const USAGE: &str = "\
+  kvxfer_bench gpu       [--op h2d,d2h,d2d] [--block SIZE] [--batch N] [--duration SECS]
+
+gpu        one engine, pinned host memory and two GPU buffers of --batch x --block bytes
+           (default 16 x 256MiB) on cuda:0; per --op (default all three) one row moved
+           by the engine (transport cuda) and one of the same copies queued directly on a
+           CUDA stream (transport baseline). Needs the CUDA driver.";
+
+#[derive(Debug)]
+pub(super) struct GpuArgs {
+    ops: Vec<&'static str>,
+    block: u64,
+    batch: usize,
+    duration: Duration,
+}
+
+pub(super) fn parse_gpu(rest: &[String]) -> Res<GpuArgs> {
+    let f = parse_flags("gpu", rest, &["op", "block", "batch", "duration"], &[])?;
+    let ops = match f.value("op") {
+        None => vec!["h2d", "d2h", "d2d"],
+        Some(list) => list
+            .split(',')
+            .map(|o| match o.trim() {
+                "h2d" => Ok("h2d"),
+                "d2h" => Ok("d2h"),
+                "d2d" => Ok("d2d"),
+                other => Err(usage_err(format!(
+                    "--op {other:?}: expected h2d, d2h or d2d"
+                ))),
+            })
+            .collect::<Res<Vec<_>>>()?,
+    };
+    Ok(GpuArgs {
+        ops,
+        block: f.size("block", 256 << 20)?,
+        batch: match f.value("batch") {
+            Some(n) => super::parse_count("batch", n, 4096)?,
+            None => 16,
+        },
+        duration: match f.value("duration") {
+            Some(d) => parse_seconds(d).map_err(usage_err)?,
+            None => Duration::from_secs(3),
+        },
+    })
+}
+
+fn run_err(what: &str) -> impl Fn(String) -> Failure + '_ {
+    move |e| Failure::Run(format!("{what}: {e}"))
+}
+
+pub(super) fn gpu_main(args: &GpuArgs) -> Res<()> {
+    let cuda = driver().map_err(|e| Failure::Run(format!("no CUDA driver: {e}")))?;
+    let len = args.block as usize * args.batch;
+    let host = PinnedHost::alloc(len).map_err(|e| run_err("pinned host memory")(e.to_string()))?;
+    let a = DeviceBuffer::alloc(0, len).map_err(|e| run_err("GPU memory")(e.to_string()))?;
+    let b = DeviceBuffer::alloc(0, len).map_err(|e| run_err("GPU memory")(e.to_string()))?;
+    let engine =
+        Engine::new(EngineConfig::default()).map_err(|e| run_err("engine")(e.to_string()))?;
+    for (addr, location) in [
+        (host.addr(), Some(Location::Any)),
+        (a.addr(), None),
+        (b.addr(), None),
+    ] {
+        // SAFETY: the buffers outlive the engine's use of them (dropped after it).
+        unsafe { engine.register(addr, len as u64, location, Access::ALL) }
+            .map_err(|e| run_err("register")(e.to_string()))?;
+    }
+    eprintln!(
+        "gpu: CUDA {} on {}, {} x {} per batch",
+        cuda.version(),
+        cuda.pci_bus_id(0).unwrap_or_default(),
+        args.batch,
+        fmt_size(args.block)
+    );
+    out_line(&format!(
+        "{:<9} {:<5} {:>8} {:>5} {:>9} {:>10} {:>10}",
+        "transport", "op", "block", "batch", "GB/s", "p50_us", "p99_us"
+    ))?;
+    let stream = Stream::new(0).map_err(|e| run_err("stream")(e.to_string()))?;
+    let me = engine.local_peer();
+    for &op in &args.ops {
+        // (source, destination) of each op i: block i of each buffer.
+        let (src, dst) = match op {
+            "h2d" => (host.addr(), a.addr()),
+            "d2h" => (a.addr(), host.addr()),
+            _ => (a.addr(), b.addr()),
+        };
+        let ops: Vec<Op> = (0..args.batch as u64)
+            .map(|i| Op::write(src + i * args.block, dst + i * args.block, args.block))
+            .collect();
+        let engine_point =
+            || -> Result<(), String> { engine.transfer_sync(me, &ops).map_err(|e| e.to_string()) };
+        let baseline_point = || -> Result<(), String> {
+            for o in &ops {
+                // SAFETY: both ranges are this program's live buffers.
+                unsafe { stream.copy_async(o.remote_addr, o.local_addr, o.len as usize) }
+                    .map_err(|e| e.to_string())?;
+            }
+            stream.synchronize().map_err(|e| e.to_string())
+        };
+        for (name, point) in [
+            ("cuda", &engine_point as &dyn Fn() -> Result<(), String>),
+            ("baseline", &baseline_point),
+        ] {
+            point().map_err(run_err("warm-up"))?;
+            let mut lat = Vec::new();
+            let start = Instant::now();
+            while start.elapsed() < args.duration {
+                let t = Instant::now();
+                point().map_err(run_err(name))?;
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let bytes = lat.len() as f64 * len as f64;
+            lat.sort_unstable();
+            out_line(&format!(
+                "{:<9} {:<5} {:>8} {:>5} {:>9.2} {:>10.1} {:>10.1}",
+                name,
+                op,
+                fmt_size(args.block),
+                args.batch,
+                bytes / secs / 1e9,
+                percentile(&lat, 0.5) as f64 / 1e3,
+                percentile(&lat, 0.99) as f64 / 1e3
+            ))?;
+        }
+    }
+    for addr in [host.addr(), a.addr(), b.addr()] {
+        let _ = engine.unregister(addr);
+    }
+    drop(engine);
+    Ok(())
+}
