@@ -14,6 +14,9 @@
 //! EOF (or, with `--forever`, until SIGINT/SIGTERM). On the way out it prints its
 //! counters to stderr. Run `--help` for the details.
 
+#[path = "support/sizes.rs"]
+mod sizes;
+use sizes::{fmt_size, parse_size};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -151,46 +154,6 @@ fn out_line(line: &str) -> Res<()> {
 // ---------------------------------------------------------------------------------------
 // Arguments
 // ---------------------------------------------------------------------------------------
-
-/// Parses `4096`, `4K`, `4Ki`, `4KiB`, `4KB`, `64 MiB`, `1g` ... Every suffix is binary.
-/// No fractions: `1.5GiB` is refused rather than rounded.
-fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(digits);
-    if number.is_empty() {
-        return Err(format!(
-            "{text:?} is not a size (expected a whole number with an optional K/M/G/T suffix)"
-        ));
-    }
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is too large"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "ki" | "kib" | "kb" => 10,
-        "m" | "mi" | "mib" | "mb" => 20,
-        "g" | "gi" | "gib" | "gb" => 30,
-        "t" | "ti" | "tib" | "tb" => 40,
-        other => {
-            return Err(format!(
-            "{text:?} has an unknown unit {other:?} (use K, Ki, KiB, M, Mi, MiB, G, Gi, GiB, T...)"
-        ))
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
-/// `4096` → `4KiB`, `1048576` → `1MiB`; exact, so a reader can tell 4000 from 4KiB.
-fn fmt_size(n: u64) -> String {
-    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
-            return format!("{}{unit}", n >> shift);
-        }
-    }
-    format!("{n}B")
-}
 
 /// What the node serves.
 #[derive(Debug, PartialEq)]
