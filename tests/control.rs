@@ -1521,3 +1521,26 @@ fn a_dribbled_reply_does_not_outlast_the_timeout() {
     drop(sync);
     thread.join().unwrap();
 }
+
+/// A sync connection the peer closed while it was idle is found dead before the next
+/// request is sent (so the caller may send it elsewhere without risk of it running twice).
+#[test]
+fn a_sync_connection_closed_while_idle_sends_nothing() {
+    let (session, thread) = fake_server(|mut stream| {
+        stream
+            .write_all(&message_frame(
+                &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
+                1,
+            ))
+            .unwrap();
+        let _ = read_frame(&mut stream); // Quiet; then hang up
+    });
+    let mut sync = SyncControlClient::connect(&session, &initiator(), T).unwrap();
+    thread.join().unwrap();
+    let r = sync.store(b"q".to_vec(), T);
+    assert!(matches!(r, Err(ControlError::Disconnected { .. })), "{r:?}");
+    assert!(
+        !sync.last_request_sent(),
+        "the request went out on a dead connection"
+    );
+}

@@ -553,6 +553,8 @@ pub struct SyncControlClient {
     reader: BufReader<DeadlineStream>,
     next_id: u32,
     dead: Option<String>,
+    /// Whether the last call's request was written whole (the peer may have acted on it).
+    sent: bool,
 }
 
 impl std::fmt::Debug for SyncControlClient {
@@ -590,12 +592,19 @@ impl SyncControlClient {
             reader,
             next_id: HANDSHAKE_ID.wrapping_add(1),
             dead: None,
+            sent: false,
         })
     }
 
     /// Whether an earlier error ended the connection.
     pub fn is_dead(&self) -> bool {
         self.dead.is_some()
+    }
+
+    /// Whether the last call's request reached the socket whole: if it failed after that,
+    /// the peer may have carried it out, so it must not be sent again blindly.
+    pub fn last_request_sent(&self) -> bool {
+        self.sent
     }
 
     /// Sends a store request and returns the reply's body (as [`ControlClient::store`]).
@@ -676,7 +685,22 @@ impl SyncControlClient {
         self.stream
             .set_write_timeout(Some(left().ok_or_else(timed_out)?))
             .map_err(io)?;
+        self.sent = false;
+        // Whatever waits before the request is sent is unsolicited (a Refresh pushed before
+        // the server saw Quiet) or the end of the connection: read it now, so that a
+        // connection the peer closed is found dead before anything is sent on it.
+        self.reader.get_mut().deadline = Some(deadline);
+        while !self.reader.buffer().is_empty() || crate::sys::spin::readable_now(&self.stream) {
+            let header = frame::read_header(&mut self.reader)
+                .map_err(read_failed)?
+                .ok_or_else(|| ControlError::Disconnected {
+                    session: session.clone(),
+                    reason: "the peer closed the connection".into(),
+                })?;
+            frame::skip_body(&mut self.reader, header.len).map_err(read_failed)?;
+        }
         (&self.stream).write_all(&frame).map_err(io)?;
+        self.sent = true;
         loop {
             if self.reader.buffer().is_empty() {
                 crate::sys::spin::spin_until_readable(&self.stream, SYNC_SPIN);

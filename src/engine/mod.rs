@@ -342,8 +342,8 @@ impl Engine {
                     reason: e.to_string(),
                 };
                 // The fast connection when free (opened on first use), else the shared one;
-                // a fast connection that broke (an idle one the peer dropped, say) gets the
-                // request again over the shared one.
+                // a request a broken fast connection could not even send (an idle one the
+                // peer dropped, say) goes over the shared one.
                 if let Ok(mut fast) = link.fast.try_lock() {
                     if fast.as_ref().is_none_or(|f| f.is_dead()) {
                         let net = self.net.as_ref().ok_or(Error::NoListener)?;
@@ -362,6 +362,9 @@ impl Engine {
                             Err(e @ (C::Timeout { .. } | C::PeerError { .. })) => {
                                 return Err(failed(e))
                             }
+                            // Sent and then lost: the peer may have carried it out (a
+                            // Commit, say); sending it again could answer wrongly.
+                            Err(e) if f.last_request_sent() => return Err(failed(e)),
                             Err(e) => log::debug!("kvxfer: fast store connection broke: {e}"),
                         }
                     }
