@@ -334,3 +334,34 @@ fn deadline_does_not_wait_for_a_hung_peers_notification() {
     );
     a.free(id).unwrap();
 }
+
+/// A batch touching a peer's GPU memory never goes over a transport that copies with the
+/// CPU (shared memory, TCP): without RDMA it is refused, naming why for each transport.
+#[test]
+fn a_peers_gpu_memory_is_not_reached_by_cpu_copies() {
+    each_transport(|kind| {
+        let (a, b) = pair(kind);
+        let src = a.allocate(4096, Location::Any).unwrap();
+        let mut fake_vram = vec![3u8; 4096];
+        // SAFETY: the vector outlives the engines' use of it (unregistered below).
+        unsafe {
+            b.register(
+                fake_vram.as_mut_ptr() as u64,
+                4096,
+                Some(Location::Cuda(0)),
+                Access::ALL,
+            )
+            .unwrap();
+        }
+        let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+        let op = Op::write(src.addr(), fake_vram.as_ptr() as u64, 4096);
+        match a.submit(peer, &[op]) {
+            Err(Error::Peer { reason, .. }) => {
+                assert!(reason.contains("touches cuda:0"), "{kind}: {reason}")
+            }
+            other => panic!("{kind}: expected a refusal, got {other:?}"),
+        }
+        assert!(fake_vram.iter().all(|&x| x == 3), "{kind}: bytes moved");
+        b.unregister(fake_vram.as_ptr() as u64).unwrap();
+    });
+}

@@ -131,7 +131,7 @@ pub struct Engine {
     local: Arc<LocalTransport>,
     /// GPU copies for in-process batches touching GPU memory; started on first need (when
     /// the process uses the CUDA driver).
-    cuda: std::sync::OnceLock<Option<Arc<crate::transport::cuda::CudaTransport>>>,
+    cuda: std::sync::OnceLock<Arc<crate::transport::cuda::CudaTransport>>,
     peers: RwLock<GenSlab<Arc<Peer>>>,
     loopback: PeerId,
     batches: Mutex<GenSlab<Arc<Batch>>>,
@@ -212,7 +212,9 @@ impl Engine {
         if let Some(id) = known(self) {
             return Ok(id);
         }
-        // Opening the same session twice at once: the second waits for the first.
+        // Opening the same session twice at once: the second waits for the first. Each
+        // session keeps its gate (one small entry per session ever opened), so every opener
+        // of a session, even after a failed open, queues on the same one.
         let gate = Arc::clone(
             self.opening
                 .lock()
@@ -226,12 +228,8 @@ impl Engine {
         }
         let remote = RemotePeer::new(session.to_string());
         let linked = remote.link(net, &self.config, self.local.pool());
-        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        self.opening
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(session);
         linked?;
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         let id = PeerId(self.peers_mut().insert(Arc::new(Peer {
             name: session.to_string(),
             segment: Segment::Remote(remote),
@@ -256,7 +254,10 @@ impl Engine {
         };
         if let Some(p) = closed {
             if let Segment::Remote(r) = &p.segment {
-                sessions.remove(&r.session);
+                // Only this peer's mapping (the session may have been opened again since).
+                if sessions.get(&r.session) == Some(&peer) {
+                    sessions.remove(&r.session);
+                }
                 drop(sessions);
                 r.close();
             }
@@ -695,17 +696,18 @@ impl Engine {
         }
     }
 
-    /// The GPU copy transport, if this process uses the CUDA driver (started once).
+    /// The GPU copy transport, if this process uses the CUDA driver (started on the first
+    /// GPU batch that finds the driver in use; asked again until then).
     fn cuda_transport(&self) -> Option<Arc<crate::transport::cuda::CudaTransport>> {
-        self.cuda
-            .get_or_init(|| {
-                crate::sys::cuda::driver_in_use()?;
-                crate::transport::cuda::CudaTransport::new()
-                    .inspect_err(|e| log::warn!("kvxfer: cannot start the GPU copy thread: {e}"))
-                    .ok()
-                    .map(Arc::new)
-            })
-            .clone()
+        if let Some(cuda) = self.cuda.get() {
+            return Some(Arc::clone(cuda));
+        }
+        crate::sys::cuda::driver_in_use()?;
+        let started = crate::transport::cuda::CudaTransport::new()
+            .inspect_err(|e| log::warn!("kvxfer: cannot start the GPU copy thread: {e}"))
+            .ok()?;
+        // Two first batches at once: one transport is kept, the other stops on drop.
+        Some(Arc::clone(self.cuda.get_or_init(|| Arc::new(started))))
     }
 
     /// Picks the transport for checked slices and starts the batch.
@@ -729,7 +731,7 @@ impl Engine {
                     })
                 }
             },
-            (Some(l), _) => l.choose(&peer.name, &slices, self.config.connect_timeout)?,
+            (Some(l), gpu) => l.choose(&peer.name, &slices, gpu, self.config.connect_timeout)?,
         };
         // CPU copies (in-process, shared memory, TCP) must never touch GPU memory: the
         // process would fault. Only RDMA (with the memory registered on the NIC) reaches it.
@@ -987,7 +989,7 @@ impl Drop for Engine {
         // No batch can touch memory any more; stop the copy threads now rather than when
         // the last batch handle goes, so none outlives the engine.
         self.local.shutdown();
-        if let Some(Some(cuda)) = self.cuda.get() {
+        if let Some(cuda) = self.cuda.get() {
             cuda.shutdown();
         }
     }

@@ -79,10 +79,16 @@ impl Link {
         &self,
         session: &str,
         slices: &[Slice],
+        gpu: Option<crate::memory::Location>,
         timeout: Duration,
     ) -> Result<Arc<dyn Transport>> {
         let mut why_not = Vec::new();
         for kind in &self.order {
+            // Shared memory and TCP copy with the CPU: never for GPU memory.
+            if let (Some(location), TransportKind::Shm | TransportKind::Tcp) = (gpu, kind) {
+                why_not.push(format!("{kind}: the batch touches {location} memory"));
+                continue;
+            }
             match kind {
                 TransportKind::Shm => match &self.shm {
                     Some(shm) => {

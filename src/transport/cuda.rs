@@ -103,14 +103,24 @@ fn run(jobs: Receiver<Arc<dyn SliceSource>>) {
     }
 }
 
-/// The device a batch's copies run on: that of its first slice's GPU end.
+/// The device a batch's copies run on: that of the first GPU end among its ops (unified
+/// addressing lets one stream copy to and from any device's memory).
 fn device_of(slices: &[Slice]) -> Result<u32, String> {
     let cuda = cuda::driver().map_err(|e| e.to_string())?;
-    let s = slices.first().ok_or("an empty batch")?;
-    cuda.device_memory(s.local)
-        .or_else(|| cuda.device_memory(s.remote))
-        .map(|m| m.device)
-        .ok_or_else(|| "neither end of the batch is GPU memory the driver knows".into())
+    let mut last_op = None;
+    for s in slices {
+        if last_op == Some(s.op) {
+            continue; // one lookup per op
+        }
+        last_op = Some(s.op);
+        if let Some(m) = cuda
+            .device_memory(s.local)
+            .or_else(|| cuda.device_memory(s.remote))
+        {
+            return Ok(m.device);
+        }
+    }
+    Err("no op of the batch touches GPU memory the driver knows".into())
 }
 
 fn move_batch(work: &dyn SliceSource, streams: &mut HashMap<u32, Stream>) {

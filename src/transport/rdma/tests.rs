@@ -333,11 +333,12 @@ fn failed_ranges_move_to_the_other_queue_pair() {
     );
 }
 
-/// A NIC whose queue pair fails is paused (policy: one failure): the batch still
-/// completes by failover, and a later batch over a fresh, good queue pair on the paused
-/// NIC goes entirely over the other NIC.
+/// A queue pair the peer refuses (a wrong key: the peer's doing) fails over but does not
+/// pause its NIC; a NIC that is paused (its own failures, reported to the selector) gets
+/// no new batches: a fresh, good queue pair on it carries nothing while the other NIC
+/// carries the batch.
 #[test]
-fn a_failing_nic_is_paused_and_new_batches_avoid_it() {
+fn a_paused_nic_gets_no_new_batches_and_peer_refusals_do_not_pause() {
     let Some(mut rig) = rig() else { return };
     for (i, b) in rig.bufs[0].iter_mut().enumerate() {
         *b = (i % 227) as u8;
@@ -370,10 +371,12 @@ fn a_failing_nic_is_paused_and_new_batches_avoid_it() {
     );
     let rxe1 = selector.id("rxe1").unwrap();
     assert!(
-        selector.is_paused(rxe1, Instant::now()),
-        "rxe1 failed and is not paused"
+        !selector.is_paused(rxe1, Instant::now()),
+        "a refusal by the peer paused the local NIC"
     );
-    assert!(!rig.workers[0].is_paused());
+    // rxe1 fails on its own (as the poller reports a local error): paused.
+    assert!(selector.report_failure(rxe1, Instant::now()));
+    assert!(rig.workers[1].is_paused() && !rig.workers[0].is_paused());
     // A fresh queue pair on the paused NIC, with good keys: it gets nothing.
     let (c, _pc) = rig.pair(1, 0, good);
     let t2 = RdmaTransport::new(vec![a.clone(), c.clone()]);

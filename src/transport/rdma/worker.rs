@@ -260,7 +260,18 @@ impl NicWorker {
         let failed = wc.status != ibv_wc_status::IBV_WC_SUCCESS;
         if failed {
             self.failures.fetch_add(1, Ordering::Relaxed);
-            if !p.work.is_stopped() {
+            // What counts towards pausing this NIC: the first failure of a queue pair (its
+            // other chains are then flushed: one error, not many), and only statuses that
+            // may be this NIC's or its link's doing (the peer refusing an access is not).
+            let first_of_qp = !p.endpoint.is_broken();
+            let peers_doing = matches!(
+                wc.status,
+                ibv_wc_status::IBV_WC_WR_FLUSH_ERR
+                    | ibv_wc_status::IBV_WC_REM_ACCESS_ERR
+                    | ibv_wc_status::IBV_WC_REM_INV_REQ_ERR
+                    | ibv_wc_status::IBV_WC_REM_OP_ERR
+            );
+            if first_of_qp && !peers_doing && !p.work.is_stopped() {
                 if let Some((selector, id)) = self.health() {
                     selector.report_failure(id, Instant::now());
                 }
