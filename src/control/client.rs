@@ -630,61 +630,129 @@ impl SyncControlClient {
         timeout: Duration,
         what: &'static str,
     ) -> Result<Message, ControlError> {
+        let pending = self.send(message, timeout, what)?;
+        self.receive(pending)
+    }
+
+    /// Sends a store request without waiting for its reply (collect it with
+    /// [`SyncControlClient::receive_store`]): requests to several peers then run at once.
+    pub fn send_store(
+        &mut self,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<PendingReply, ControlError> {
+        self.send(&Message::StoreRequest(body), timeout, "a StoreRequest")
+    }
+
+    /// The reply to a request [`SyncControlClient::send_store`] sent (as
+    /// [`SyncControlClient::store`] answers).
+    pub fn receive_store(&mut self, pending: PendingReply) -> Result<Vec<u8>, ControlError> {
+        match self.receive(pending)? {
+            Message::StoreReply(reply) => Ok(reply),
+            Message::Error { code, message } => Err(ControlError::PeerError {
+                session: self.session.clone(),
+                code,
+                message,
+            }),
+            other => Err(ControlError::MalformedReply {
+                session: self.session.clone(),
+                reason: format!("expected StoreReply, got {}", kind_name(other.kind())),
+            }),
+        }
+    }
+
+    fn send(
+        &mut self,
+        message: &Message,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<PendingReply, ControlError> {
         if let Some(reason) = &self.dead {
             return Err(ControlError::Disconnected {
                 session: self.session.clone(),
                 reason: reason.clone(),
             });
         }
-        let result = self.exchange(message, timeout, what);
+        let result = self.write_request(message, timeout, what);
         if let Err(e) = &result {
             self.dead = Some(e.to_string());
         }
         result
     }
 
-    fn exchange(
+    fn receive(&mut self, pending: PendingReply) -> Result<Message, ControlError> {
+        if let Some(reason) = &self.dead {
+            return Err(ControlError::Disconnected {
+                session: self.session.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let result = self.read_reply(&pending);
+        if let Err(e) = &result {
+            self.dead = Some(e.to_string());
+        }
+        result
+    }
+
+    /// The error of an I/O failure during `what`.
+    fn io_error(&self, what: &'static str, timeout: Duration, e: std::io::Error) -> ControlError {
+        if is_timeout(&e) {
+            self.timed_out(what, timeout)
+        } else {
+            ControlError::Disconnected {
+                session: self.session.clone(),
+                reason: format!("{what}: {e}"),
+            }
+        }
+    }
+
+    fn timed_out(&self, what: &'static str, timeout: Duration) -> ControlError {
+        ControlError::Timeout {
+            session: self.session.clone(),
+            what,
+            timeout,
+        }
+    }
+
+    /// The error of a failed frame read during `what`.
+    fn read_error(&self, what: &'static str, timeout: Duration, e: ControlError) -> ControlError {
+        match e {
+            e if is_io_timeout(&e) => self.timed_out(what, timeout),
+            ControlError::Io { .. } => ControlError::Disconnected {
+                session: self.session.clone(),
+                reason: e.to_string(),
+            },
+            e => e,
+        }
+    }
+
+    fn closed(&self) -> ControlError {
+        ControlError::Disconnected {
+            session: self.session.clone(),
+            reason: "the peer closed the connection".into(),
+        }
+    }
+
+    fn write_request(
         &mut self,
         message: &Message,
         timeout: Duration,
         what: &'static str,
-    ) -> Result<Message, ControlError> {
+    ) -> Result<PendingReply, ControlError> {
         let deadline = deadline_after(timeout);
-        let session = self.session.clone();
-        let timed_out = || ControlError::Timeout {
-            session: session.clone(),
-            what,
-            timeout,
-        };
-        let left =
-            || Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero());
-        let io = |e: std::io::Error| {
-            if is_timeout(&e) {
-                timed_out()
-            } else {
-                ControlError::Disconnected {
-                    session: session.clone(),
-                    reason: format!("{what}: {e}"),
-                }
-            }
-        };
-        let read_failed = |e: ControlError| match e {
-            e if is_io_timeout(&e) => timed_out(),
-            ControlError::Io { .. } => ControlError::Disconnected {
-                session: session.clone(),
-                reason: e.to_string(),
-            },
-            e => e,
-        };
         let id = self.next_id;
         self.next_id = self
             .next_id
             .wrapping_add(1)
             .max(HANDSHAKE_ID.wrapping_add(1));
         let frame = encode_frame(message, id)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.timed_out(what, timeout));
+        }
         self.stream
-            .set_write_timeout(Some(left().ok_or_else(timed_out)?))
-            .map_err(io)?;
+            .set_write_timeout(Some(left))
+            .map_err(|e| self.io_error(what, timeout, e))?;
         self.sent = false;
         // Whatever waits before the request is sent is unsolicited (a Refresh pushed before
         // the server saw Quiet) or the end of the connection: read it now, so that a
@@ -692,15 +760,30 @@ impl SyncControlClient {
         self.reader.get_mut().deadline = Some(deadline);
         while !self.reader.buffer().is_empty() || crate::sys::spin::readable_now(&self.stream) {
             let header = frame::read_header(&mut self.reader)
-                .map_err(read_failed)?
-                .ok_or_else(|| ControlError::Disconnected {
-                    session: session.clone(),
-                    reason: "the peer closed the connection".into(),
-                })?;
-            frame::skip_body(&mut self.reader, header.len).map_err(read_failed)?;
+                .map_err(|e| self.read_error(what, timeout, e))?
+                .ok_or_else(|| self.closed())?;
+            frame::skip_body(&mut self.reader, header.len)
+                .map_err(|e| self.read_error(what, timeout, e))?;
         }
-        (&self.stream).write_all(&frame).map_err(io)?;
+        (&self.stream)
+            .write_all(&frame)
+            .map_err(|e| self.io_error(what, timeout, e))?;
         self.sent = true;
+        Ok(PendingReply {
+            id,
+            deadline,
+            timeout,
+            what,
+        })
+    }
+
+    fn read_reply(&mut self, pending: &PendingReply) -> Result<Message, ControlError> {
+        let PendingReply {
+            id,
+            deadline,
+            timeout,
+            what,
+        } = *pending;
         loop {
             if self.reader.buffer().is_empty() {
                 crate::sys::spin::spin_until_readable(&self.stream, SYNC_SPIN);
@@ -708,20 +791,18 @@ impl SyncControlClient {
             // Every read of the reply (header, body, skipped frames) ends by the deadline.
             self.reader.get_mut().deadline = Some(deadline);
             let header = frame::read_header(&mut self.reader)
-                .map_err(read_failed)?
-                .ok_or_else(|| ControlError::Disconnected {
-                    session: session.clone(),
-                    reason: "the peer closed the connection".into(),
-                })?;
+                .map_err(|e| self.read_error(what, timeout, e))?
+                .ok_or_else(|| self.closed())?;
             header.check_version()?;
             if !kind::is_known(header.kind) || header.request_id != id {
                 // Unsolicited (a Refresh) or of a kind this build does not know: skipped.
-                frame::skip_body(&mut self.reader, header.len).map_err(read_failed)?;
+                frame::skip_body(&mut self.reader, header.len)
+                    .map_err(|e| self.read_error(what, timeout, e))?;
                 continue;
             }
             if header.len > max_body(header.kind) {
                 return Err(ControlError::MalformedReply {
-                    session: session.clone(),
+                    session: self.session.clone(),
                     reason: format!(
                         "a {} of {} bytes exceeds the limit for its kind",
                         kind_name(header.kind),
@@ -729,13 +810,23 @@ impl SyncControlClient {
                     ),
                 });
             }
-            let body = frame::read_body(&mut self.reader, header.len).map_err(read_failed)?;
+            let body = frame::read_body(&mut self.reader, header.len)
+                .map_err(|e| self.read_error(what, timeout, e))?;
             return Message::decode(header.kind, &body).map_err(|e| ControlError::MalformedReply {
-                session: session.clone(),
+                session: self.session.clone(),
                 reason: e.to_string(),
             });
         }
     }
+}
+
+/// A request a [`SyncControlClient`] sent and whose reply is still to be read.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingReply {
+    id: u32,
+    deadline: Instant,
+    timeout: Duration,
+    what: &'static str,
 }
 
 /// Connects to `session`, sends `Handshake(own)` and reads the HandshakeReply, all within

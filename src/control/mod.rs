@@ -66,7 +66,7 @@ pub mod frame;
 mod message;
 mod server;
 
-pub use client::{ControlClient, SyncControlClient};
+pub use client::{ControlClient, PendingReply, SyncControlClient};
 pub use error::ControlError;
 pub use frame::{FrameHeader, HEADER_LEN, MAGIC, MAX_BODY, VERSION};
 pub use message::{

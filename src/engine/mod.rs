@@ -375,6 +375,78 @@ impl Engine {
         }
     }
 
+    /// Store requests to several peers at once: each is sent on its peer's fast
+    /// connection before any reply is read, so the peers work in parallel and the calls
+    /// take about as long as the slowest one. A call whose fast connection is busy or
+    /// unusable (or to the loopback peer) goes through [`Engine::store_call`] afterwards.
+    /// One result per call, in order.
+    pub fn store_call_many(
+        &self,
+        calls: Vec<(PeerId, Vec<u8>)>,
+        timeout: Duration,
+    ) -> Vec<Result<Vec<u8>>> {
+        let mut results: Vec<Option<Result<Vec<u8>>>> = (0..calls.len()).map(|_| None).collect();
+        let mut later = Vec::new();
+        let links: Vec<Option<(String, Arc<remote::Link>)>> = calls
+            .iter()
+            .map(|(peer, _)| match self.peer(*peer).ok()?.segment {
+                Segment::Remote(ref r) => Some((r.session.clone(), self.link(r).ok()?)),
+                Segment::Loopback => None,
+            })
+            .collect();
+        // Fast connections held from their send to their reply (declared after `links`,
+        // which they borrow).
+        let mut in_flight = Vec::new();
+        for (i, (peer, body)) in calls.into_iter().enumerate() {
+            let Some((session, link)) = &links[i] else {
+                later.push((i, peer, body));
+                continue;
+            };
+            let Ok(mut fast) = link.fast.try_lock() else {
+                later.push((i, peer, body));
+                continue;
+            };
+            let usable = fast.as_ref().is_some_and(|f| !f.is_dead());
+            if !usable {
+                drop(fast);
+                later.push((i, peer, body));
+                continue;
+            }
+            let conn = fast.as_mut().expect("checked above");
+            match conn.send_store(body.clone(), timeout) {
+                Ok(pending) => in_flight.push((i, session.clone(), fast, pending)),
+                Err(e) if conn.last_request_sent() => {
+                    results[i] = Some(Err(Error::Peer {
+                        session: session.clone(),
+                        reason: e.to_string(),
+                    }))
+                }
+                Err(_) => {
+                    drop(fast);
+                    later.push((i, peer, body));
+                }
+            }
+        }
+        for (i, session, mut fast, pending) in in_flight {
+            let reply = fast
+                .as_mut()
+                .expect("held since the send")
+                .receive_store(pending)
+                .map_err(|e| Error::Peer {
+                    session,
+                    reason: e.to_string(),
+                });
+            results[i] = Some(reply);
+        }
+        for (i, peer, body) in later {
+            results[i] = Some(self.store_call(peer, body, timeout));
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(Error::NoListener)))
+            .collect()
+    }
+
     /// The regions `peer` has registered, as it last published them.
     pub fn peer_regions(&self, peer: PeerId) -> Result<Vec<RegionInfo>> {
         let p = self.peer(peer)?;

@@ -404,6 +404,16 @@ impl Store {
             .collect();
         let inner = &self.inner;
         let mut taken = vec![Vec::new(); keys.len()];
+        // Several owners: ask them all at once first (what they answer is settled; the
+        // rest goes the usual way below).
+        let mut asked = vec![false; keys.len()];
+        for (i, f) in inner.exists_at_once(&todo, keys, &mut taken) {
+            found[i] = f;
+            asked[i] = true;
+        }
+        // Left: keys not asked yet and, with replicas, those missing at their first owner
+        // (asked of the next ones).
+        todo.retain(|&i| !found[i] && (!asked[i] || inner.replicas > 1));
         for _ in 0..inner.replicas {
             let done = inner.drive(&todo, keys, &mut taken, false, |m, items| {
                 let request = Request::Exists {
@@ -676,7 +686,12 @@ impl Inner {
             .engine
             .store_call(peer, request.encode(), self.timeout)
             .map_err(|e| CallError::Unreachable(e.to_string()))?;
-        let reply = Reply::decode(&body).map_err(|e| {
+        self.checked_reply(m, request, &body)
+    }
+
+    /// The reply in `body` if it is well formed, answers `request` and is no refusal.
+    fn checked_reply(&self, m: usize, request: &Request, body: &[u8]) -> Result<Reply, CallError> {
+        let reply = Reply::decode(body).map_err(|e| {
             CallError::Failed(format!(
                 "member {}: a malformed reply: {e}",
                 self.members[m].session
@@ -696,6 +711,51 @@ impl Inner {
             )));
         }
         Ok(reply)
+    }
+
+    /// One Exists per owner group, all sent before any reply is read
+    /// ([`Engine::store_call_many`]), when `todo` spans several owners; the keys answered
+    /// (each owner added to `taken`), the rest left to the caller.
+    fn exists_at_once(
+        &self,
+        todo: &[usize],
+        keys: &[&[u8]],
+        taken: &mut [Vec<usize>],
+    ) -> Vec<(usize, bool)> {
+        let names: Vec<String> = self.members.iter().map(|m| m.session.clone()).collect();
+        let live: Vec<bool> = (0..names.len()).map(|m| self.is_live(m)).collect();
+        let (groups, _) = group_by_owner(&names, todo, keys, taken, &live);
+        if groups.len() < 2 || groups.iter().any(|(_, g)| g.len() > MAX_ITEMS) {
+            return Vec::new();
+        }
+        let mut asked = Vec::new();
+        let mut calls = Vec::new();
+        for (m, items) in groups {
+            let Ok(peer) = self.peer(m) else { continue };
+            let request = Request::Exists {
+                keys: items.iter().map(|&i| keys[i].to_vec()).collect(),
+            };
+            calls.push((peer, request.encode()));
+            asked.push((m, items, request));
+        }
+        let replies = self.engine.store_call_many(calls, self.timeout);
+        let mut answered = Vec::new();
+        for ((m, items, request), reply) in asked.into_iter().zip(replies) {
+            let checked = reply
+                .map_err(|e| CallError::Unreachable(e.to_string()))
+                .and_then(|body| self.checked_reply(m, &request, &body));
+            match checked {
+                Ok(Reply::Existing(e)) => {
+                    for (&i, f) in items.iter().zip(e) {
+                        taken[i].push(m);
+                        answered.push((i, f));
+                    }
+                }
+                Ok(_) | Err(CallError::Failed(_)) => {}
+                Err(CallError::Unreachable(why)) => self.mark_down(m, &why),
+            }
+        }
+        answered
     }
 
     /// Runs `run` on the keys `items`, each sent to its best owner not in `taken[i]` (the
@@ -724,19 +784,12 @@ impl Inner {
             let live: Vec<bool> = (0..names.len())
                 .map(|m| !failed_here[m] && self.is_live(m))
                 .collect();
-            let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-            for &i in &todo {
-                let owner = owners(&names, keys[i], names.len(), |m| live[m])
+            let (groups, orphans) = group_by_owner(&names, &todo, keys, taken, &live);
+            out.extend(
+                orphans
                     .into_iter()
-                    .find(|m| !taken[i].contains(m));
-                match owner {
-                    Some(m) => match groups.iter_mut().find(|g| g.0 == m) {
-                        Some(g) => g.1.push(i),
-                        None => groups.push((m, vec![i])),
-                    },
-                    None => out.push((i, Err(ItemError::Unavailable(self.why_none())))),
-                }
-            }
+                    .map(|i| (i, Err(ItemError::Unavailable(self.why_none())))),
+            );
             todo.clear();
             let run_group = |m: usize, g: Vec<usize>| {
                 let (done, failure) = chunked(&g, |c| run(m, c));
@@ -993,6 +1046,33 @@ impl Inner {
             .map(drop)
             .map_err(|e| e.to_string())
     }
+}
+
+/// Groups `todo` by owner: each key's best live owner not in `taken[i]`; also the keys
+/// with no such owner.
+#[allow(clippy::type_complexity)]
+fn group_by_owner(
+    names: &[String],
+    todo: &[usize],
+    keys: &[&[u8]],
+    taken: &[Vec<usize>],
+    live: &[bool],
+) -> (Vec<(usize, Vec<usize>)>, Vec<usize>) {
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    let mut orphans = Vec::new();
+    for &i in todo {
+        let owner = owners(names, keys[i], names.len(), |m| live[m])
+            .into_iter()
+            .find(|m| !taken[i].contains(m));
+        match owner {
+            Some(m) => match groups.iter_mut().find(|g| g.0 == m) {
+                Some(g) => g.1.push(i),
+                None => groups.push((m, vec![i])),
+            },
+            None => orphans.push(i),
+        }
+    }
+    (groups, orphans)
 }
 
 /// Runs `run` on `items` in chunks of at most [`MAX_ITEMS`] (one request each): the
