@@ -240,6 +240,7 @@ fn run(args: &[String]) -> Res<()> {
         Cmd::Memcpy(bench) => memcpy_main(&bench),
         Cmd::Store(args) => store_bench::store_main(&args),
         Cmd::Gpu(args) => gpu_bench::gpu_main(&args),
+        Cmd::GpuTarget(len) => gpu_bench::target_main(len),
         Cmd::StoreNode(args) => store_bench::node_main(&args),
     }
 }
@@ -571,6 +572,7 @@ enum Cmd {
     Memcpy(BenchArgs),
     Store(store_bench::StoreArgs),
     Gpu(gpu_bench::GpuArgs),
+    GpuTarget(u64),
     StoreNode(store_bench::NodeArgs),
 }
 
@@ -644,6 +646,10 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
         }
         "store" => Ok(Cmd::Store(store_bench::parse_store(rest)?)),
         "gpu" => Ok(Cmd::Gpu(gpu_bench::parse_gpu(rest)?)),
+        "gpu-target" => {
+            let f = parse_flags("gpu-target", rest, &["size"], &[])?;
+            Ok(Cmd::GpuTarget(f.size("size", 1 << 30)?))
+        }
         "store-node" => Ok(Cmd::StoreNode(store_bench::parse_node(rest)?)),
         other => Err(usage_err(format!(
             "unknown subcommand {other:?}: expected target, initiator, pair, memcpy or store"

@@ -114,3 +114,116 @@ fn in_process_batches_through_gpu_memory() {
     }
     println!("{PAGES} pages of {PAGE} bytes through VRAM: ok");
 }
+
+const CHILD_ENV: &str = "KVX_GPU_CHILD";
+const MARK: &str = "KVXGPU ";
+const PAGE: usize = 256 << 10;
+const PAGES: usize = 64;
+
+/// The decode process: GPU memory for 64 pages, registered; says where; waits for the
+/// notification; checks every page; says the verdict.
+#[test]
+fn child_process_entry() {
+    if std::env::var(CHILD_ENV).is_err() {
+        return;
+    }
+    use std::io::{BufRead, Write};
+    let say = |line: String| {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "\n{MARK}{line}").unwrap();
+        out.flush().unwrap();
+    };
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let vram = DeviceBuffer::alloc(0, PAGE * PAGES).unwrap();
+    register_vram(&engine, &vram);
+    say(format!(
+        "ready {} {:#x}",
+        engine.session_id().unwrap(),
+        vram.addr()
+    ));
+    let note = engine
+        .wait_notification(std::time::Duration::from_secs(60))
+        .expect("the prefill's notification");
+    let mut got = vec![0u8; PAGE * PAGES];
+    vram.copy_to_host(0, &mut got).unwrap();
+    let want = pattern(PAGE * PAGES, 11);
+    let bad = (0..PAGES)
+        .filter(|&i| got[i * PAGE..(i + 1) * PAGE] != want[i * PAGE..(i + 1) * PAGE])
+        .count();
+    say(format!(
+        "done {} bad={bad}",
+        String::from_utf8_lossy(&note.bytes)
+    ));
+    // Stay until the parent is done (it closes our stdin).
+    let _ = std::io::stdin().lock().lines().count();
+    engine.unregister(vram.addr()).unwrap();
+}
+
+/// Prefill writes 64 KV pages from its GPU memory into the decode process's GPU memory
+/// (same host, same GPU: CUDA IPC), with a notification after the data; the decode
+/// process checks every page.
+#[test]
+fn prefill_writes_pages_into_the_decode_processes_gpu_memory() {
+    let Some(_cuda) = gpu() else { return };
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "decode")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| l.split_once(MARK).map(|(_, r)| r.to_string()));
+    let ready = lines.next().expect("the decode process's ready line");
+    let f: Vec<&str> = ready.split_whitespace().collect();
+    assert_eq!(f[0], "ready", "{ready}");
+    let (session, remote) = (
+        f[1],
+        u64::from_str_radix(f[2].trim_start_matches("0x"), 16).unwrap(),
+    );
+    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let src = DeviceBuffer::alloc(0, PAGE * PAGES).unwrap();
+    src.copy_from_host(0, &pattern(PAGE * PAGES, 11)).unwrap();
+    register_vram(&engine, &src);
+    let peer = engine.open_peer(session).unwrap();
+    let ops: Vec<Op> = (0..PAGES as u64)
+        .map(|i| {
+            Op::write(
+                src.addr() + i * PAGE as u64,
+                remote + i * PAGE as u64,
+                PAGE as u64,
+            )
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let id = engine
+        .submit_with_notify(peer, &ops, b"pages ready")
+        .unwrap();
+    let transport = engine.batch_transport(id).unwrap();
+    assert!(engine
+        .wait(id, std::time::Duration::from_secs(60))
+        .unwrap()
+        .into_result()
+        .unwrap());
+    let took = t.elapsed();
+    engine.free(id).unwrap();
+    let done = lines.next().expect("the decode process's verdict");
+    drop(child.stdin.take());
+    let _ = child.wait();
+    println!(
+        "{PAGES} pages of {PAGE} bytes GPU -> GPU across processes over {transport} in {took:?}: {done}"
+    );
+    assert_eq!(transport, TransportKind::Shm);
+    assert_eq!(done, "done pages ready bad=0");
+    engine.unregister(src.addr()).unwrap();
+}

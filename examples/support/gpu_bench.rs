@@ -10,12 +10,15 @@ use kvxfer::{Access, Engine, EngineConfig, Location, Op};
 use super::{fmt_size, out_line, parse_flags, parse_seconds, percentile, usage_err, Failure, Res};
 
 pub(super) const USAGE: &str = "\
-  kvxfer_bench gpu       [--op h2d,d2h,d2d] [--block SIZE] [--batch N] [--duration SECS]
+  kvxfer_bench gpu       [--op h2d,d2h,d2d,ipc] [--block SIZE] [--batch N] [--duration SECS]
 
 gpu        one engine, pinned host memory and two GPU buffers of --batch x --block bytes
            (default 16 x 256MiB) on cuda:0; per --op (default all three) one row moved
            by the engine (transport cuda) and one of the same copies queued directly on a
-           CUDA stream (transport baseline). Needs the CUDA driver.";
+           CUDA stream (transport baseline). --op ipc: a second process (started here)
+           registers GPU memory and this one writes into it through the engine (same host:
+           CUDA IPC over the shm transport), next to a same-size GPU-to-GPU copy in this
+           process. Needs the CUDA driver.";
 
 #[derive(Debug)]
 pub(super) struct GpuArgs {
@@ -35,8 +38,9 @@ pub(super) fn parse_gpu(rest: &[String]) -> Res<GpuArgs> {
                 "h2d" => Ok("h2d"),
                 "d2h" => Ok("d2h"),
                 "d2d" => Ok("d2d"),
+                "ipc" => Ok("ipc"),
                 other => Err(usage_err(format!(
-                    "--op {other:?}: expected h2d, d2h or d2d"
+                    "--op {other:?}: expected h2d, d2h, d2d or ipc"
                 ))),
             })
             .collect::<Res<Vec<_>>>()?,
@@ -90,6 +94,10 @@ pub(super) fn gpu_main(args: &GpuArgs) -> Res<()> {
     let stream = Stream::new(0).map_err(|e| run_err("stream")(e.to_string()))?;
     let me = engine.local_peer();
     for &op in &args.ops {
+        if op == "ipc" {
+            ipc_point(&engine, &a, &b, &stream, args)?;
+            continue;
+        }
         // (source, destination) of each op i: block i of each buffer.
         let (src, dst) = match op {
             "h2d" => (host.addr(), a.addr()),
@@ -140,5 +148,139 @@ pub(super) fn gpu_main(args: &GpuArgs) -> Res<()> {
         let _ = engine.unregister(addr);
     }
     drop(engine);
+    Ok(())
+}
+
+/// The hidden `gpu-target` subcommand: GPU memory of `len` bytes registered with an engine;
+/// prints `ready <session> <addr>` and serves until stdin closes.
+pub(super) fn target_main(len: u64) -> Res<()> {
+    use std::io::BufRead;
+    let vram = DeviceBuffer::alloc(0, len as usize).map_err(|e| Failure::Run(e.to_string()))?;
+    let engine = Engine::new(EngineConfig::default()).map_err(|e| Failure::Run(e.to_string()))?;
+    // SAFETY: the buffer outlives the engine (dropped after it).
+    unsafe { engine.register(vram.addr(), len, None, Access::ALL) }
+        .map_err(|e| Failure::Run(e.to_string()))?;
+    out_line(&format!(
+        "ready {} {}",
+        engine.session_id().unwrap_or("?"),
+        vram.addr()
+    ))?;
+    for line in std::io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+    }
+    let _ = engine.unregister(vram.addr());
+    drop(engine);
+    Ok(())
+}
+
+/// Cross-process GPU to GPU: this engine writes `a` into a `gpu-target` process's GPU
+/// memory; the baseline is the same copy from `a` to `b` in this process.
+fn ipc_point(
+    engine: &Engine,
+    a: &DeviceBuffer,
+    b: &DeviceBuffer,
+    stream: &Stream,
+    args: &GpuArgs,
+) -> Res<()> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let len = args.block * args.batch as u64;
+    let exe = std::env::current_exe().map_err(|e| Failure::Run(e.to_string()))?;
+    let mut child = Command::new(exe)
+        .args(["gpu-target", "--size", &len.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| Failure::Run(format!("cannot start the target: {e}")))?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let ready = lines
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| Failure::Run("the target said nothing".into()))?;
+    let f: Vec<&str> = ready.split_whitespace().collect();
+    if f.len() != 3 || f[0] != "ready" {
+        return Err(Failure::Run(format!("the target said {ready:?}")));
+    }
+    let remote: u64 = f[2]
+        .parse()
+        .map_err(|_| Failure::Run(format!("bad address in {ready:?}")))?;
+    let peer = engine
+        .open_peer(f[1])
+        .map_err(|e| Failure::Run(e.to_string()))?;
+    let ops: Vec<Op> = (0..args.batch as u64)
+        .map(|i| {
+            Op::write(
+                a.addr() + i * args.block,
+                remote + i * args.block,
+                args.block,
+            )
+        })
+        .collect();
+    let local: Vec<Op> = (0..args.batch as u64)
+        .map(|i| {
+            Op::write(
+                a.addr() + i * args.block,
+                b.addr() + i * args.block,
+                args.block,
+            )
+        })
+        .collect();
+    let transport = {
+        let id = engine
+            .submit(peer, &ops)
+            .map_err(|e| Failure::Run(e.to_string()))?;
+        let t = engine
+            .batch_transport(id)
+            .map_err(|e| Failure::Run(e.to_string()))?;
+        engine
+            .wait(id, Duration::from_secs(60))
+            .map_err(|e| Failure::Run(e.to_string()))?
+            .into_result()
+            .map_err(|e| Failure::Run(e.to_string()))?;
+        let _ = engine.free(id);
+        t
+    };
+    let engine_point =
+        || -> Result<(), String> { engine.transfer_sync(peer, &ops).map_err(|e| e.to_string()) };
+    let baseline_point = || -> Result<(), String> {
+        for o in &local {
+            // SAFETY: both ranges are this program's live GPU buffers.
+            unsafe { stream.copy_async(o.remote_addr, o.local_addr, o.len as usize) }
+                .map_err(|e| e.to_string())?;
+        }
+        stream.synchronize().map_err(|e| e.to_string())
+    };
+    let name = format!("{transport}-ipc");
+    for (name, point) in [
+        (
+            name.as_str(),
+            &engine_point as &dyn Fn() -> Result<(), String>,
+        ),
+        ("baseline", &baseline_point),
+    ] {
+        let mut lat = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < args.duration {
+            let t = Instant::now();
+            point().map_err(run_err(name))?;
+            lat.push(t.elapsed().as_nanos() as u64);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        lat.sort_unstable();
+        out_line(&format!(
+            "{:<9} {:<5} {:>8} {:>5} {:>9.2} {:>10.1} {:>10.1}",
+            name,
+            "ipc",
+            fmt_size(args.block),
+            args.batch,
+            lat.len() as f64 * len as f64 / secs / 1e9,
+            percentile(&lat, 0.5) as f64 / 1e3,
+            percentile(&lat, 0.99) as f64 / 1e3
+        ))?;
+    }
+    drop(child.stdin.take());
+    let _ = child.wait();
     Ok(())
 }

@@ -2,11 +2,13 @@
 //! input as it is, and the input behind a valid header of the kind its first byte picks
 //! (so that every body decoder is reached at once). Nothing panics. A datagram that decodes
 //! is at most `MAX_MESSAGE` bytes, re-encodes to the same bytes, which decode to the same
-//! request id and message; its fields keep their limits (Attached: non-zero, non-wrapping
-//! region, odd generation, known access bits, slot and map within the file, page-aligned)
-//! and `fds()` matches its kind. Refusals agree with the header bytes: `Truncated` only
-//! below 16 bytes, `BadMagic`/`Version`/`NonZeroFlags`/`UnknownKind` carry what was found
-//! (an unknown kind is never 1 to 7), `BadLength` reports the body's length for a known
+//! request id and message; its fields keep their limits (Attached and AttachedCuda:
+//! non-zero, non-wrapping region, odd generation, known access bits, slot within the table;
+//! Attached: map within the file, page-aligned; AttachedCuda: non-wrapping offset, a
+//! non-empty PCI bus id of hex digits, ':' and '.', NUL-padded) and `fds()` matches its
+//! kind. Refusals agree with the header bytes: `Truncated` only below 16 bytes,
+//! `BadMagic`/`Version`/`NonZeroFlags`/`UnknownKind` carry what was found (an unknown kind
+//! is never 1 to 8), `BadLength` reports the body's length for a known
 //! kind, `Invalid` names a known kind whose body has its length. Finally a `Refused` built
 //! from the input's text encodes within `MAX_MESSAGE`, its reason cut to the longest prefix
 //! that fits at a char boundary.
@@ -14,13 +16,14 @@
 #![no_main]
 
 use kvxfer::transport::shm::wire::{
-    decode, Attachment, MapKind, Message, ShmWireError, HEADER_LEN, MAGIC, MAX_MESSAGE,
-    MAX_PROOF_LEN, MAX_REASON, MAX_TABLE_SLOTS, MIN_PROOF_LEN, VERSION,
+    decode, Attachment, CudaAttachment, MapKind, Message, ShmWireError, ATTACHED_CUDA_LEN,
+    HEADER_LEN, MAGIC, MAX_MESSAGE, MAX_PROOF_LEN, MAX_REASON, MAX_TABLE_SLOTS, MIN_PROOF_LEN,
+    VERSION,
 };
 use libfuzzer_sys::fuzz_target;
 
-/// Kinds 1 to 7: name and body length (`None`: variable, Refused).
-const KINDS: [(&str, Option<usize>); 7] = [
+/// Kinds 1 to 8: name and body length (`None`: variable, Refused).
+const KINDS: [(&str, Option<usize>); 8] = [
     ("Hello", Some(32)),
     ("HelloReply", Some(32)),
     ("Confirm", Some(16)),
@@ -28,12 +31,13 @@ const KINDS: [(&str, Option<usize>); 7] = [
     ("Attach", Some(8)),
     ("Attached", Some(56)),
     ("Refused", None),
+    ("AttachedCuda", Some(120)),
 ];
 
 fuzz_target!(|data: &[u8]| {
     check(data);
     if let Some((&pick, rest)) = data.split_first() {
-        let kind = pick % 9; // 0 and 8 stay unknown
+        let kind = pick % 10; // 0 and 9 stay unknown
         let mut framed = MAGIC.to_vec();
         framed.extend_from_slice(&[VERSION, kind, 0, 0]);
         framed.extend_from_slice(
@@ -119,7 +123,7 @@ fn check(data: &[u8]) {
                 ShmWireError::UnknownKind(found) => {
                     header_ok(2);
                     assert_eq!(Some(found), kind);
-                    assert!(!(1..=7).contains(&found), "known kind {found} refused");
+                    assert!(!(1..=8).contains(&found), "known kind {found} refused");
                     assert!(text.contains(&format!("kind {found}")), "{text}");
                 }
                 ShmWireError::BadLength {
@@ -188,6 +192,10 @@ fn check_limits(m: &Message, body: usize) {
             0
         }
         Message::Attached(a) => check_attachment(a),
+        Message::AttachedCuda(a) => {
+            assert_eq!(body, ATTACHED_CUDA_LEN);
+            check_cuda_attachment(a)
+        }
         Message::Refused { reason, .. } => {
             assert!(reason.len() <= MAX_REASON);
             assert_eq!(body, 8 + reason.len());
@@ -215,6 +223,29 @@ fn check_attachment(a: &Attachment) -> usize {
             1
         }
     }
+}
+
+/// A GPU attachment's invariants; returns the fds its message carries (none).
+fn check_cuda_attachment(a: &CudaAttachment) -> usize {
+    assert_ne!(a.addr, 0, "{a:?}");
+    assert_ne!(a.len, 0, "{a:?}");
+    assert!(a.addr.checked_add(a.len).is_some(), "{a:?}");
+    assert!(a.offset.checked_add(a.len).is_some(), "{a:?}");
+    assert_eq!(a.gen % 2, 1, "{a:?}");
+    assert_eq!(a.access & !0b1111, 0, "{a:?}");
+    assert!(a.slot < MAX_TABLE_SLOTS, "{a:?}");
+    // The id: 1 to 16 bytes of hex digits, ':' and '.', then only NULs.
+    let id = a.pci_bus_id();
+    assert!(!id.is_empty() && id.len() <= 16, "{a:?}");
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.'),
+        "{a:?}"
+    );
+    assert_eq!(&a.pci_bus_id[..id.len()], id.as_bytes());
+    assert!(a.pci_bus_id[id.len()..].iter().all(|&b| b == 0), "{a:?}");
+    assert_eq!(CudaAttachment::with_pci_bus_id(id), Some(a.pci_bus_id));
+    0
 }
 
 /// A `Refused` carrying the input as text: encodes within `MAX_MESSAGE`, and its reason

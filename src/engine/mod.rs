@@ -10,7 +10,7 @@ mod slab;
 mod slicing;
 mod stats;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use slicing::{AddressSpaces, Pins};
 use stats::Counters;
 
 use crate::control::RegionInfo;
-use crate::memory::{Access, Buffer, Location, Region, RegionSpec, Registry};
+use crate::memory::{Access, Buffer, Location, Region, RegionLookup, RegionSpec, Registry};
 use crate::transport::local::LocalTransport;
 use crate::transport::{Slice, Transport, TransportInfo, TransportKind};
 
@@ -805,10 +805,14 @@ impl Engine {
             },
             (Some(l), gpu) => l.choose(&peer.name, &slices, gpu, self.config.connect_timeout)?,
         };
-        // CPU copies (in-process, shared memory, TCP) must never touch GPU memory: the
-        // process would fault. Only RDMA (with the memory registered on the NIC) reaches it.
+        // CPU copies must never touch GPU memory: the process would fault. RDMA (with the
+        // memory registered on the NIC), the GPU copy engines in-process, and shared memory
+        // (which copies GPU memory with the GPU, the peer's through CUDA IPC) reach it.
         if let Some(location) = pins.gpu_location() {
-            if !matches!(transport.kind(), TransportKind::Rdma | TransportKind::Cuda) {
+            if !matches!(
+                transport.kind(),
+                TransportKind::Rdma | TransportKind::Cuda | TransportKind::Shm
+            ) {
                 return Err(Error::GpuUnreachable {
                     location,
                     transport: transport.kind(),
@@ -819,13 +823,19 @@ impl Engine {
     }
 
     /// Whether the first op's local or remote end is registered GPU memory.
-    fn first_op_touches_gpu(&self, ops: &[Op]) -> bool {
+    fn first_op_touches_gpu(
+        &self,
+        ops: &[Op],
+        remote: Option<&BTreeMap<u64, Arc<Region>>>,
+    ) -> bool {
         let Some(op) = ops.first() else { return false };
-        [op.local_addr, op.remote_addr].iter().any(|&a| {
-            self.registry
-                .lookup(a)
-                .is_some_and(|r| matches!(r.location(), Location::Cuda(_)))
-        })
+        let gpu =
+            |r: Option<Arc<Region>>| r.is_some_and(|r| matches!(r.location(), Location::Cuda(_)));
+        let remote_region = match remote {
+            Some(map) => map.region_at(op.remote_addr).cloned(),
+            None => self.registry.lookup(op.remote_addr),
+        };
+        gpu(self.registry.lookup(op.local_addr)) || gpu(remote_region)
     }
 
     /// Checks `ops` against both sides and cuts them into slices.
@@ -838,14 +848,15 @@ impl Engine {
             });
         }
         let mut slice_size = self.config.slice_size as u64;
-        if link.is_none() && self.first_op_touches_gpu(ops) {
+        let remote_regions = link.map(remote::Link::regions);
+        let no_rdma = link.is_none_or(|l| l.rdma.is_none());
+        if no_rdma && self.first_op_touches_gpu(ops, remote_regions.as_deref()) {
             // In-process GPU copies run as one copy per op whatever the slicing: small
             // slices would only cost bookkeeping (a 4 GiB batch is 65536 of 64 KiB).
             slice_size = slice_size.max(GPU_SLICE);
         }
         let mut slices = Vec::with_capacity(ops.len());
         let mut pins = Pins::default();
-        let remote_regions = link.map(remote::Link::regions);
         {
             let map = self.registry.read();
             let (remote, spaces) = match &remote_regions {

@@ -84,8 +84,9 @@ impl Link {
     ) -> Result<Arc<dyn Transport>> {
         let mut why_not = Vec::new();
         for kind in &self.order {
-            // Shared memory and TCP copy with the CPU: never for GPU memory.
-            if let (Some(location), TransportKind::Shm | TransportKind::Tcp) = (gpu, kind) {
+            // TCP copies with the CPU: never for GPU memory. (Shared memory copies GPU
+            // memory with the GPU: the peer's through CUDA IPC.)
+            if let (Some(location), TransportKind::Tcp) = (gpu, kind) {
                 why_not.push(format!("{kind}: the batch touches {location} memory"));
                 continue;
             }

@@ -31,6 +31,17 @@ pub struct Attached {
     gen: u64,
     /// The peer's memfd mapped here (engine-allocated memory).
     map: Option<PeerMapping>,
+    /// The peer's GPU memory mapped here through CUDA IPC: where the region starts in this
+    /// process (copies go by the GPU).
+    gpu: Option<GpuMapping>,
+}
+
+/// A peer's GPU allocation opened here (`cuIpcOpenMemHandle`), closed on drop.
+#[derive(Debug)]
+struct GpuMapping {
+    _mapping: crate::sys::cuda::IpcMapping,
+    /// The region's first byte in this process.
+    start: u64,
 }
 
 impl Attached {
@@ -45,6 +56,9 @@ impl Attached {
     /// Whether a slice of `kind` can be moved by this process: through the mapping (which
     /// must be writable for a WRITE) or, without one, by cross-memory attach.
     fn reachable(&self, kind: OpKind, cma: bool) -> bool {
+        if self.gpu.is_some() {
+            return true;
+        }
         match (&self.map, kind) {
             (Some(m), OpKind::Write) => m.is_writable() || cma,
             (Some(_), OpKind::Read) => true,
@@ -238,6 +252,10 @@ impl ShmLink {
             .map_err(|e| format!("cannot ask to attach {region_start:#x}: {e}"))?;
         let (reply, fds) = round_trip_reply(&sock, req, deadline)?;
         drop(sock);
+        let reply = match reply {
+            Message::AttachedCuda(att) => return self.attach_gpu(region_start, &att),
+            other => other,
+        };
         let Message::Attached(att) = reply else {
             return Err(format!(
                 "refused to attach {region_start:#x}: {}",
@@ -263,7 +281,58 @@ impl ShmLink {
             slot: att.slot,
             gen: att.gen,
             map,
+            gpu: None,
         });
+        self.keep(attached)
+    }
+
+    /// Opens a peer's GPU region (its CUDA IPC handle) on the GPU with the same PCI bus id.
+    fn attach_gpu(
+        &self,
+        region_start: u64,
+        att: &crate::transport::shm::wire::CudaAttachment,
+    ) -> Result<Arc<Attached>, String> {
+        if att.addr != region_start {
+            return Err(format!(
+                "attached {:#x} when asked for {region_start:#x}",
+                att.addr
+            ));
+        }
+        let cuda = crate::sys::cuda::driver()
+            .map_err(|e| format!("the peer's region is GPU memory, but here: {e}"))?;
+        let pci = att.pci_bus_id();
+        let device = (0..cuda.device_count())
+            .find(|&d| cuda.pci_bus_id(d).is_ok_and(|p| p == pci))
+            .ok_or_else(|| format!("the peer's GPU {pci} is not visible to this process"))?;
+        let mapping = crate::sys::cuda::ipc_open(device, &crate::sys::cuda::IpcHandle(att.handle))
+            .map_err(|e| format!("cannot open the peer's GPU memory: {e}"))?;
+        let start = mapping
+            .addr()
+            .checked_add(att.offset)
+            .filter(|s| {
+                s.checked_add(att.len)
+                    .is_some_and(|end| end <= mapping.addr() + mapping.len())
+            })
+            .ok_or_else(|| {
+                "the peer's GPU region lies outside the allocation it named".to_string()
+            })?;
+        self.keep(Arc::new(Attached {
+            addr: att.addr,
+            len: att.len,
+            access: Access::from_bits_truncate(att.access),
+            slot: att.slot,
+            gen: att.gen,
+            map: None,
+            gpu: Some(GpuMapping {
+                _mapping: mapping,
+                start,
+            }),
+        }))
+    }
+
+    /// Records a new attachment (a live one already recorded for its address wins).
+    fn keep(&self, attached: Arc<Attached>) -> Result<Arc<Attached>, String> {
+        let att = &*attached;
         let mut all = self
             .attached
             .write()
@@ -403,6 +472,10 @@ impl ShmLink {
                 self.session, a.addr
             )));
         }
+        if let Some(moved) = self.gpu_move(a, slices) {
+            self.table.unpin(a.slot);
+            return moved;
+        }
         // A read-only mapping serves READs; WRITEs into it go by cross-memory attach.
         let via_map = a
             .map
@@ -433,6 +506,48 @@ impl ShmLink {
         };
         self.table.unpin(a.slot);
         moved
+    }
+
+    /// Moves the slices with the GPU (`cuMemcpy`, unified addressing) when either end is GPU
+    /// memory: the peer's region mapped here by CUDA IPC, or our own memory in a GPU
+    /// (with the peer's region mapped here as its memfd). `None`: no GPU end (the CPU
+    /// copies). The region is pinned by the caller.
+    fn gpu_move(&self, a: &Attached, slices: &[Slice]) -> Option<Result<(), TransportError>> {
+        // Any slice whose local end is GPU memory makes the run a GPU copy (the CPU must
+        // not touch it); asked of the driver only in a process that uses one.
+        let local_gpu = || {
+            crate::sys::cuda::driver_in_use()
+                .is_some_and(|c| slices.iter().any(|s| c.device_memory(s.local).is_some()))
+        };
+        let remote_base = match (&a.gpu, &a.map) {
+            (Some(g), _) => g.start,
+            (None, _) if !local_gpu() => return None,
+            (None, Some(m)) => m.as_ptr() as u64,
+            (None, None) => {
+                return Some(Err(self.error(format!(
+                    "GPU memory cannot be copied to or from the peer's region at {:#x} by cross-memory attach",
+                    a.addr
+                ))))
+            }
+        };
+        for s in slices {
+            let remote = remote_base + (s.remote - a.addr);
+            let (dst, src) = match s.kind {
+                OpKind::Write => (remote, s.local),
+                OpKind::Read => (s.local, remote),
+            };
+            // SAFETY: the remote range lies in the attached region (checked by `reach`),
+            // mapped here for its whole length and pinned by the caller; the local range
+            // was checked against our registry and is pinned by the batch. `memcpy` returns
+            // once the bytes are at `dst`.
+            if let Err(e) = unsafe { crate::sys::cuda::memcpy(dst, src, s.len as usize) } {
+                return Some(Err(self.error(format!(
+                    "GPU copy {} region {:#x} of peer {}: {e}",
+                    s.kind, a.addr, self.session
+                ))));
+            }
+        }
+        Some(Ok(()))
     }
 
     /// Moves slices by cross-memory attach (the region is pinned by the caller).

@@ -15,8 +15,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::table::{PinTable, SLOT_BYTES};
-use super::wire::{self, code, Attachment, MapKind, Message, ShmWireError, NONCE_LEN};
-use crate::memory::{Access, Region, Registry};
+use super::wire::{
+    self, code, Attachment, CudaAttachment, MapKind, Message, ShmWireError, NONCE_LEN,
+};
+use crate::memory::{Access, Location, Region, Registry};
 use crate::sys::shm::SharedMapping;
 use crate::sys::unix::{poll_readable, SeqPacket, SeqPacketListener};
 
@@ -600,6 +602,20 @@ impl Inner {
             };
             return self.send(conn, req, &reply, &[]);
         };
+        if let Location::Cuda(_) = region.location() {
+            // GPU memory: its CUDA IPC handle (the peer maps it and copies with the GPU).
+            let reply = match cuda_attachment(&region, slot, gen) {
+                Ok(a) => Message::AttachedCuda(a),
+                Err(reason) => {
+                    lock(&conn.slots).close(addr);
+                    Message::Refused {
+                        code: code::INTERNAL,
+                        reason: format!("GPU region {} cannot be shared: {reason}", region.range()),
+                    }
+                }
+            };
+            return self.send(conn, req, &reply, &[]);
+        }
         let (map_kind, fd) = share(&region);
         let reply = Message::Attached(Attachment {
             addr,
@@ -729,6 +745,31 @@ impl Slots {
             self.free.push(a.slot);
         }
     }
+}
+
+/// The CUDA IPC attachment of a region in GPU memory: the handle of the allocation that
+/// holds it, where the region starts in it, and the GPU's PCI bus id.
+fn cuda_attachment(region: &Region, slot: u32, gen: u64) -> Result<CudaAttachment, String> {
+    let cuda =
+        crate::sys::cuda::driver_in_use().ok_or("this process does not use the CUDA driver")?;
+    let start = region.range().start;
+    let device = cuda
+        .device_memory(start)
+        .ok_or_else(|| format!("{start:#x} is not GPU memory the CUDA driver knows"))?;
+    let handle = crate::sys::cuda::ipc_handle(device.base).map_err(|e| e.to_string())?;
+    let pci = cuda.pci_bus_id(device.device).map_err(|e| e.to_string())?;
+    let pci_bus_id = CudaAttachment::with_pci_bus_id(&pci)
+        .ok_or_else(|| format!("PCI bus id {pci:?} does not fit the message"))?;
+    Ok(CudaAttachment {
+        addr: start,
+        len: region.range().len,
+        gen,
+        offset: start - device.base,
+        access: region.access().bits(),
+        slot,
+        pci_bus_id,
+        handle: handle.0,
+    })
 }
 
 /// How a peer may reach `region`'s bytes: engine-allocated memory that peers may read and

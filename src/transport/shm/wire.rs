@@ -15,6 +15,8 @@
 //! 6 Attached   addr u64 | len u64 | gen u64 | offset u64 | file_len u64
 //!              | access u32 | slot u32 | map u32 | reserved u32 (0)   + 1 fd if map (56)
 //! 7 Refused    code u32 | reason_len u32 | reason (UTF-8, <= 1024 bytes)     (8 + reason_len)
+//! 8 AttachedCuda addr u64 | len u64 | gen u64 | offset u64 | access u32 | slot u32
+//!              | pci_bus_id [16] (ASCII, NUL-padded) | handle [64]          no fd (120)
 //! ```
 //!
 //! Everything little endian. [`decode`] is strict: every length is exact, reserved fields and
@@ -34,8 +36,8 @@ pub const HEADER_LEN: usize = 16;
 pub const NONCE_LEN: usize = 16;
 /// Bytes of a `Refused` reason, at most.
 pub const MAX_REASON: usize = 1024;
-/// Bytes of the largest datagram (a `Refused` with the longest reason); receivers use a
-/// buffer of this size.
+/// Bytes of the largest datagram (a `Refused` with the longest reason; every other kind is
+/// shorter, which is checked at compile time); receivers use a buffer of this size.
 pub const MAX_MESSAGE: usize = HEADER_LEN + REFUSED_FIXED + MAX_REASON;
 /// Slots a pin table may have, at most.
 pub const MAX_TABLE_SLOTS: u32 = 1 << 20;
@@ -45,6 +47,12 @@ pub const MIN_PROOF_LEN: u32 = 32;
 pub const MAX_PROOF_LEN: u32 = 1 << 20;
 /// What a mapped region's offset in its memfd must be a multiple of (the page size).
 pub const MAP_ALIGN: u64 = 4096;
+/// Bytes of an `AttachedCuda` body.
+pub const ATTACHED_CUDA_LEN: usize = 4 * 8 + 2 * 4 + PCI_BUS_ID_LEN + CUDA_IPC_HANDLE_LEN;
+/// Bytes of [`CudaAttachment::pci_bus_id`]: the id in sysfs form, NUL-padded.
+pub const PCI_BUS_ID_LEN: usize = 16;
+/// Bytes of a CUDA IPC memory handle (`CUipcMemHandle`, from `cuIpcGetMemHandle`).
+pub const CUDA_IPC_HANDLE_LEN: usize = 64;
 
 const HELLO: u8 = 1;
 const HELLO_REPLY: u8 = 2;
@@ -53,6 +61,7 @@ const PROVEN: u8 = 4;
 const ATTACH: u8 = 5;
 const ATTACHED: u8 = 6;
 const REFUSED: u8 = 7;
+const ATTACHED_CUDA: u8 = 8;
 
 const HELLO_LEN: usize = 16 + NONCE_LEN;
 const HELLO_REPLY_LEN: usize = 32;
@@ -61,6 +70,24 @@ const ATTACH_LEN: usize = 8;
 const ATTACHED_LEN: usize = 5 * 8 + 4 * 4;
 /// `Refused`'s code and reason length, before the reason.
 const REFUSED_FIXED: usize = 8;
+
+// MAX_MESSAGE covers every fixed-length kind too.
+const _: () = {
+    let fixed = [
+        HELLO_LEN,
+        HELLO_REPLY_LEN,
+        CONFIRM_LEN,
+        ATTACH_LEN,
+        ATTACHED_LEN,
+        ATTACHED_CUDA_LEN,
+    ];
+    let mut i = 0;
+    while i < fixed.len() {
+        assert!(HEADER_LEN + fixed[i] <= MAX_MESSAGE);
+        i += 1;
+    }
+    assert!(ATTACHED_CUDA_LEN == 120);
+};
 
 /// Reason codes of [`Message::Refused`].
 pub mod code {
@@ -145,6 +172,10 @@ pub enum Message {
         /// What happened, for people; at most [`MAX_REASON`] bytes travel.
         reason: String,
     },
+    /// Server → client (kind 8): a region in GPU memory, attached: the CUDA IPC handle of
+    /// the GPU allocation holding it. The client maps it (`cuIpcOpenMemHandle`) on its GPU
+    /// with the same PCI bus id and copies with the GPU. No fd.
+    AttachedCuda(CudaAttachment),
 }
 
 /// A region the server attached for the client.
@@ -162,6 +193,31 @@ pub struct Attachment {
     pub slot: u32,
     /// How the client may map the region.
     pub map: MapKind,
+}
+
+/// A region in GPU memory the server attached for the client: the CUDA IPC handle of the
+/// allocation holding it and where the region lies in that allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CudaAttachment {
+    /// Start of the region in the server's address space (non-zero).
+    pub addr: u64,
+    /// Bytes of the region (non-zero; `addr + len` fits in a u64).
+    pub len: u64,
+    /// Generation of the slot's liveness word when attached; odd (live).
+    pub gen: u64,
+    /// Bytes from the start of the GPU allocation the handle names to `addr` (`offset + len`
+    /// fits in a u64).
+    pub offset: u64,
+    /// Raw bits of the region's [`Access`]; only bits of `Access::all()`.
+    pub access: u32,
+    /// Index of the region's slot in the pin table, below [`MAX_TABLE_SLOTS`].
+    pub slot: u32,
+    /// The GPU's PCI bus id in sysfs form (`"0000:3b:00.0"`), padded with NULs: non-empty,
+    /// only ASCII hex digits, `':'` and `'.'`, then only NULs. Build it with
+    /// [`CudaAttachment::with_pci_bus_id`], read it with [`CudaAttachment::pci_bus_id`].
+    pub pci_bus_id: [u8; PCI_BUS_ID_LEN],
+    /// The `cuIpcGetMemHandle` handle (opaque).
+    pub handle: [u8; CUDA_IPC_HANDLE_LEN],
 }
 
 /// How a client reaches an attached region's bytes.
@@ -215,7 +271,7 @@ pub enum ShmWireError {
     #[error("shm header flags {0:#06x} are not zero (no flags are defined)")]
     NonZeroFlags(u16),
     /// A kind number this build does not know.
-    #[error("unknown shm message kind {0} (known kinds are 1 to 7)")]
+    #[error("unknown shm message kind {0} (known kinds are 1 to 8)")]
     UnknownKind(u8),
     /// A body of the wrong length for its kind.
     #[error("{kind} body is {found} bytes, expected {expected}{}", length_rule(.kind))]
@@ -249,6 +305,7 @@ fn length_rule(kind: &str) -> &'static str {
 /// The name of a known kind number.
 fn kind_name(kind: u8) -> &'static str {
     match kind {
+        ATTACHED_CUDA => "AttachedCuda",
         HELLO => "Hello",
         HELLO_REPLY => "HelloReply",
         CONFIRM => "Confirm",
@@ -261,7 +318,7 @@ fn kind_name(kind: u8) -> &'static str {
 }
 
 impl Message {
-    /// The kind number on the wire (1 to 7).
+    /// The kind number on the wire (1 to 8).
     pub fn kind(&self) -> u8 {
         match self {
             Message::Hello { .. } => HELLO,
@@ -271,6 +328,7 @@ impl Message {
             Message::Attach { .. } => ATTACH,
             Message::Attached(_) => ATTACHED,
             Message::Refused { .. } => REFUSED,
+            Message::AttachedCuda(_) => ATTACHED_CUDA,
         }
     }
 
@@ -280,7 +338,8 @@ impl Message {
     }
 
     /// File descriptors this message must carry: 2 for `HelloReply` (proof page, pin
-    /// table), 1 for `Attached` with a map (the memfd), 0 otherwise.
+    /// table), 1 for `Attached` with a map (the memfd), 0 otherwise (`AttachedCuda`
+    /// included: its handle travels in the body).
     pub fn fds(&self) -> usize {
         match self {
             Message::HelloReply { .. } => 2,
@@ -293,7 +352,7 @@ impl Message {
     /// reason longer than [`MAX_REASON`] bytes is cut at a char boundary to fit, so the
     /// datagram is never longer than [`MAX_MESSAGE`].
     pub fn encode(&self, req: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + ATTACHED_LEN);
+        let mut out = Vec::with_capacity(HEADER_LEN + ATTACHED_CUDA_LEN);
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
         out.push(self.kind());
@@ -345,6 +404,16 @@ impl Message {
                 out.extend_from_slice(&reason_len.to_le_bytes());
                 out.extend_from_slice(reason.as_bytes());
             }
+            Message::AttachedCuda(a) => {
+                out.extend_from_slice(&a.addr.to_le_bytes());
+                out.extend_from_slice(&a.len.to_le_bytes());
+                out.extend_from_slice(&a.gen.to_le_bytes());
+                out.extend_from_slice(&a.offset.to_le_bytes());
+                out.extend_from_slice(&a.access.to_le_bytes());
+                out.extend_from_slice(&a.slot.to_le_bytes());
+                out.extend_from_slice(&a.pci_bus_id);
+                out.extend_from_slice(&a.handle);
+            }
         }
         out
     }
@@ -387,6 +456,7 @@ impl Message {
                 }
             }
             Message::Attached(a) => a.validate().map_err(invalid)?,
+            Message::AttachedCuda(a) => a.validate().map_err(invalid)?,
             Message::Refused { reason, .. } => {
                 if reason.len() > MAX_REASON {
                     return Err(ShmWireError::BadLength {
@@ -412,33 +482,7 @@ impl Attachment {
             slot,
             map,
         } = *self;
-        if addr == 0 {
-            return Err("addr is 0".into());
-        }
-        if len == 0 {
-            return Err(format!("len is 0 (region at {addr:#x})"));
-        }
-        if addr.checked_add(len).is_none() {
-            return Err(format!(
-                "addr {addr:#x} + len {len:#x} overflows the address space"
-            ));
-        }
-        if gen % 2 == 0 {
-            return Err(format!(
-                "gen {gen} is even (a live slot's generation is odd)"
-            ));
-        }
-        if Access::from_bits(access).is_none() {
-            return Err(format!(
-                "access {access:#x} has bits outside Access::all() ({:#x})",
-                Access::all().bits()
-            ));
-        }
-        if slot >= MAX_TABLE_SLOTS {
-            return Err(format!(
-                "slot {slot} is not below MAX_TABLE_SLOTS ({MAX_TABLE_SLOTS})"
-            ));
-        }
+        validate_region(addr, len, gen, access, slot)?;
         if let MapKind::ReadOnly { offset, file_len } | MapKind::ReadWrite { offset, file_len } =
             map
         {
@@ -458,6 +502,113 @@ impl Attachment {
         }
         Ok(())
     }
+}
+
+impl CudaAttachment {
+    /// The limits of a GPU attachment: those of [`Attachment`] for the fields they share,
+    /// `offset + len` within a u64 and a well-formed [`pci_bus_id`](Self::pci_bus_id). The
+    /// error names the field, its value and the rule.
+    pub fn validate(&self) -> Result<(), String> {
+        let CudaAttachment {
+            addr,
+            len,
+            gen,
+            offset,
+            access,
+            slot,
+            pci_bus_id,
+            handle: _,
+        } = *self;
+        validate_region(addr, len, gen, access, slot)?;
+        if offset.checked_add(len).is_none() {
+            return Err(format!("offset {offset:#x} + len {len:#x} overflows"));
+        }
+        let id_len = pci_bus_id
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(PCI_BUS_ID_LEN);
+        if id_len == 0 {
+            return Err("pci_bus_id is empty".into());
+        }
+        let (id, padding) = pci_bus_id.split_at(id_len);
+        if let Some(at) = id.iter().position(|&b| !pci_bus_id_char(b)) {
+            return Err(format!(
+                "pci_bus_id byte {at} is {:#04x}, not an ASCII hex digit, ':' or '.'",
+                id[at]
+            ));
+        }
+        if let Some(at) = padding.iter().position(|&b| b != 0) {
+            return Err(format!(
+                "pci_bus_id byte {} is {:#04x} after the NUL padding began",
+                id_len + at,
+                padding[at]
+            ));
+        }
+        Ok(())
+    }
+
+    /// The PCI bus id without its NUL padding (`"0000:3b:00.0"`). For a field that does not
+    /// [`validate`](Self::validate): the longest UTF-8 prefix before the first NUL.
+    pub fn pci_bus_id(&self) -> &str {
+        let id = self
+            .pci_bus_id
+            .split(|&b| b == 0)
+            .next()
+            .unwrap_or_default();
+        match std::str::from_utf8(id) {
+            Ok(id) => id,
+            Err(e) => std::str::from_utf8(&id[..e.valid_up_to()]).unwrap_or_default(),
+        }
+    }
+
+    /// The padded `pci_bus_id` field for `id`: `None` if `id` is empty, longer than
+    /// [`PCI_BUS_ID_LEN`] bytes or has a char other than ASCII hex digits, `':'` and `'.'`.
+    pub fn with_pci_bus_id(id: &str) -> Option<[u8; PCI_BUS_ID_LEN]> {
+        if id.is_empty() || id.len() > PCI_BUS_ID_LEN || !id.bytes().all(pci_bus_id_char) {
+            return None;
+        }
+        let mut field = [0; PCI_BUS_ID_LEN];
+        field[..id.len()].copy_from_slice(id.as_bytes());
+        Some(field)
+    }
+}
+
+/// Whether `b` may appear in a PCI bus id (before the padding).
+fn pci_bus_id_char(b: u8) -> bool {
+    b.is_ascii_hexdigit() || b == b':' || b == b'.'
+}
+
+/// The limits of the fields [`Attachment`] and [`CudaAttachment`] share; the error names
+/// the field, its value and the rule.
+fn validate_region(addr: u64, len: u64, gen: u64, access: u32, slot: u32) -> Result<(), String> {
+    if addr == 0 {
+        return Err("addr is 0".into());
+    }
+    if len == 0 {
+        return Err(format!("len is 0 (region at {addr:#x})"));
+    }
+    if addr.checked_add(len).is_none() {
+        return Err(format!(
+            "addr {addr:#x} + len {len:#x} overflows the address space"
+        ));
+    }
+    if gen % 2 == 0 {
+        return Err(format!(
+            "gen {gen} is even (a live slot's generation is odd)"
+        ));
+    }
+    if Access::from_bits(access).is_none() {
+        return Err(format!(
+            "access {access:#x} has bits outside Access::all() ({:#x})",
+            Access::all().bits()
+        ));
+    }
+    if slot >= MAX_TABLE_SLOTS {
+        return Err(format!(
+            "slot {slot} is not below MAX_TABLE_SLOTS ({MAX_TABLE_SLOTS})"
+        ));
+    }
+    Ok(())
 }
 
 /// The longest prefix of `reason` of at most [`MAX_REASON`] bytes that ends on a char
@@ -615,6 +766,19 @@ pub fn decode(datagram: &[u8]) -> Result<(u64, Message), ShmWireError> {
             })
         }
         REFUSED => decode_refused(body)?,
+        ATTACHED_CUDA => {
+            let mut f = exact(kind, body, ATTACHED_CUDA_LEN)?;
+            Message::AttachedCuda(CudaAttachment {
+                addr: f.u64(),
+                len: f.u64(),
+                gen: f.u64(),
+                offset: f.u64(),
+                access: f.u32(),
+                slot: f.u32(),
+                pci_bus_id: f.array(),
+                handle: f.array(),
+            })
+        }
         other => return Err(ShmWireError::UnknownKind(other)),
     };
     message.validate()?;
@@ -698,6 +862,48 @@ mod tests {
             )
     }
 
+    /// PCI bus ids that validate: sysfs-style ones and any mix of the allowed chars, 1 to 16
+    /// bytes long.
+    fn pci_bus_id() -> impl Strategy<Value = [u8; PCI_BUS_ID_LEN]> {
+        prop_oneof![
+            "[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\\.[0-7]",
+            "[0-9a-fA-F:.]{1,16}",
+        ]
+        .prop_map(|id| CudaAttachment::with_pci_bus_id(&id).expect("a valid id"))
+    }
+
+    /// Valid GPU attachments, edges included: regions and offsets ending at the top of the
+    /// address space, the last slot.
+    fn cuda_attachment() -> impl Strategy<Value = CudaAttachment> {
+        let addr_len = prop_oneof![
+            (1u64..1 << 48, 1u64..1 << 32),
+            (1u64..u64::MAX).prop_map(|addr| (addr, u64::MAX - addr)),
+            (1u64..u64::MAX).prop_flat_map(|addr| (Just(addr), 1..=u64::MAX - addr)),
+        ];
+        (
+            addr_len,
+            any::<u64>().prop_map(|g| g | 1),
+            any::<u64>(),
+            0u32..=Access::all().bits(),
+            prop_oneof![0..MAX_TABLE_SLOTS, Just(MAX_TABLE_SLOTS - 1)],
+            pci_bus_id(),
+            any::<[u8; CUDA_IPC_HANDLE_LEN]>(),
+        )
+            .prop_map(
+                |((addr, len), gen, offset, access, slot, pci_bus_id, handle)| CudaAttachment {
+                    addr,
+                    len,
+                    gen,
+                    // Any offset that leaves room for the region, the largest included.
+                    offset: offset % (u64::MAX - len + 1),
+                    access,
+                    slot,
+                    pci_bus_id,
+                    handle,
+                },
+            )
+    }
+
     fn reason(max: usize) -> impl Strategy<Value = String> {
         prop_oneof![
             proptest::collection::vec(any::<char>(), 0..40).prop_map(String::from_iter),
@@ -735,6 +941,7 @@ mod tests {
             Just(Message::Proven),
             (1..=u64::MAX).prop_map(|addr| Message::Attach { addr }),
             attachment().prop_map(Message::Attached),
+            cuda_attachment().prop_map(Message::AttachedCuda),
             (any::<u32>(), reason(MAX_REASON))
                 .prop_map(|(code, reason)| Message::Refused { code, reason }),
         ]
@@ -778,6 +985,34 @@ mod tests {
             )
     }
 
+    /// GPU attachments with each field drawn around its limits, valid or not.
+    fn any_cuda_attachment() -> impl Strategy<Value = CudaAttachment> {
+        let edge = || prop_oneof![Just(0u64), Just(1), Just(u64::MAX), any::<u64>()];
+        let id_byte = prop_oneof![
+            3 => proptest::sample::select(&b"\0:.0fg"[..]),
+            1 => any::<u8>(),
+        ];
+        (
+            (edge(), edge(), edge(), edge()),
+            prop_oneof![0u32..32, any::<u32>()],
+            prop_oneof![Just(MAX_TABLE_SLOTS), 0..=MAX_TABLE_SLOTS + 1, any::<u32>()],
+            prop_oneof![pci_bus_id(), proptest::array::uniform16(id_byte)].boxed(),
+            any::<[u8; CUDA_IPC_HANDLE_LEN]>(),
+        )
+            .prop_map(
+                |((addr, len, gen, offset), access, slot, pci_bus_id, handle)| CudaAttachment {
+                    addr,
+                    len,
+                    gen,
+                    offset,
+                    access,
+                    slot,
+                    pci_bus_id,
+                    handle,
+                },
+            )
+    }
+
     fn header(kind: u8, req: u64) -> Vec<u8> {
         let mut out = MAGIC.to_vec();
         out.extend_from_slice(&[VERSION, kind, 0, 0]);
@@ -798,6 +1033,7 @@ mod tests {
         #[test]
         fn validate_says_whether_a_message_round_trips(
             a in any_attachment(),
+            cuda in any_cuda_attachment(),
             (proof_addr, proof_len, table_slots) in (
                 prop_oneof![Just(0u64), any::<u64>()],
                 prop_oneof![MIN_PROOF_LEN - 1..=MIN_PROOF_LEN, MAX_PROOF_LEN..=MAX_PROOF_LEN + 1, any::<u32>()],
@@ -807,7 +1043,7 @@ mod tests {
             req: u64,
         ) {
             let reply = Message::HelloReply { engine_id: 3, proof_addr, pid: 9, proof_len, table_slots };
-            for m in [Message::Attached(a), reply, Message::Attach { addr }] {
+            for m in [Message::Attached(a), Message::AttachedCuda(cuda), reply, Message::Attach { addr }] {
                 let decoded = decode(&m.encode(req));
                 match m.validate() {
                     Ok(()) => prop_assert_eq!(decoded, Ok((req, m))),
@@ -828,11 +1064,16 @@ mod tests {
 
         #[test]
         fn any_body_decodes_canonically(
-            kind in 0u8..9,
+            kind in 0u8..10,
             req: u64,
             body in prop_oneof![
                 proptest::collection::vec(any::<u8>(), 0..64),
                 proptest::collection::vec(prop_oneof![Just(0u8), Just(1), any::<u8>()], ATTACHED_LEN..=ATTACHED_LEN),
+                proptest::collection::vec(
+                    prop_oneof![Just(0u8), Just(1), Just(b'0'), Just(b':'), any::<u8>()],
+                    ATTACHED_CUDA_LEN..=ATTACHED_CUDA_LEN,
+                ),
+                cuda_attachment().prop_map(|a| Message::AttachedCuda(a).encode(0)[HEADER_LEN..].to_vec()),
             ],
         ) {
             let mut bytes = header(kind, req);
@@ -879,6 +1120,19 @@ mod tests {
         }
     }
 
+    fn good_cuda() -> CudaAttachment {
+        CudaAttachment {
+            addr: 0x7f00_2000_0000,
+            len: 1 << 21,
+            gen: 5,
+            offset: 0x40_0000,
+            access: Access::ALL.bits(),
+            slot: 9,
+            pci_bus_id: CudaAttachment::with_pci_bus_id("0000:3b:00.0").unwrap(),
+            handle: std::array::from_fn(|i| i as u8),
+        }
+    }
+
     /// One valid message of every kind.
     fn every_kind() -> Vec<Message> {
         vec![
@@ -904,6 +1158,7 @@ mod tests {
                 code: code::TABLE_FULL,
                 reason: "pin table full".into(),
             },
+            Message::AttachedCuda(good_cuda()),
         ]
     }
 
@@ -928,6 +1183,7 @@ mod tests {
             "Attach",
             "Attached",
             "Refused",
+            "AttachedCuda",
         ];
         for (i, m) in every_kind().iter().enumerate() {
             assert_eq!(usize::from(m.kind()), i + 1);
@@ -935,7 +1191,7 @@ mod tests {
             assert_eq!(decode(&m.encode(77)), Ok((77, m.clone())));
         }
         let fds: Vec<usize> = every_kind().iter().map(Message::fds).collect();
-        assert_eq!(fds, [0, 2, 0, 0, 0, 1, 0]);
+        assert_eq!(fds, [0, 2, 0, 0, 0, 1, 0, 0]);
         let unmapped = Attachment {
             map: MapKind::None,
             ..good_attached()
@@ -986,12 +1242,13 @@ mod tests {
         assert_eq!(decode(&bad), Err(ShmWireError::NonZeroFlags(0x100)));
         assert!(decode(&bad).unwrap_err().to_string().contains("0x0100"));
 
-        for kind in [0u8, 8, 255] {
+        for kind in [0u8, 9, 255] {
             let mut bad = good.clone();
             bad[5] = kind;
             assert_eq!(decode(&bad), Err(ShmWireError::UnknownKind(kind)));
             let e = decode(&bad).unwrap_err().to_string();
             assert!(e.contains(&format!("kind {kind}")), "{e}");
+            assert!(e.contains("1 to 8"), "{e}");
         }
     }
 
@@ -1304,6 +1561,227 @@ mod tests {
         ];
         for a in edges {
             assert_eq!(decode(&attached_bytes(a)), Ok((9, Message::Attached(a))));
+        }
+    }
+
+    #[test]
+    fn attached_cuda_bytes_are_pinned() {
+        let a = CudaAttachment {
+            addr: 0x0000_7f00_2000_0000,
+            len: 0x20_0000,
+            gen: 5,
+            offset: 0x40_0000,
+            access: 0b0101,
+            slot: 9,
+            pci_bus_id: CudaAttachment::with_pci_bus_id("0000:3b:00.0").unwrap(),
+            handle: std::array::from_fn(|i| 0xa0 ^ i as u8),
+        };
+        let mut want = vec![
+            b'K', b'V', b'X', b'S', 1, 8, 0, 0, // magic, version, kind 8, flags
+            0x2a, 0, 0, 0, 0, 0, 0, 0, // request id 42
+            0, 0, 0, 0x20, 0, 0x7f, 0, 0, // addr
+            0, 0, 0x20, 0, 0, 0, 0, 0, // len
+            5, 0, 0, 0, 0, 0, 0, 0, // gen
+            0, 0, 0x40, 0, 0, 0, 0, 0, // offset
+            5, 0, 0, 0, // access
+            9, 0, 0, 0, // slot
+        ];
+        want.extend_from_slice(b"0000:3b:00.0\0\0\0\0");
+        want.extend((0..64u8).map(|i| 0xa0 ^ i));
+        assert_eq!(want.len(), HEADER_LEN + ATTACHED_CUDA_LEN);
+        assert_eq!(ATTACHED_CUDA_LEN, 120);
+        let m = Message::AttachedCuda(a);
+        assert_eq!(m.encode(42), want);
+        assert_eq!(decode(&want), Ok((42, m.clone())));
+        assert_eq!(m.kind(), 8);
+        assert_eq!(m.kind_name(), "AttachedCuda");
+        assert_eq!(m.fds(), 0);
+        assert_eq!(a.pci_bus_id(), "0000:3b:00.0");
+        assert!(want.len() <= MAX_MESSAGE);
+        // One byte short or long.
+        for body in [
+            ATTACHED_CUDA_LEN - 1,
+            ATTACHED_CUDA_LEN + 1,
+            0,
+            ATTACHED_LEN,
+        ] {
+            let mut bytes = header(ATTACHED_CUDA, 1);
+            bytes.extend(want[HEADER_LEN..].iter().copied().chain([0]).take(body));
+            assert_eq!(
+                decode(&bytes),
+                Err(ShmWireError::BadLength {
+                    kind: "AttachedCuda",
+                    expected: 120,
+                    found: body
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn pci_bus_ids() {
+        let id = CudaAttachment::with_pci_bus_id("0000:3b:00.0").unwrap();
+        assert_eq!(&id, b"0000:3b:00.0\0\0\0\0");
+        let full = CudaAttachment::with_pci_bus_id("00000000:3B:00.0").unwrap();
+        assert_eq!(&full, b"00000000:3B:00.0");
+        for bad in [
+            "",
+            "000000000:3b:00.0",
+            "0000:3b:00.0 ",
+            "0000:3g:00.0",
+            "é",
+            "0\0",
+        ] {
+            assert_eq!(CudaAttachment::with_pci_bus_id(bad), None, "{bad:?}");
+        }
+        let a = |pci_bus_id| CudaAttachment {
+            pci_bus_id,
+            ..good_cuda()
+        };
+        assert_eq!(a(id).pci_bus_id(), "0000:3b:00.0");
+        assert_eq!(a(full).pci_bus_id(), "00000000:3B:00.0");
+        assert_eq!(a(full).validate(), Ok(()));
+        // Fields that do not validate still read without panicking.
+        assert_eq!(a([0; 16]).pci_bus_id(), "");
+        let mut odd = *b"ab\xffcd\0\0\0\0\0\0\0\0\0\0\0";
+        assert_eq!(a(odd).pci_bus_id(), "ab");
+        odd[2] = b'c';
+        odd[9] = b'x';
+        assert_eq!(a(odd).pci_bus_id(), "abccd");
+    }
+
+    #[test]
+    fn refuses_bad_cuda_attachments() {
+        let good = good_cuda();
+        let pci = |id: &[u8]| {
+            let mut field = [0; PCI_BUS_ID_LEN];
+            field[..id.len()].copy_from_slice(id);
+            field
+        };
+        let cases = [
+            (CudaAttachment { addr: 0, ..good }, "addr is 0"),
+            (CudaAttachment { len: 0, ..good }, "len is 0"),
+            (
+                CudaAttachment {
+                    addr: u64::MAX - 10,
+                    len: 11,
+                    ..good
+                },
+                "overflows the address space",
+            ),
+            (CudaAttachment { gen: 4, ..good }, "gen 4 is even"),
+            (
+                CudaAttachment {
+                    access: 0x10,
+                    ..good
+                },
+                "access 0x10",
+            ),
+            (
+                CudaAttachment {
+                    slot: MAX_TABLE_SLOTS,
+                    ..good
+                },
+                "slot 1048576",
+            ),
+            (
+                CudaAttachment {
+                    offset: u64::MAX - good.len + 1,
+                    ..good
+                },
+                "offset 0xffffffffffe00000 + len 0x200000 overflows",
+            ),
+            (
+                CudaAttachment {
+                    pci_bus_id: [0; 16],
+                    ..good
+                },
+                "pci_bus_id is empty",
+            ),
+            (
+                CudaAttachment {
+                    pci_bus_id: pci(b"\x00000:3b:00.0"),
+                    ..good
+                },
+                "pci_bus_id is empty",
+            ),
+            (
+                CudaAttachment {
+                    pci_bus_id: pci(b"0000:3g:00.0"),
+                    ..good
+                },
+                "pci_bus_id byte 6 is 0x67",
+            ),
+            (
+                CudaAttachment {
+                    pci_bus_id: pci(b"0000 3b:00.0"),
+                    ..good
+                },
+                "pci_bus_id byte 4 is 0x20",
+            ),
+            (
+                CudaAttachment {
+                    pci_bus_id: pci(b"0000:3b\x0000.0"),
+                    ..good
+                },
+                "pci_bus_id byte 8 is 0x30 after the NUL padding",
+            ),
+            (
+                CudaAttachment {
+                    pci_bus_id: pci(b"0000:3b:00.0\0\0\0\x01"),
+                    ..good
+                },
+                "pci_bus_id byte 15 is 0x01 after the NUL padding",
+            ),
+        ];
+        for (a, what) in cases {
+            let (kind, why) = invalid(&Message::AttachedCuda(a).encode(2));
+            assert_eq!(kind, "AttachedCuda");
+            assert!(why.contains(what), "{why} does not name {what}");
+            assert_eq!(a.validate(), Err(why.clone()));
+            assert_eq!(
+                Message::AttachedCuda(a).validate(),
+                Err(ShmWireError::Invalid { kind, reason: why })
+            );
+        }
+        // The shared fields are refused with the very words Attached uses.
+        assert_eq!(
+            CudaAttachment { gen: 2, ..good }.validate(),
+            Attachment {
+                gen: 2,
+                ..good_attached()
+            }
+            .validate()
+        );
+
+        // Edges that are fine: a region at the top of the address space, an offset up to
+        // the top, the last slot, no access at all, a 16-byte id, any handle.
+        let edges = [
+            CudaAttachment {
+                addr: u64::MAX - 9,
+                len: 9,
+                offset: u64::MAX - 9,
+                ..good
+            },
+            CudaAttachment {
+                offset: 0,
+                slot: MAX_TABLE_SLOTS - 1,
+                access: 0,
+                gen: u64::MAX,
+                pci_bus_id: *b"0123456789abcdef",
+                handle: [0xff; CUDA_IPC_HANDLE_LEN],
+                ..good
+            },
+            CudaAttachment {
+                pci_bus_id: pci(b"."),
+                handle: [0; CUDA_IPC_HANDLE_LEN],
+                ..good
+            },
+        ];
+        for a in edges {
+            assert_eq!(a.validate(), Ok(()));
+            let m = Message::AttachedCuda(a);
+            assert_eq!(decode(&m.encode(6)), Ok((6, m)));
         }
     }
 
