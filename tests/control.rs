@@ -651,6 +651,16 @@ fn bad_addresses_and_descriptors_are_refused() {
 }
 
 /// A fake server on its own thread, running `serve` on the first connection.
+/// Answers a fake server's client's Handshake (the Handshake itself was read already).
+fn answer_handshake(stream: &mut TcpStream) {
+    stream
+        .write_all(&message_frame(
+            &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
+            1,
+        ))
+        .unwrap();
+}
+
 fn fake_server(serve: impl FnOnce(TcpStream) + Send + 'static) -> (String, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let session = listener.local_addr().unwrap().to_string();
@@ -1443,12 +1453,7 @@ fn store_requests_reach_the_handler_over_both_clients() {
 #[test]
 fn a_sync_client_times_out_and_notices_a_dead_server() {
     let (session, thread) = fake_server(|mut stream| {
-        stream
-            .write_all(&message_frame(
-                &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
-                1,
-            ))
-            .unwrap();
+        answer_handshake(&mut stream);
         // Take Quiet and one request, never answer it, and hang up.
         assert!(matches!(read_frame(&mut stream), Some((_, Message::Quiet))));
         assert!(matches!(
@@ -1467,12 +1472,7 @@ fn a_sync_client_times_out_and_notices_a_dead_server() {
 
     // A server that never answers: the call ends at its timeout.
     let (session, thread) = fake_server(|mut stream| {
-        stream
-            .write_all(&message_frame(
-                &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
-                1,
-            ))
-            .unwrap();
+        answer_handshake(&mut stream);
         let _ = read_frame(&mut stream); // Quiet
         let _ = read_frame(&mut stream); // the request, never answered
         let _ = read_frame(&mut stream); // blocks until the client hangs up
@@ -1494,12 +1494,7 @@ fn a_sync_client_times_out_and_notices_a_dead_server() {
 #[test]
 fn a_dribbled_reply_does_not_outlast_the_timeout() {
     let (session, thread) = fake_server(|mut stream| {
-        stream
-            .write_all(&message_frame(
-                &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
-                1,
-            ))
-            .unwrap();
+        answer_handshake(&mut stream);
         let _ = read_frame(&mut stream); // Quiet
         let Some((header, _)) = read_frame(&mut stream) else {
             panic!("no request")
@@ -1527,12 +1522,7 @@ fn a_dribbled_reply_does_not_outlast_the_timeout() {
 #[test]
 fn a_sync_connection_closed_while_idle_sends_nothing() {
     let (session, thread) = fake_server(|mut stream| {
-        stream
-            .write_all(&message_frame(
-                &Message::HandshakeReply(descriptor(5, "fake", 1, 1)),
-                1,
-            ))
-            .unwrap();
+        answer_handshake(&mut stream);
         let _ = read_frame(&mut stream); // Quiet; then hang up
     });
     let mut sync = SyncControlClient::connect(&session, &initiator(), T).unwrap();
