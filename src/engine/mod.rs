@@ -849,10 +849,10 @@ impl Engine {
         }
         let mut slice_size = self.config.slice_size as u64;
         let remote_regions = link.map(remote::Link::regions);
-        let no_rdma = link.is_none_or(|l| l.rdma.is_none());
-        if no_rdma && self.first_op_touches_gpu(ops, remote_regions.as_deref()) {
-            // In-process GPU copies run as one copy per op whatever the slicing: small
-            // slices would only cost bookkeeping (a 4 GiB batch is 65536 of 64 KiB).
+        if self.first_op_touches_gpu(ops, remote_regions.as_deref()) {
+            // GPU copies (in-process, or to a peer's GPU memory over CUDA IPC) go best as
+            // few large copies; RDMA takes large work requests as well. Small slices would
+            // only cost bookkeeping and a copy call each (a 4 GiB batch is 65536 of 64 KiB).
             slice_size = slice_size.max(GPU_SLICE);
         }
         let mut slices = Vec::with_capacity(ops.len());

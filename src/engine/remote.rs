@@ -95,7 +95,8 @@ impl Link {
                     Some(shm) => {
                         let regions = self.regions();
                         let start = |addr| regions.region_at(addr).map(|r| r.range().start);
-                        match shm.link().reach(slices, start, Instant::now() + timeout) {
+                        let deadline = Instant::now() + timeout;
+                        match shm.link().reach(slices, start, gpu.is_some(), deadline) {
                             Ok(()) => return Ok(Arc::clone(shm) as Arc<dyn Transport>),
                             Err(why) => {
                                 log::debug!(

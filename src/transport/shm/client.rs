@@ -54,15 +54,18 @@ impl Attached {
     }
 
     /// Whether a slice of `kind` can be moved by this process: through the mapping (which
-    /// must be writable for a WRITE) or, without one, by cross-memory attach.
-    fn reachable(&self, kind: OpKind, cma: bool) -> bool {
+    /// must be writable for a WRITE) or, without one, by cross-memory attach. In a batch
+    /// that touches GPU memory (`gpu`) the GPU copies, which needs the peer's bytes mapped
+    /// here: its GPU memory by CUDA IPC or its memfd (writable for a WRITE); cross-memory
+    /// attach cannot read or write GPU memory.
+    fn reachable(&self, kind: OpKind, cma: bool, gpu: bool) -> bool {
         if self.gpu.is_some() {
             return true;
         }
         match (&self.map, kind) {
-            (Some(m), OpKind::Write) => m.is_writable() || cma,
+            (Some(m), OpKind::Write) => m.is_writable() || (cma && !gpu),
             (Some(_), OpKind::Read) => true,
-            (None, _) => cma,
+            (None, _) => cma && !gpu,
         }
     }
 }
@@ -378,6 +381,7 @@ impl ShmLink {
         &self,
         slices: &[Slice],
         region_start: impl Fn(u64) -> Option<u64>,
+        gpu: bool,
         deadline: Instant,
     ) -> Result<(), String> {
         let cma = self.cma();
@@ -386,7 +390,7 @@ impl ShmLink {
             let len = u64::from(s.len);
             if last.as_ref().is_some_and(|a| {
                 a.holds(s.remote, len)
-                    && a.reachable(s.kind, cma)
+                    && a.reachable(s.kind, cma, gpu)
                     && a.access.contains(need(s.kind))
             }) {
                 continue;
@@ -425,11 +429,18 @@ impl ShmLink {
                     a.addr
                 ));
             }
-            if !a.reachable(s.kind, cma) {
-                return Err(format!(
-                    "the peer's region at {:#x} is its own memory, reachable only by cross-memory attach, which is not available",
-                    a.addr
-                ));
+            if !a.reachable(s.kind, cma, gpu) {
+                return Err(if gpu {
+                    format!(
+                        "the batch touches GPU memory and the peer's region at {:#x} is not mapped here (the GPU copies only between mapped memory)",
+                        a.addr
+                    )
+                } else {
+                    format!(
+                        "the peer's region at {:#x} is its own memory, reachable only by cross-memory attach, which is not available",
+                        a.addr
+                    )
+                });
             }
             last = Some(a);
         }
@@ -530,22 +541,37 @@ impl ShmLink {
                 ))))
             }
         };
-        for s in slices {
-            let remote = remote_base + (s.remote - a.addr);
-            let (dst, src) = match s.kind {
-                OpKind::Write => (remote, s.local),
-                OpKind::Read => (s.local, remote),
+        // One copy per run of slices contiguous on both sides in one direction (a copy call
+        // costs microseconds; a GPU moves a 64 KiB slice in less).
+        let mut i = 0;
+        while i < slices.len() {
+            let first = &slices[i];
+            let mut len = u64::from(first.len);
+            let mut j = i + 1;
+            while j < slices.len()
+                && slices[j].kind == first.kind
+                && slices[j].local == first.local + len
+                && slices[j].remote == first.remote + len
+            {
+                len += u64::from(slices[j].len);
+                j += 1;
+            }
+            let remote = remote_base + (first.remote - a.addr);
+            let (dst, src) = match first.kind {
+                OpKind::Write => (remote, first.local),
+                OpKind::Read => (first.local, remote),
             };
             // SAFETY: the remote range lies in the attached region (checked by `reach`),
             // mapped here for its whole length and pinned by the caller; the local range
             // was checked against our registry and is pinned by the batch. `memcpy` returns
             // once the bytes are at `dst`.
-            if let Err(e) = unsafe { crate::sys::cuda::memcpy(dst, src, s.len as usize) } {
+            if let Err(e) = unsafe { crate::sys::cuda::memcpy(dst, src, len as usize) } {
                 return Some(Err(self.error(format!(
                     "GPU copy {} region {:#x} of peer {}: {e}",
-                    s.kind, a.addr, self.session
+                    first.kind, a.addr, self.session
                 ))));
             }
+            i = j;
         }
         Some(Ok(()))
     }
@@ -857,7 +883,7 @@ mod tests {
         let addr = target.as_ptr() as u64;
         register_caller(&registry, addr, 4096, Access::ALL);
         let w = write(addr, &[5u8; 64]);
-        link.reach(&[w], |_| Some(addr), far()).unwrap();
+        link.reach(&[w], |_| Some(addr), false, far()).unwrap();
         registry.unregister(addr).unwrap();
         let read_only = Access::LOCAL_READ | Access::REMOTE_READ;
         register_caller(&registry, addr, 4096, read_only);
@@ -866,7 +892,7 @@ mod tests {
             kind: OpKind::Read,
             ..w
         };
-        link.reach(&[r], |_| Some(addr), far()).unwrap();
+        link.reach(&[r], |_| Some(addr), false, far()).unwrap();
         let err = link.move_slices(&[w]).unwrap_err();
         assert!(err.reason.contains("does not grant"), "{err}");
         assert!(target.iter().all(|&b| b == 0));

@@ -593,6 +593,22 @@ impl Inner {
             };
             return self.send(conn, req, &reply, &[]);
         }
+        // GPU memory travels as its CUDA IPC handle: found before a slot is opened, so that
+        // a region that cannot be shared leaves no slot behind.
+        let gpu = match region.location() {
+            Location::Cuda(_) => match cuda_ipc(&region) {
+                Ok(ipc) => Some(ipc),
+                Err(reason) => {
+                    drop(map);
+                    let reply = Message::Refused {
+                        code: code::INTERNAL,
+                        reason: format!("GPU region {} cannot be shared: {reason}", region.range()),
+                    };
+                    return self.send(conn, req, &reply, &[]);
+                }
+            },
+            _ => None,
+        };
         let opened = lock(&conn.slots).open(&region, &table);
         drop(map);
         let Some((slot, gen)) = opened else {
@@ -602,18 +618,17 @@ impl Inner {
             };
             return self.send(conn, req, &reply, &[]);
         };
-        if let Location::Cuda(_) = region.location() {
-            // GPU memory: its CUDA IPC handle (the peer maps it and copies with the GPU).
-            let reply = match cuda_attachment(&region, slot, gen) {
-                Ok(a) => Message::AttachedCuda(a),
-                Err(reason) => {
-                    lock(&conn.slots).close(addr);
-                    Message::Refused {
-                        code: code::INTERNAL,
-                        reason: format!("GPU region {} cannot be shared: {reason}", region.range()),
-                    }
-                }
-            };
+        if let Some(ipc) = gpu {
+            let reply = Message::AttachedCuda(CudaAttachment {
+                addr,
+                len: region.range().len,
+                gen,
+                offset: ipc.offset,
+                access: access.bits(),
+                slot,
+                pci_bus_id: ipc.pci_bus_id,
+                handle: ipc.handle,
+            });
             return self.send(conn, req, &reply, &[]);
         }
         let (map_kind, fd) = share(&region);
@@ -747,26 +762,33 @@ impl Slots {
     }
 }
 
-/// The CUDA IPC attachment of a region in GPU memory: the handle of the allocation that
-/// holds it, where the region starts in it, and the GPU's PCI bus id.
-fn cuda_attachment(region: &Region, slot: u32, gen: u64) -> Result<CudaAttachment, String> {
+/// What a peer needs to map a region in GPU memory: the CUDA IPC handle of the allocation
+/// that holds it, where the region starts in it, and the GPU's PCI bus id.
+struct CudaIpc {
+    offset: u64,
+    pci_bus_id: [u8; wire::PCI_BUS_ID_LEN],
+    handle: [u8; wire::CUDA_IPC_HANDLE_LEN],
+}
+
+fn cuda_ipc(region: &Region) -> Result<CudaIpc, String> {
     let cuda =
         crate::sys::cuda::driver_in_use().ok_or("this process does not use the CUDA driver")?;
     let start = region.range().start;
     let device = cuda
         .device_memory(start)
         .ok_or_else(|| format!("{start:#x} is not GPU memory the CUDA driver knows"))?;
+    if region.range().end() > device.base.saturating_add(device.len) {
+        return Err(format!(
+            "it runs past the end of its GPU allocation ({} bytes at {:#x})",
+            device.len, device.base
+        ));
+    }
     let handle = crate::sys::cuda::ipc_handle(device.base).map_err(|e| e.to_string())?;
     let pci = cuda.pci_bus_id(device.device).map_err(|e| e.to_string())?;
     let pci_bus_id = CudaAttachment::with_pci_bus_id(&pci)
         .ok_or_else(|| format!("PCI bus id {pci:?} does not fit the message"))?;
-    Ok(CudaAttachment {
-        addr: start,
-        len: region.range().len,
-        gen,
+    Ok(CudaIpc {
         offset: start - device.base,
-        access: region.access().bits(),
-        slot,
         pci_bus_id,
         handle: handle.0,
     })
