@@ -59,6 +59,8 @@ pub(crate) struct Batch {
     progress: Progress,
     slices: Vec<Slice>,
     pins: Mutex<Pins>,
+    /// Whether a region the batch touches is GPU memory (fixed at creation).
+    gpu: bool,
     pub(crate) deadline: Instant,
     error: OnceLock<Error>,
     lock: Mutex<()>,
@@ -97,6 +99,7 @@ impl Batch {
             published: AtomicBool::new(false),
             progress,
             slices,
+            gpu: pins.gpu_location().is_some(),
             pins: Mutex::new(pins),
             deadline,
             error: OnceLock::new(),
@@ -312,5 +315,9 @@ impl SliceSource for Batch {
             self.stop(StopReason::TimedOut);
         }
         self.progress.is_stopped()
+    }
+
+    fn touches_gpu(&self) -> bool {
+        self.gpu
     }
 }

@@ -939,6 +939,12 @@ impl Engine {
             }
             other => other,
         };
+        // The slices' size as cut (larger than configured for GPU batches), for claim
+        // chunks of a bounded number of bytes.
+        let slice_size = slices
+            .first()
+            .map_or(0, |s| s.len as usize)
+            .max(self.config.slice_size);
         let batch = Arc::new_cyclic(|me| {
             Batch::new(
                 me.clone(),
@@ -948,7 +954,7 @@ impl Engine {
                 deadline,
                 Arc::clone(&transport),
                 self.local.threads(),
-                self.config.slice_size,
+                slice_size,
                 Arc::clone(&self.counters),
             )
         });

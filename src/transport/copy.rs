@@ -24,8 +24,9 @@ const TURN_BYTES: u64 = 16 << 20;
 pub trait Mover: Send + Sync {
     /// Which transport this mover belongs to (for errors).
     fn kind(&self) -> TransportKind;
-    /// Moves every slice of `slices`; an error fails the whole range.
-    fn move_slices(&self, slices: &[Slice]) -> Result<(), TransportError>;
+    /// Moves every slice of `slices` (of a batch that touches GPU memory when `gpu`); an
+    /// error fails the whole range.
+    fn move_slices(&self, slices: &[Slice], gpu: bool) -> Result<(), TransportError>;
 }
 
 /// A batch and the mover that moves its slices.
@@ -218,13 +219,15 @@ pub(crate) fn drain(work: &dyn SliceSource, mover: &dyn Mover, until: Option<Ins
 fn move_range(work: &dyn SliceSource, mover: &dyn Mover, range: Range<usize>) -> u64 {
     let slices = &work.slices()[range.clone()];
     let bytes = slices.iter().map(|s| u64::from(s.len)).sum();
-    let result =
-        catch_unwind(AssertUnwindSafe(|| mover.move_slices(slices))).unwrap_or_else(|_| {
-            Err(TransportError {
-                transport: mover.kind(),
-                reason: "a copy thread panicked (a bug in kvxfer; please report it)".into(),
-            })
-        });
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        mover.move_slices(slices, work.touches_gpu())
+    }))
+    .unwrap_or_else(|_| {
+        Err(TransportError {
+            transport: mover.kind(),
+            reason: "a copy thread panicked (a bug in kvxfer; please report it)".into(),
+        })
+    });
     work.complete(range, result);
     bytes
 }

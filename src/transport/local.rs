@@ -65,7 +65,14 @@ impl Mover for Memmove {
         TransportKind::Local
     }
 
-    fn move_slices(&self, slices: &[Slice]) -> Result<(), TransportError> {
+    fn move_slices(&self, slices: &[Slice], gpu: bool) -> Result<(), TransportError> {
+        if gpu {
+            // The engine sends such batches to the GPU copy transport; never memmove them.
+            return Err(TransportError {
+                transport: TransportKind::Local,
+                reason: "a batch touching GPU memory reached the CPU copy path (a bug)".into(),
+            });
+        }
         slices.iter().for_each(copy);
         Ok(())
     }

@@ -67,6 +67,11 @@ pub trait SliceSource: Send + Sync {
     /// call enforces). Transports that cannot interrupt a slice in flight (a network
     /// request) poll this to decide when to abandon a connection.
     fn is_stopped(&self) -> bool;
+    /// Whether the batch touches GPU memory (either side, by the regions' locations): its
+    /// bytes must be moved by a GPU, never by CPU copies.
+    fn touches_gpu(&self) -> bool {
+        false
+    }
 }
 
 /// A way of moving slices.

@@ -465,7 +465,7 @@ impl ShmLink {
     }
 
     /// Moves consecutive slices that lie in one attached region, with it pinned.
-    fn move_in(&self, a: &Attached, slices: &[Slice]) -> Result<(), TransportError> {
+    fn move_in(&self, a: &Attached, slices: &[Slice], gpu: bool) -> Result<(), TransportError> {
         // The rights are checked again here, against what the peer granted when this
         // attachment was made: the region may have been registered again, with fewer
         // rights, since the batch was routed.
@@ -483,7 +483,7 @@ impl ShmLink {
                 self.session, a.addr
             )));
         }
-        if let Some(moved) = self.gpu_move(a, slices) {
+        if let Some(moved) = self.gpu_move(a, slices, gpu) {
             self.table.unpin(a.slot);
             return moved;
         }
@@ -519,20 +519,21 @@ impl ShmLink {
         moved
     }
 
-    /// Moves the slices with the GPU (`cuMemcpy`, unified addressing) when either end is GPU
-    /// memory: the peer's region mapped here by CUDA IPC, or our own memory in a GPU
-    /// (with the peer's region mapped here as its memfd). `None`: no GPU end (the CPU
-    /// copies). The region is pinned by the caller.
-    fn gpu_move(&self, a: &Attached, slices: &[Slice]) -> Option<Result<(), TransportError>> {
-        // Any slice whose local end is GPU memory makes the run a GPU copy (the CPU must
-        // not touch it); asked of the driver only in a process that uses one.
-        let local_gpu = || {
-            crate::sys::cuda::driver_in_use()
-                .is_some_and(|c| slices.iter().any(|s| c.device_memory(s.local).is_some()))
-        };
+    /// Moves the slices with the GPU (`cuMemcpy`, unified addressing) when the peer's region
+    /// is mapped here by CUDA IPC or the batch touches GPU memory (`gpu`; the peer's region
+    /// is then mapped here as its memfd, which `reach` checked). `None`: the CPU copies.
+    /// The region is pinned by the caller.
+    fn gpu_move(
+        &self,
+        a: &Attached,
+        slices: &[Slice],
+        gpu: bool,
+    ) -> Option<Result<(), TransportError>> {
+        // The engine's region labels say whether the batch touches GPU memory: then the GPU
+        // copies every slice (unified addressing also takes host ends), the CPU none.
         let remote_base = match (&a.gpu, &a.map) {
             (Some(g), _) => g.start,
-            (None, _) if !local_gpu() => return None,
+            (None, _) if !gpu => return None,
             (None, Some(m)) => m.as_ptr() as u64,
             (None, None) => {
                 return Some(Err(self.error(format!(
@@ -634,7 +635,7 @@ impl Mover for ShmLink {
         TransportKind::Shm
     }
 
-    fn move_slices(&self, slices: &[Slice]) -> Result<(), TransportError> {
+    fn move_slices(&self, slices: &[Slice], gpu: bool) -> Result<(), TransportError> {
         if !(self.alive)() {
             return Err(self.error(format!("peer {} is gone", self.session)));
         }
@@ -653,7 +654,7 @@ impl Mover for ShmLink {
                 .iter()
                 .position(|s| !a.holds(s.remote, u64::from(s.len)))
                 .map_or(slices.len(), |n| start + n);
-            self.move_in(&a, &slices[start..end])?;
+            self.move_in(&a, &slices[start..end], gpu)?;
             start = end;
         }
         Ok(())
@@ -813,7 +814,7 @@ mod tests {
             "caller memory is reached by cross-memory attach"
         );
         let src = vec![7u8; 4096];
-        link.move_slices(&[write(addr, &src)]).unwrap();
+        link.move_slices(&[write(addr, &src)], false).unwrap();
         assert_eq!(target[..4096], src[..]);
 
         assert!(link.table.pin(a.slot, a.gen));
@@ -823,7 +824,9 @@ mod tests {
         ));
         link.table.unpin(a.slot);
         registry.unregister(addr).unwrap();
-        let err = link.move_slices(&[write(addr, &[9u8; 16])]).unwrap_err();
+        let err = link
+            .move_slices(&[write(addr, &[9u8; 16])], false)
+            .unwrap_err();
         assert!(err.reason.contains("unregistered"), "{err}");
         assert_eq!(target[..4096], src[..], "written after unregister");
     }
@@ -840,7 +843,7 @@ mod tests {
         server.shutdown();
         registry.set_revoker(None);
         registry.unregister(addr).unwrap();
-        assert!(link.move_slices(&[write(addr, &[1u8; 64])]).is_err());
+        assert!(link.move_slices(&[write(addr, &[1u8; 64])], false).is_err());
         assert!(target.iter().all(|&b| b == 0), "written after shutdown");
     }
 
@@ -893,7 +896,7 @@ mod tests {
             ..w
         };
         link.reach(&[r], |_| Some(addr), false, far()).unwrap();
-        let err = link.move_slices(&[w]).unwrap_err();
+        let err = link.move_slices(&[w], false).unwrap_err();
         assert!(err.reason.contains("does not grant"), "{err}");
         assert!(target.iter().all(|&b| b == 0));
     }
