@@ -240,7 +240,8 @@ fn run(args: &[String]) -> Res<()> {
         Cmd::Memcpy(bench) => memcpy_main(&bench),
         Cmd::Store(args) => store_bench::store_main(&args),
         Cmd::Gpu(args) => gpu_bench::gpu_main(&args),
-        Cmd::GpuTarget(len) => gpu_bench::target_main(len),
+        Cmd::GpuTarget(len, transports) => gpu_bench::target_main(len, transports.as_deref()),
+        Cmd::GpuPair(args) => gpu_bench::pair_main(&args),
         Cmd::StoreNode(args) => store_bench::node_main(&args),
     }
 }
@@ -572,7 +573,9 @@ enum Cmd {
     Memcpy(BenchArgs),
     Store(store_bench::StoreArgs),
     Gpu(gpu_bench::GpuArgs),
-    GpuTarget(u64),
+    GpuTarget(u64, Option<String>),
+    /// `pair --mem vram`.
+    GpuPair(gpu_bench::GpuPairArgs),
     StoreNode(store_bench::NodeArgs),
 }
 
@@ -625,8 +628,19 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
         }
         "pair" => {
             let mut valued = BENCH_VALUED.to_vec();
-            valued.extend(["transport", "memory", "device-list", "target-device-list"]);
+            valued.extend([
+                "transport",
+                "memory",
+                "device-list",
+                "target-device-list",
+                "mem",
+            ]);
             let f = parse_flags("pair", rest, &valued, &BENCH_SWITCHES)?;
+            match f.value("mem").unwrap_or("host") {
+                "vram" => return Ok(Cmd::GpuPair(gpu_bench::parse_pair(&f)?)),
+                "host" => {}
+                other => return Err(usage_err(format!("--mem {other:?}: expected host or vram"))),
+            }
             use TransportChoice::{Auto, Local, Rdma, Shm, Tcp};
             Ok(Cmd::Pair {
                 transport: parse_transport(&f, &[Tcp, Shm, Rdma, Local, Auto])?,
@@ -647,8 +661,11 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
         "store" => Ok(Cmd::Store(store_bench::parse_store(rest)?)),
         "gpu" => Ok(Cmd::Gpu(gpu_bench::parse_gpu(rest)?)),
         "gpu-target" => {
-            let f = parse_flags("gpu-target", rest, &["size"], &[])?;
-            Ok(Cmd::GpuTarget(f.size("size", 1 << 30)?))
+            let f = parse_flags("gpu-target", rest, &["size", "transports"], &[])?;
+            Ok(Cmd::GpuTarget(
+                f.size("size", 1 << 30)?,
+                f.value("transports").map(str::to_string),
+            ))
         }
         "store-node" => Ok(Cmd::StoreNode(store_bench::parse_node(rest)?)),
         other => Err(usage_err(format!(

@@ -120,20 +120,31 @@ const MARK: &str = "KVXGPU ";
 const PAGE: usize = 256 << 10;
 const PAGES: usize = 64;
 
+/// An engine on loopback with only `transports` (the child gets them by `CHILD_ENV`).
+fn engine_with(transports: &str) -> Engine {
+    let kinds = kvxfer::transport::parse_transport_list(transports).unwrap();
+    let config = EngineConfig::builder()
+        .listen(Some("127.0.0.1:0"))
+        .transports(&kinds)
+        .build()
+        .unwrap();
+    Engine::new(config).unwrap()
+}
+
 /// The decode process: GPU memory for 64 pages, registered; says where; waits for the
-/// notification; checks every page; says the verdict.
+/// notification; checks every page; says the verdict; serves READs until stdin closes.
 #[test]
 fn child_process_entry() {
-    if std::env::var(CHILD_ENV).is_err() {
+    let Ok(transports) = std::env::var(CHILD_ENV) else {
         return;
-    }
+    };
     use std::io::{BufRead, Write};
     let say = |line: String| {
         let mut out = std::io::stdout().lock();
         writeln!(out, "\n{MARK}{line}").unwrap();
         out.flush().unwrap();
     };
-    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let engine = engine_with(&transports);
     let vram = DeviceBuffer::alloc(0, PAGE * PAGES).unwrap();
     register_vram(&engine, &vram);
     say(format!(
@@ -159,12 +170,11 @@ fn child_process_entry() {
     engine.unregister(vram.addr()).unwrap();
 }
 
-/// Prefill writes 64 KV pages from its GPU memory into the decode process's GPU memory
-/// (same host, same GPU: CUDA IPC), with a notification after the data; the decode
-/// process checks every page.
-#[test]
-fn prefill_writes_pages_into_the_decode_processes_gpu_memory() {
-    let Some(_cuda) = gpu() else { return };
+/// Prefill writes 64 KV pages from its GPU memory into a decode process's GPU memory
+/// (same host, same GPU) over `transports`, with a notification after the data; the
+/// decode process checks every page; then prefill reads the pages back from the decode
+/// process's GPU memory into its own and checks them. Returns the transport used.
+fn pages_between_processes(transports: &str) -> TransportKind {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     let exe = std::env::current_exe().unwrap();
@@ -175,7 +185,7 @@ fn prefill_writes_pages_into_the_decode_processes_gpu_memory() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(CHILD_ENV, "decode")
+        .env(CHILD_ENV, transports)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -191,23 +201,27 @@ fn prefill_writes_pages_into_the_decode_processes_gpu_memory() {
         f[1],
         u64::from_str_radix(f[2].trim_start_matches("0x"), 16).unwrap(),
     );
-    let engine = Engine::new(EngineConfig::default()).unwrap();
+    let engine = engine_with(transports);
     let src = DeviceBuffer::alloc(0, PAGE * PAGES).unwrap();
+    let back = DeviceBuffer::alloc(0, PAGE * PAGES).unwrap();
     src.copy_from_host(0, &pattern(PAGE * PAGES, 11)).unwrap();
     register_vram(&engine, &src);
+    register_vram(&engine, &back);
     let peer = engine.open_peer(session).unwrap();
-    let ops: Vec<Op> = (0..PAGES as u64)
-        .map(|i| {
-            Op::write(
-                src.addr() + i * PAGE as u64,
-                remote + i * PAGE as u64,
-                PAGE as u64,
-            )
-        })
-        .collect();
+    let page_ops = |op: fn(u64, u64, u64) -> Op, local: u64| -> Vec<Op> {
+        (0..PAGES as u64)
+            .map(|i| {
+                op(
+                    local + i * PAGE as u64,
+                    remote + i * PAGE as u64,
+                    PAGE as u64,
+                )
+            })
+            .collect()
+    };
     let t = std::time::Instant::now();
     let id = engine
-        .submit_with_notify(peer, &ops, b"pages ready")
+        .submit_with_notify(peer, &page_ops(Op::write, src.addr()), b"pages ready")
         .unwrap();
     let transport = engine.batch_transport(id).unwrap();
     assert!(engine
@@ -218,12 +232,166 @@ fn prefill_writes_pages_into_the_decode_processes_gpu_memory() {
     let took = t.elapsed();
     engine.free(id).unwrap();
     let done = lines.next().expect("the decode process's verdict");
+    // Read the pages back into another GPU buffer (the peer's GPU end of a READ).
+    engine
+        .transfer_sync(peer, &page_ops(Op::read, back.addr()))
+        .unwrap();
     drop(child.stdin.take());
     let _ = child.wait();
     println!(
         "{PAGES} pages of {PAGE} bytes GPU -> GPU across processes over {transport} in {took:?}: {done}"
     );
-    assert_eq!(transport, TransportKind::Shm);
     assert_eq!(done, "done pages ready bad=0");
-    engine.unregister(src.addr()).unwrap();
+    let mut got = vec![0u8; PAGE * PAGES];
+    back.copy_to_host(0, &mut got).unwrap();
+    assert!(
+        got == pattern(PAGE * PAGES, 11),
+        "pages read back over {transport} differ"
+    );
+    for v in [&src, &back] {
+        engine.unregister(v.addr()).unwrap();
+    }
+    transport
+}
+
+/// Same host: CUDA IPC over the shm transport.
+#[test]
+fn prefill_writes_pages_into_the_decode_processes_gpu_memory() {
+    let Some(_cuda) = gpu() else { return };
+    assert_eq!(pages_between_processes("shm,tcp"), TransportKind::Shm);
+}
+
+/// TCP only: both ends stage their GPU memory through pinned host buffers.
+#[test]
+fn tcp_stages_gpu_memory_on_both_ends() {
+    let Some(_cuda) = gpu() else { return };
+    assert_eq!(pages_between_processes("tcp"), TransportKind::Tcp);
+}
+
+/// Two engines of one process over TCP, larger than the staging pipeline (several
+/// chunks in flight), WRITE and READ with GPU memory on one end and host memory on the
+/// other, in both arrangements: each side stages only its own GPU end.
+#[test]
+fn tcp_staging_with_gpu_memory_on_one_end() {
+    let Some(_cuda) = gpu() else { return };
+    const LEN: usize = 80 << 20; // five 16 MiB staging slots
+    let (a, b) = (engine_with("tcp"), engine_with("tcp"));
+    let vram_a = DeviceBuffer::alloc(0, LEN).unwrap();
+    let vram_b = DeviceBuffer::alloc(0, LEN).unwrap();
+    register_vram(&a, &vram_a);
+    register_vram(&b, &vram_b);
+    let host_a = a.allocate(LEN, Location::Any).unwrap();
+    let host_b = b.allocate(LEN, Location::Any).unwrap();
+    let peer = a.open_peer(b.session_id().unwrap()).unwrap();
+    let image = pattern(LEN, 5);
+    // a's VRAM -> b's host memory (a stages), 5 MiB ops.
+    vram_a.copy_from_host(0, &image).unwrap();
+    let op = 5u64 << 20;
+    let ops = |local: u64, remote: u64, write: bool| -> Vec<Op> {
+        (0..LEN as u64 / op)
+            .map(|i| {
+                let (l, r) = (local + i * op, remote + i * op);
+                if write {
+                    Op::write(l, r, op)
+                } else {
+                    Op::read(l, r, op)
+                }
+            })
+            .collect()
+    };
+    let id = a
+        .submit(peer, &ops(vram_a.addr(), host_b.addr(), true))
+        .unwrap();
+    assert_eq!(a.batch_transport(id).unwrap(), TransportKind::Tcp);
+    assert!(a
+        .wait(id, std::time::Duration::from_secs(60))
+        .unwrap()
+        .into_result()
+        .unwrap());
+    a.free(id).unwrap();
+    assert!(host_b.to_vec() == image, "VRAM -> remote host differs");
+    // b's host -> a's host -> (READ) ... a reads b's VRAM into its host memory (b stages).
+    vram_b.copy_from_host(0, &pattern(LEN, 9)).unwrap();
+    a.transfer_sync(peer, &ops(host_a.addr(), vram_b.addr(), false))
+        .unwrap();
+    assert!(
+        host_a.to_vec() == pattern(LEN, 9),
+        "remote VRAM -> host differs"
+    );
+    // a's host -> b's VRAM (b stages), then a reads b's VRAM into a's VRAM (both stage).
+    host_a.write_at(0, &pattern(LEN, 13)).unwrap();
+    a.transfer_sync(peer, &ops(host_a.addr(), vram_b.addr(), true))
+        .unwrap();
+    a.transfer_sync(peer, &ops(vram_a.addr(), vram_b.addr(), false))
+        .unwrap();
+    let mut got = vec![0u8; LEN];
+    vram_a.copy_to_host(0, &mut got).unwrap();
+    assert!(
+        got == pattern(LEN, 13),
+        "host -> remote VRAM -> VRAM differs"
+    );
+    a.unregister(vram_a.addr()).unwrap();
+    b.unregister(vram_b.addr()).unwrap();
+}
+
+/// Bad GPU memory gets a clear error and moves nothing: a range running past its
+/// allocation, host memory labelled GPU memory, the wrong device, and an allocation freed
+/// while registered (in-process, and as a TCP peer's target).
+#[test]
+fn bad_gpu_memory_is_refused() {
+    let Some(cuda) = gpu() else { return };
+    let engine = engine_with("tcp");
+    let vram = DeviceBuffer::alloc(0, 1 << 20).unwrap();
+    // SAFETY: refused (asserted below), so nothing stays registered.
+    let past = unsafe { engine.register(vram.addr(), 2 << 20, None, Access::ALL) };
+    let text = past.expect_err("past the allocation").to_string();
+    assert!(text.contains("runs past the end"), "{text}");
+    let mut host = vec![1u8; 4096];
+    // SAFETY: refused (asserted below), so nothing stays registered.
+    let labelled = unsafe {
+        engine.register(
+            host.as_mut_ptr() as u64,
+            4096,
+            Some(Location::Cuda(0)),
+            Access::ALL,
+        )
+    };
+    let text = labelled.expect_err("host memory as cuda:0").to_string();
+    assert!(text.contains("not (or no longer) device memory"), "{text}");
+    // SAFETY: refused (asserted below), so nothing stays registered.
+    let wrong = unsafe {
+        engine.register(
+            vram.addr(),
+            4096,
+            Some(Location::Cuda(cuda.device_count())),
+            Access::ALL,
+        )
+    };
+    let text = wrong.expect_err("the wrong device").to_string();
+    assert!(text.contains("the memory is on cuda:0"), "{text}");
+
+    // Freed while registered: in-process batches are refused before any copy.
+    let host_buf = engine.allocate(1 << 20, Location::Any).unwrap();
+    let doomed = DeviceBuffer::alloc(0, 1 << 20).unwrap();
+    let doomed_addr = doomed.addr();
+    register_vram(&engine, &doomed);
+    drop(doomed);
+    let me = engine.local_peer();
+    match engine.submit(me, &[Op::write(host_buf.addr(), doomed_addr, 4096)]) {
+        Err(kvxfer::Error::GpuMemoryGone { .. }) => {}
+        other => panic!("expected GpuMemoryGone, got {other:?}"),
+    }
+    // ... and a TCP peer's server refuses to copy into it.
+    let other = engine_with("tcp");
+    let peer = other.open_peer(engine.session_id().unwrap()).unwrap();
+    let src = other.allocate(4096, Location::Any).unwrap();
+    let id = other
+        .submit(peer, &[Op::write(src.addr(), doomed_addr, 4096)])
+        .unwrap();
+    let state = other.wait(id, std::time::Duration::from_secs(10)).unwrap();
+    let text = state.into_result().expect_err("a freed target").to_string();
+    assert!(text.contains("its GPU could not copy the bytes"), "{text}");
+    other.free(id).unwrap();
+    engine.unregister(doomed_addr).unwrap();
+    assert!(host.iter().all(|&x| x == 1));
 }

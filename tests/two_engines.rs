@@ -335,9 +335,10 @@ fn deadline_does_not_wait_for_a_hung_peers_notification() {
     a.free(id).unwrap();
 }
 
-/// A batch touching a peer's GPU memory never goes over a transport that copies with the
-/// CPU: TCP refuses it; shared memory needs the peer's CUDA IPC handle (here the "GPU"
-/// memory is host memory declared cuda:0 and the peer has no driver, so it refuses too).
+/// A batch touching a peer's GPU memory is never copied with the CPU there: over TCP the
+/// peer's server stages GPU memory through pinned buffers, shared memory needs the peer's
+/// CUDA IPC handle. Here the "GPU" memory is host memory declared cuda:0 and the peer has
+/// no driver, so both refuse, and nothing moves.
 #[test]
 fn a_peers_gpu_memory_is_not_reached_by_cpu_copies() {
     each_transport(|kind| {
@@ -357,14 +358,23 @@ fn a_peers_gpu_memory_is_not_reached_by_cpu_copies() {
         let peer = a.open_peer(b.session_id().unwrap()).unwrap();
         let op = Op::write(src.addr(), fake_vram.as_ptr() as u64, 4096);
         match a.submit(peer, &[op]) {
-            // TCP never carries it; shared memory asks the peer for the GPU region's CUDA
-            // IPC handle, which a peer without a CUDA driver cannot give.
+            // Shared memory asks the peer for the GPU region's CUDA IPC handle, which a
+            // peer without a CUDA driver cannot give.
             Err(Error::Peer { reason, .. }) => assert!(
-                reason.contains("tcp: the batch touches cuda:0")
-                    || reason
+                kind == TransportKind::Shm
+                    && reason
                         .contains("cannot be shared: this process does not use the CUDA driver"),
                 "{kind}: {reason}"
             ),
+            // TCP carries it to the peer's server, which must stage GPU memory through
+            // pinned buffers and, without a driver, refuses the request.
+            Ok(id) if kind == TransportKind::Tcp => {
+                let state = a.wait(id, Duration::from_secs(10)).unwrap();
+                let err = state.into_result().expect_err("the WRITE must fail");
+                let text = err.to_string();
+                assert!(text.contains("its GPU could not copy the bytes"), "{text}");
+                a.free(id).unwrap();
+            }
             other => panic!("{kind}: expected a refusal, got {other:?}"),
         }
         assert!(fake_vram.iter().all(|&x| x == 3), "{kind}: bytes moved");

@@ -141,12 +141,23 @@ pub enum Error {
     },
     /// A batch touches GPU memory that the transport chosen cannot reach (it would copy
     /// with the CPU).
-    #[error("the batch touches {location} memory, which {transport} cannot reach: it moves bytes with the CPU (GPU memory needs RDMA with the memory registered on the NIC)")]
+    #[error("the batch touches {location} memory, which {transport} cannot reach: it moves bytes with the CPU (GPU memory needs the CUDA driver in this process, or RDMA with the memory registered on the NIC)")]
     GpuUnreachable {
         /// Where the memory is.
         location: crate::memory::Location,
         /// The transport that would have carried the batch.
         transport: crate::transport::TransportKind,
+    },
+    /// A batch uses a registered GPU region whose memory is no longer allocated (freed
+    /// without being unregistered); nothing was submitted.
+    #[error("the batch uses {location} memory registered as {range}, which is no longer device memory ({reason}); unregister memory before freeing it. Nothing was submitted")]
+    GpuMemoryGone {
+        /// The registered region.
+        range: crate::memory::AddrRange,
+        /// Its location.
+        location: crate::memory::Location,
+        /// What the driver says.
+        reason: String,
     },
     /// A session id is not `host:port`.
     #[error("bad session id {session:?}: {reason}")]

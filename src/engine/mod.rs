@@ -792,6 +792,9 @@ impl Engine {
         link: Option<Arc<remote::Link>>,
         notification: Option<&[u8]>,
     ) -> Result<BatchId> {
+        if pins.gpu_location().is_some() {
+            self.check_gpu_alive(&slices, link.is_none())?;
+        }
         let transport = match (&link, pins.gpu_location()) {
             (None, None) => Arc::clone(&self.local) as Arc<dyn Transport>,
             (None, Some(location)) => match self.cuda_transport() {
@@ -805,14 +808,9 @@ impl Engine {
             },
             (Some(l), gpu) => l.choose(&peer.name, &slices, gpu, self.config.connect_timeout)?,
         };
-        // CPU copies must never touch GPU memory: the process would fault. RDMA (with the
-        // memory registered on the NIC), the GPU copy engines in-process, and shared memory
-        // (which copies GPU memory with the GPU, the peer's through CUDA IPC) reach it.
+        // CPU copies must never touch GPU memory: the process would fault.
         if let Some(location) = pins.gpu_location() {
-            if !matches!(
-                transport.kind(),
-                TransportKind::Rdma | TransportKind::Cuda | TransportKind::Shm
-            ) {
+            if !transport.reaches_gpu() {
                 return Err(Error::GpuUnreachable {
                     location,
                     transport: transport.kind(),
@@ -820,6 +818,43 @@ impl Engine {
             }
         }
         self.start_batch(slices, pins, deadline, transport, link, notification)
+    }
+
+    /// Every GPU region of this process the slices use (local ends; remote ends too when the
+    /// peer is this engine) is still allocated: the driver takes the address of freed
+    /// device memory for host memory, and a copy would fault instead of failing.
+    fn check_gpu_alive(&self, slices: &[Slice], loopback: bool) -> Result<()> {
+        let Some(cuda) = crate::sys::cuda::driver_in_use() else {
+            return Ok(()); // no driver: no device memory, the labels only keep CPU copies away
+        };
+        let map = self.registry.read();
+        let mut checked: Vec<u64> = Vec::new();
+        let mut last: Option<crate::memory::AddrRange> = None;
+        let ends = slices.iter().flat_map(|s| {
+            let remote = loopback.then_some(s.remote);
+            std::iter::once(s.local).chain(remote)
+        });
+        for addr in ends {
+            if last.is_some_and(|r| r.contains(addr)) {
+                continue; // consecutive slices mostly share a region
+            }
+            let Some(region) = map.region_at(addr) else {
+                continue;
+            };
+            let range = region.range();
+            last = Some(range);
+            if !matches!(region.location(), Location::Cuda(_)) || checked.contains(&range.start) {
+                continue;
+            }
+            cuda.device_range(range.start, range.len)
+                .map_err(|reason| Error::GpuMemoryGone {
+                    range,
+                    location: region.location(),
+                    reason,
+                })?;
+            checked.push(range.start);
+        }
+        Ok(())
     }
 
     /// Whether the first op's local or remote end is registered GPU memory.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::batch::Batch;
@@ -19,6 +19,7 @@ use crate::memory::{Access, AddrRange, Backing, Region, RegionLookup};
 use crate::transport::copy::CopyPool;
 use crate::transport::rdma::{Endpoint, Key, RdmaTransport, RemoteKeys, RemoteQp};
 use crate::transport::shm::{ShmLink, ShmTransport};
+use crate::transport::staging::StagedTransport;
 use crate::transport::tcp::TcpTransport;
 use crate::transport::{Slice, Transport, TransportKind};
 
@@ -31,6 +32,9 @@ pub(super) struct Link {
     pub(super) control: ControlClient,
     /// The TCP lanes (unless the configuration leaves TCP out).
     pub(super) tcp: Option<Arc<TcpTransport>>,
+    /// The TCP lanes with GPU memory staged through pinned host buffers (made on the first
+    /// GPU batch that goes over TCP).
+    tcp_staged: OnceLock<Arc<StagedTransport>>,
     /// Same-host shared memory, when proven.
     pub(super) shm: Option<Arc<ShmTransport>>,
     /// RDMA queue pairs to the peer, when both sides have NICs.
@@ -84,12 +88,6 @@ impl Link {
     ) -> Result<Arc<dyn Transport>> {
         let mut why_not = Vec::new();
         for kind in &self.order {
-            // TCP copies with the CPU: never for GPU memory. (Shared memory copies GPU
-            // memory with the GPU: the peer's through CUDA IPC.)
-            if let (Some(location), TransportKind::Tcp) = (gpu, kind) {
-                why_not.push(format!("{kind}: the batch touches {location} memory"));
-                continue;
-            }
             match kind {
                 TransportKind::Shm => match &self.shm {
                     Some(shm) => {
@@ -125,7 +123,15 @@ impl Link {
                         self.rdma_note.as_deref().unwrap_or("not used")
                     )),
                 },
+                // TCP moves bytes with the CPU: GPU memory goes through pinned host
+                // buffers (this side's here, the peer's by its server).
                 TransportKind::Tcp => match &self.tcp {
+                    Some(tcp) if gpu.is_some() => {
+                        let staged = self.tcp_staged.get_or_init(|| {
+                            Arc::new(StagedTransport::new(Arc::clone(tcp) as Arc<dyn Transport>))
+                        });
+                        return Ok(Arc::clone(staged) as Arc<dyn Transport>);
+                    }
                     Some(tcp) => return Ok(Arc::clone(tcp) as Arc<dyn Transport>),
                     None => why_not.push("tcp: left out by the configuration".into()),
                 },
@@ -333,6 +339,7 @@ impl RemotePeer {
         Ok(Link {
             control,
             tcp,
+            tcp_staged: OnceLock::new(),
             shm,
             shm_note,
             rdma,

@@ -106,7 +106,7 @@ pub(crate) fn status_of(error: &Error) -> kvx_status {
             MemoryError::Overlap { .. } | MemoryError::OverlapInRequest { .. } => KVX_ERR_OVERLAP,
             MemoryError::NotRegistered { .. } => KVX_ERR_NOT_REGISTERED,
             MemoryError::Busy { .. } | MemoryError::PeerBusy { .. } => KVX_ERR_BUSY,
-            MemoryError::BadLocation(_) => KVX_ERR_BAD_LOCATION,
+            MemoryError::BadLocation(_) | MemoryError::NotGpuMemory { .. } => KVX_ERR_BAD_LOCATION,
             MemoryError::UnsupportedLocation { .. } => KVX_ERR_UNSUPPORTED,
             MemoryError::AllocationFailed { .. } => KVX_ERR_OUT_OF_MEMORY,
         },
@@ -131,6 +131,7 @@ pub(crate) fn status_of(error: &Error) -> kvx_status {
         Error::NotificationTooLarge { .. } => KVX_ERR_INVALID_ARGUMENT,
         Error::NoListener => KVX_ERR_CONFIG,
         Error::GpuUnreachable { .. } => KVX_ERR_UNSUPPORTED,
+        Error::GpuMemoryGone { .. } => KVX_ERR_NOT_REGISTERED,
     }
 }
 

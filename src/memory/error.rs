@@ -82,6 +82,17 @@ pub enum MemoryError {
         /// Why it cannot be used.
         reason: &'static str,
     },
+    /// Memory labelled (or detected as) GPU memory that is not device memory the CUDA
+    /// driver knows, or not all of one allocation.
+    #[error("cannot register {range} as {location} memory: {reason}")]
+    NotGpuMemory {
+        /// What was asked for.
+        range: AddrRange,
+        /// The GPU location given or detected.
+        location: Location,
+        /// What the driver says.
+        reason: String,
+    },
     /// The operating system refused to create the memory.
     #[error("cannot allocate {len} bytes at {location}: {source}")]
     AllocationFailed {

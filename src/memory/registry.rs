@@ -107,6 +107,7 @@ impl Registry {
                 });
             }
             let location = spec.location.unwrap_or_else(|| detect_location(spec.addr));
+            check_gpu_range(range, location)?;
             regions.push(Arc::new(Region::new(
                 range,
                 location,
@@ -261,6 +262,25 @@ fn overlapping(map: &BTreeMap<u64, Arc<Region>>, range: &AddrRange) -> Option<Ad
         .next_back()
         .map(|(_, r)| r.range())
         .filter(|r| r.overlaps(range))
+}
+
+/// GPU memory must be one live allocation on the device its location names. Only checked
+/// when this process uses the driver: without one, nothing here can be device memory and
+/// the label only keeps the engine's CPU copies away from it.
+fn check_gpu_range(range: AddrRange, location: Location) -> Result<(), MemoryError> {
+    let (Location::Cuda(device), Some(cuda)) = (location, crate::sys::cuda::driver_in_use()) else {
+        return Ok(());
+    };
+    let fail = |reason: String| MemoryError::NotGpuMemory {
+        range,
+        location,
+        reason,
+    };
+    let mem = cuda.device_range(range.start, range.len).map_err(fail)?;
+    if mem.device != device {
+        return Err(fail(format!("the memory is on cuda:{}", mem.device)));
+    }
+    Ok(())
 }
 
 /// Device memory of a GPU (asked of the CUDA driver, when this process uses one):

@@ -77,6 +77,10 @@ impl Transport for CudaTransport {
         TransportKind::Cuda
     }
 
+    fn reaches_gpu(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         "GPU copy engines (cuMemcpyAsync on a stream per device)".into()
     }

@@ -17,6 +17,7 @@ pub mod cuda;
 pub mod local;
 pub mod rdma;
 pub mod shm;
+pub mod staging;
 pub mod tcp;
 
 /// Direction of an op, seen from the initiator.
@@ -80,6 +81,13 @@ pub trait Transport: Send + Sync + fmt::Debug {
     fn kind(&self) -> TransportKind;
     /// One line for `Engine::transports()`: what it runs on and how.
     fn describe(&self) -> String;
+    /// Whether it can move batches that touch GPU memory (either end) without the CPU
+    /// touching that memory: RDMA (registered on the NIC), the GPU's copy engines, shared
+    /// memory (copies by the GPU, the peer's memory through CUDA IPC), and a transport
+    /// wrapped in [`staging::StagedTransport`].
+    fn reaches_gpu(&self) -> bool {
+        false
+    }
     /// Hands the batch to the transport's own progress threads; returns at once.
     fn post(&self, work: Arc<dyn SliceSource>);
     /// Lets a waiting caller move slices of `work` itself instead of sleeping, where the

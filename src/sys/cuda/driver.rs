@@ -540,6 +540,25 @@ impl Cuda {
         })
     }
 
+    /// The allocation holding all of `addr..addr + len`, which must be device memory: an
+    /// error saying why not otherwise (not device memory — never was, or freed — or running
+    /// past the allocation's end). Before the CPU or a copy touches memory labelled GPU
+    /// memory: the driver takes an address it does not know for host memory.
+    pub fn device_range(&self, addr: u64, len: u64) -> Result<DeviceMemory, String> {
+        let mem = self.device_memory(addr).ok_or_else(|| {
+            format!("{addr:#x} is not (or no longer) device memory the CUDA driver knows")
+        })?;
+        let end = addr.checked_add(len);
+        if end.is_none_or(|end| end > mem.base + mem.len) {
+            return Err(format!(
+                "{addr:#x}+{len} runs past the end of its {}-byte allocation at {:#x} on \
+                 device {}",
+                mem.len, mem.base, mem.device
+            ));
+        }
+        Ok(mem)
+    }
+
     /// Where `addr` lives: `Some` when it is device memory of this process (allocated with
     /// `cuMemAlloc`, `cuMemCreate`/`cuMemMap`, a memory pool, or mapped from another process
     /// with CUDA IPC), with the allocation that holds it; `None` for host memory (pageable,

@@ -84,6 +84,10 @@ impl Transport for RdmaTransport {
         TransportKind::Rdma
     }
 
+    fn reaches_gpu(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         let names: Vec<String> = self.endpoints.iter().map(|e| format!("{e:?}")).collect();
         format!("RDMA RC queue pairs: {}", names.join(", "))

@@ -39,7 +39,7 @@ pub struct Attached {
 /// A peer's GPU allocation opened here (`cuIpcOpenMemHandle`), closed on drop.
 #[derive(Debug)]
 struct GpuMapping {
-    _mapping: crate::sys::cuda::IpcMapping,
+    mapping: crate::sys::cuda::IpcMapping,
     /// The region's first byte in this process.
     start: u64,
 }
@@ -326,10 +326,7 @@ impl ShmLink {
             slot: att.slot,
             gen: att.gen,
             map: None,
-            gpu: Some(GpuMapping {
-                _mapping: mapping,
-                start,
-            }),
+            gpu: Some(GpuMapping { mapping, start }),
         }))
     }
 
@@ -542,8 +539,33 @@ impl ShmLink {
                 ))))
             }
         };
-        // One copy per run of slices contiguous on both sides in one direction (a copy call
-        // costs microseconds; a GPU moves a 64 KiB slice in less).
+        // The copies run on a stream of the GPU holding the peer's region (else our end's):
+        // queued one after another, waited for once, never on the legacy default stream
+        // (which would serialise them with everything else this process runs on the GPU).
+        let device = match &a.gpu {
+            Some(g) => g.mapping.device(),
+            None => crate::sys::cuda::driver_in_use()
+                .and_then(|c| c.device_memory(slices.first()?.local))
+                .map_or(0, |m| m.device),
+        };
+        let result = with_stream(device, |stream| {
+            self.queue_gpu_copies(a, remote_base, slices, stream)
+        });
+        Some(result.unwrap_or_else(|e| {
+            Err(self.error(format!("GPU copies with peer {}: {e}", self.session)))
+        }))
+    }
+
+    /// Queues one copy per run of slices contiguous on both sides in one direction (a copy
+    /// call costs microseconds; a GPU moves a 64 KiB slice in less), then waits for them.
+    fn queue_gpu_copies(
+        &self,
+        a: &Attached,
+        remote_base: u64,
+        slices: &[Slice],
+        stream: &crate::sys::cuda::Stream,
+    ) -> Result<(), TransportError> {
+        let mut queued = Ok(());
         let mut i = 0;
         while i < slices.len() {
             let first = &slices[i];
@@ -564,17 +586,26 @@ impl ShmLink {
             };
             // SAFETY: the remote range lies in the attached region (checked by `reach`),
             // mapped here for its whole length and pinned by the caller; the local range
-            // was checked against our registry and is pinned by the batch. `memcpy` returns
-            // once the bytes are at `dst`.
-            if let Err(e) = unsafe { crate::sys::cuda::memcpy(dst, src, len as usize) } {
-                return Some(Err(self.error(format!(
+            // was checked against our registry (GPU memory: still allocated, at submit)
+            // and is pinned by the batch. The stream is waited for below, before this
+            // returns and the slices complete.
+            if let Err(e) = unsafe { stream.copy_async(dst, src, len as usize) } {
+                queued = Err(self.error(format!(
                     "GPU copy {} region {:#x} of peer {}: {e}",
                     first.kind, a.addr, self.session
-                ))));
+                )));
+                break;
             }
             i = j;
         }
-        Some(Ok(()))
+        // Whatever was queued must be done before the slices complete.
+        let waited = stream.synchronize().map_err(|e| {
+            self.error(format!(
+                "GPU copies with region {:#x} of peer {}: {e}",
+                a.addr, self.session
+            ))
+        });
+        queued.and(waited)
     }
 
     /// Moves slices by cross-memory attach (the region is pinned by the caller).
@@ -900,4 +931,28 @@ mod tests {
         assert!(err.reason.contains("does not grant"), "{err}");
         assert!(target.iter().all(|&b| b == 0));
     }
+}
+
+thread_local! {
+    /// This copy thread's stream per GPU: threads copying slices of one batch at once each
+    /// wait only for their own copies.
+    static STREAMS: std::cell::RefCell<std::collections::HashMap<u32, crate::sys::cuda::Stream>> =
+        std::cell::RefCell::default();
+}
+
+/// Runs `f` with this thread's stream on `device` (created on first use).
+fn with_stream<R>(
+    device: u32,
+    f: impl FnOnce(&crate::sys::cuda::Stream) -> R,
+) -> Result<R, crate::sys::cuda::CudaError> {
+    STREAMS.with(|streams| {
+        let mut streams = streams.borrow_mut();
+        let stream = match streams.entry(device) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(crate::sys::cuda::Stream::new(device)?)
+            }
+        };
+        Ok(f(stream))
+    })
 }

@@ -55,6 +55,10 @@ impl Transport for ShmTransport {
         TransportKind::Shm
     }
 
+    fn reaches_gpu(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         format!(
             "same-host copies ({} regions attached; caller memory {})",

@@ -615,6 +615,7 @@ fn refusal(status: u32, text: &str) -> String {
         Code::NotRegistered => "outside the memory the peer registered",
         Code::AccessDenied => "not allowed by the region's access rights",
         Code::Malformed => "malformed",
+        Code::Device => "its GPU could not copy the bytes",
     };
     format!("the peer refused the request ({what}): {text}")
 }

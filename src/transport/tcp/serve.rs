@@ -2,6 +2,12 @@
 //! access rights before a byte moves. WRITE payloads are received straight into the
 //! target region; READ payloads are sent straight from it. The regions a request uses are
 //! pinned until its bytes have moved, so `unregister` reports them busy meanwhile.
+//!
+//! GPU memory is never touched by the CPU or the socket: a request whose regions include
+//! GPU memory goes through pinned host staging buffers of the connection (WRITE payloads
+//! are received into one and copied to the GPU before the ACK; READ payloads are copied
+//! from the GPU into one just before they are sent). Those copies run on the I/O thread,
+//! synchronously: at tens of GB/s they cost a TCP stream a few percent.
 
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream};
@@ -11,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use super::io::{outcome, token, Driven, IoVecs, Outcome, Submit, OP_RECV, OP_SEND};
 use super::wire::{decode_entries, Code, Entry, Header, Kind, ENTRY_LEN, HEADER_LEN};
-use crate::memory::{Access, Region, RegionLookup, Registry};
+use crate::memory::{Access, Location, Region, RegionLookup, Registry};
+use crate::sys::cuda::{self, PinnedHost};
 
 /// How long a request may sit half-received (or a reply half-sent) without a byte moving
 /// before the connection is dropped: a stalled peer must not keep regions pinned (and
@@ -24,6 +31,15 @@ const SCRATCH: usize = 64 << 10;
 
 /// Regions pinned for one request; unpinned on drop.
 pub(super) struct Pinned(Vec<Arc<Region>>);
+
+impl Pinned {
+    /// Whether a region of the request is GPU memory (its bytes must be staged).
+    fn touches_gpu(&self) -> bool {
+        self.0
+            .iter()
+            .any(|r| matches!(r.location(), Location::Cuda(_)))
+    }
+}
 
 impl Drop for Pinned {
     fn drop(&mut self) {
@@ -81,6 +97,8 @@ enum Response {
         id: u64,
         entries: Vec<Entry>,
         _pins: Pinned,
+        /// The entries include GPU memory: sent from `stage_out`.
+        staged: bool,
     },
     Error {
         id: u64,
@@ -98,6 +116,9 @@ enum Rx {
         pins: Option<Pinned>,
         refused: Option<(Code, String)>,
         discard_left: u64,
+        /// The target includes GPU memory: the payload lands in `stage_in`, in entry
+        /// order, and these entries are copied from there once it is all in.
+        staged: Option<Vec<Entry>>,
     },
 }
 
@@ -119,6 +140,11 @@ pub(super) struct ServerConn {
     entry_bytes: Vec<u8>,
     entries: Vec<Entry>,
     scratch: Vec<u8>,
+    /// Staging for WRITE payloads bound for GPU memory (allocated on first use, grown to
+    /// the largest such request).
+    stage_in: Option<PinnedHost>,
+    /// Staging for READ payloads taken from GPU memory (one staged reply per send).
+    stage_out: Option<PinnedHost>,
     recv: IoVecs,
     recv_pending: bool,
     out: VecDeque<Response>,
@@ -149,6 +175,8 @@ impl ServerConn {
             entry_bytes: Vec::new(),
             entries: Vec::new(),
             scratch: Vec::new(),
+            stage_in: None,
+            stage_out: None,
             recv: IoVecs::new(),
             recv_pending: false,
             out: VecDeque::new(),
@@ -217,6 +245,7 @@ impl ServerConn {
                         Ok(pins) => Response::ReadData {
                             id: h.id,
                             entries: self.entries.clone(),
+                            staged: pins.touches_gpu(),
                             _pins: pins,
                         },
                         Err((code, message)) => Response::Error {
@@ -227,17 +256,31 @@ impl ServerConn {
                     });
                     return;
                 }
-                let rx = match checked {
-                    Ok(pins) => {
+                let staging = match checked {
+                    Ok(pins) if pins.touches_gpu() => match staging(&mut self.stage_in, total) {
+                        Ok(base) => Ok((pins, Some(base))),
+                        Err(message) => Err((Code::Device, message)),
+                    },
+                    Ok(pins) => Ok((pins, None)),
+                    Err(refusal) => Err(refusal),
+                };
+                let rx = match staging {
+                    Ok((pins, stage)) => {
                         self.recv.clear();
-                        for e in &self.entries {
-                            self.recv.push(e.addr as *const u8, e.len as usize);
+                        match stage {
+                            Some(base) => self.recv.push(base as *const u8, total as usize),
+                            None => {
+                                for e in &self.entries {
+                                    self.recv.push(e.addr as *const u8, e.len as usize);
+                                }
+                            }
                         }
                         Rx::Payload {
                             id: h.id,
                             pins: Some(pins),
                             refused: None,
                             discard_left: 0,
+                            staged: stage.map(|_| self.entries.clone()),
                         }
                     }
                     Err(refusal) => {
@@ -247,6 +290,7 @@ impl ServerConn {
                             pins: None,
                             refused: Some(refusal),
                             discard_left: total,
+                            staged: None,
                         }
                     }
                 };
@@ -256,8 +300,9 @@ impl ServerConn {
             Rx::Payload {
                 id,
                 pins,
-                refused,
+                mut refused,
                 discard_left,
+                staged,
             } => {
                 if discard_left > 0 {
                     self.rx = Rx::Payload {
@@ -265,9 +310,15 @@ impl ServerConn {
                         pins,
                         refused,
                         discard_left,
+                        staged,
                     };
                     self.discard_next();
                     return;
+                }
+                if let (Some(entries), Some(stage)) = (staged, &self.stage_in) {
+                    if let Err(message) = unstage(&self.registry, stage, &entries) {
+                        refused = Some((Code::Device, message));
+                    }
                 }
                 // The bytes are in the target's memory: release the pins, then answer.
                 drop(pins);
@@ -302,27 +353,62 @@ impl ServerConn {
         self.sending.clear();
         let mut pieces = std::mem::take(&mut self.pieces);
         pieces.clear();
+        let mut staged_one = false;
         while let Some(r) = self.out.front() {
-            let extra = match r {
-                Response::ReadData { entries, .. } => entries.len(),
-                _ => 0,
+            let (extra, staged) = match r {
+                Response::ReadData {
+                    entries, staged, ..
+                } => (entries.len(), *staged),
+                _ => (0, false),
             };
             if !self.sending.is_empty() && pieces.len() + 1 + extra > 1024 {
                 break;
             }
-            let r = self.out.pop_front().expect("front exists");
+            if staged && staged_one {
+                break; // `stage_out` holds one reply at a time
+            }
+            let mut r = self.out.pop_front().expect("front exists");
+            if let Response::ReadData {
+                id,
+                entries,
+                staged: true,
+                ..
+            } = &r
+            {
+                staged_one = true;
+                if let Err(message) = stage(&self.registry, &mut self.stage_out, entries) {
+                    r = Response::Error {
+                        id: *id,
+                        code: Code::Device,
+                        message,
+                    };
+                }
+            }
             let start = self.send_bytes.len();
             match &r {
                 Response::Ack(id) => {
                     self.send_bytes
                         .extend_from_slice(&header(Kind::Ack, 0, 0, *id));
                 }
-                Response::ReadData { id, entries, .. } => {
+                Response::ReadData {
+                    id,
+                    entries,
+                    staged,
+                    ..
+                } => {
                     self.send_bytes
                         .extend_from_slice(&header(Kind::ReadData, 0, 0, *id));
                     pieces.push((true, start, HEADER_LEN));
-                    for e in entries {
-                        pieces.push((false, e.addr as usize, e.len as usize));
+                    match (staged, &self.stage_out) {
+                        (true, Some(stage)) => {
+                            let total = entries.iter().map(|e| e.len as usize).sum();
+                            pieces.push((false, stage.addr() as usize, total));
+                        }
+                        _ => {
+                            for e in entries {
+                                pieces.push((false, e.addr as usize, e.len as usize));
+                            }
+                        }
                     }
                 }
                 Response::Error { id, code, message } => {
@@ -344,6 +430,70 @@ impl ServerConn {
         self.send.set_pieces(self.send_bytes.as_ptr(), &pieces);
         self.pieces = pieces;
     }
+}
+
+/// The address of a staging buffer of at least `len` bytes in `buf`, allocating (or
+/// growing) it. Called only between requests (WRITE) or sends (READ): nothing is using it.
+fn staging(buf: &mut Option<PinnedHost>, len: u64) -> Result<u64, String> {
+    if let Some(b) = buf.as_ref().filter(|b| b.len() as u64 >= len) {
+        return Ok(b.addr());
+    }
+    // Powers of two (at least 4 MiB): a stream of growing requests reallocates a few times.
+    let size = len.max(4 << 20).next_power_of_two() as usize;
+    *buf = None; // free the old one first
+    let fresh = PinnedHost::alloc(size).map_err(|e| {
+        format!("cannot allocate a {size}-byte pinned staging buffer for GPU memory: {e}")
+    })?;
+    Ok(buf.insert(fresh).addr())
+}
+
+/// An entry in a region labelled GPU memory must still be one live device allocation: the
+/// driver takes a freed device address for host memory, and a copy would fault.
+fn check_device(registry: &Registry, e: &Entry) -> Result<(), String> {
+    let gpu = registry
+        .lookup(e.addr)
+        .is_some_and(|r| matches!(r.location(), Location::Cuda(_)));
+    if gpu {
+        let cuda = cuda::driver().map_err(|err| err.to_string())?;
+        cuda.device_range(e.addr, u64::from(e.len))?;
+    }
+    Ok(())
+}
+
+/// Copies a staged WRITE payload (in entry order at the start of `stage`) to its targets.
+fn unstage(registry: &Registry, stage: &PinnedHost, entries: &[Entry]) -> Result<(), String> {
+    let mut offset = 0u64;
+    for e in entries {
+        check_device(registry, e)?;
+        // SAFETY: the target entry lies in a registered region pinned for this request
+        // (checked above); the source lies inside `stage`, whose first `total` bytes
+        // the payload just filled; nothing else uses either during this call.
+        unsafe { cuda::memcpy(e.addr, stage.addr() + offset, e.len as usize) }
+            .map_err(|err| format!("copying into GPU memory at {:#x}: {err}", e.addr))?;
+        offset += u64::from(e.len);
+    }
+    Ok(())
+}
+
+/// Copies a READ reply's entries from their (GPU) memory into `buf`, in entry order.
+fn stage(
+    registry: &Registry,
+    buf: &mut Option<PinnedHost>,
+    entries: &[Entry],
+) -> Result<(), String> {
+    let total = entries.iter().map(|e| u64::from(e.len)).sum();
+    let base = staging(buf, total)?;
+    let mut offset = 0u64;
+    for e in entries {
+        check_device(registry, e)?;
+        // SAFETY: the source entry lies in a registered region pinned by this reply;
+        // the destination lies inside the staging buffer (at least `total` bytes), which
+        // no send is using (sends are built only once the last one has completed).
+        unsafe { cuda::memcpy(base + offset, e.addr, e.len as usize) }
+            .map_err(|err| format!("copying from GPU memory at {:#x}: {err}", e.addr))?;
+        offset += u64::from(e.len);
+    }
+    Ok(())
 }
 
 fn header(kind: Kind, count: u32, status: u32, id: u64) -> [u8; HEADER_LEN] {
@@ -508,6 +658,7 @@ mod tests {
             pins: Some(pins),
             refused: None,
             discard_left: 0,
+            staged: None,
         };
         assert!(conn.busy());
         let region = registry.lookup(target.as_ptr() as u64).unwrap();

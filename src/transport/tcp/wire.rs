@@ -58,6 +58,9 @@ pub enum Code {
     AccessDenied = 2,
     /// The frame could not be decoded; the server closes the connection.
     Malformed = 3,
+    /// The bytes could not be copied between the server's GPU memory and its staging
+    /// buffer (the server's CUDA driver failed; nothing of a failed WRITE was acknowledged).
+    Device = 4,
 }
 
 impl Code {
@@ -66,6 +69,7 @@ impl Code {
         match status {
             1 => Code::NotRegistered,
             2 => Code::AccessDenied,
+            4 => Code::Device,
             _ => Code::Malformed,
         }
     }
