@@ -389,6 +389,10 @@ const C_SIGNATURES: &[(&str, &str)] = &[
         "ibv_reg_mr_iova2",
         "struct ibv_mr *(*PTR)(struct ibv_pd *, void *, size_t, uint64_t, unsigned int)",
     ),
+    (
+        "ibv_reg_dmabuf_mr",
+        "struct ibv_mr *(*PTR)(struct ibv_pd *, uint64_t, size_t, uint64_t, int, int)",
+    ),
 ];
 
 /// Why the C side cannot run here, if it cannot.

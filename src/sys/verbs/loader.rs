@@ -253,6 +253,9 @@ verbs_functions! {
         reg_mr_iova2_fn = "ibv_reg_mr_iova2" @ "IBVERBS_1.8":
             fn(pd: *mut ibv_pd, addr: *mut c_void, length: usize, iova: u64,
                access: c_uint) -> *mut ibv_mr;
+        reg_dmabuf_mr_fn = "ibv_reg_dmabuf_mr" @ "IBVERBS_1.12":
+            fn(pd: *mut ibv_pd, offset: u64, length: usize, iova: u64, fd: c_int,
+               access: c_int) -> *mut ibv_mr;
     }
 }
 
@@ -268,6 +271,7 @@ impl std::fmt::Debug for Verbs {
         f.debug_struct("Verbs")
             .field("library", &self.library)
             .field("reg_mr_iova2", &self.reg_mr_iova2_fn.is_some())
+            .field("reg_dmabuf_mr", &self.reg_dmabuf_mr_fn.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -485,6 +489,31 @@ impl Verbs {
             // int: every defined access flag is below bit 31.
             _ => unsafe { (self.reg_mr_fn)(pd, addr, length, (access & !optional) as c_int) },
         }
+    }
+
+    /// `ibv_reg_dmabuf_mr` (rdma-core 34+): registers `length` bytes at `offset` of the
+    /// dma-buf `fd` (GPU memory exported by its driver), addressed by peers as `iova`;
+    /// the MR, or NULL with `errno` set. `None` when the library is too old to have it.
+    ///
+    /// # Safety
+    ///
+    /// `pd` must be live, `fd` a dma-buf covering `offset..offset + length`; the memory
+    /// behind it must stay allocated until the MR is deregistered with
+    /// [`Verbs::dereg_mr`], before the PD is freed. (The fd may be closed after the call.)
+    pub unsafe fn reg_dmabuf_mr(
+        &self,
+        pd: *mut ibv_pd,
+        offset: u64,
+        length: usize,
+        iova: u64,
+        fd: c_int,
+        access: c_uint,
+    ) -> Option<*mut ibv_mr> {
+        let reg = self.reg_dmabuf_mr_fn?;
+        // Optional access bits are hints some kernels refuse here: drop them.
+        let access = (access & !IBV_ACCESS_OPTIONAL_RANGE) as c_int;
+        // SAFETY: forwarded to the caller (see # Safety).
+        Some(unsafe { reg(pd, offset, length, iova, fd, access) })
     }
 
     /// `ibv_dereg_mr`: 0, or an `errno` value.

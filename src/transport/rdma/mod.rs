@@ -174,8 +174,10 @@ impl Drop for Rdma {
 pub struct Rdma {
     workers: Vec<Arc<NicWorker>>,
     mrs: Arc<MrTable>,
-    /// Serialises `sync`: two concurrent ones must not both register a region.
-    syncing: std::sync::Mutex<()>,
+    /// Serialises `sync` (two concurrent ones must not both register a region), and holds
+    /// the regions (by the address of their `Region`) whose registration failed and was
+    /// reported: later syncs retry them without repeating the warning.
+    syncing: std::sync::Mutex<std::collections::HashSet<usize>>,
 }
 
 impl std::fmt::Debug for MrTable {
@@ -252,7 +254,7 @@ impl Rdma {
         Ok(Rdma {
             workers,
             mrs,
-            syncing: std::sync::Mutex::new(()),
+            syncing: std::sync::Mutex::default(),
         })
     }
 
@@ -270,18 +272,21 @@ impl Rdma {
     /// Under the registry's read lock, so that no region can be unregistered (and its
     /// memory freed) between the look and the registration.
     pub fn sync(&self, registry: &Registry) {
-        let _one = self
+        let mut reported = self
             .syncing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let map = registry.read();
+        reported.retain(|&p| map.values().any(|r| Arc::as_ptr(r) as usize == p));
         for region in map.values() {
             if !self.mrs.contains(region.range().start) {
                 if let Err(e) = self.mrs.add(region) {
-                    log::warn!(
-                        "kvxfer: region {} is not reachable over RDMA: {e}",
-                        region.range()
-                    );
+                    let range = region.range();
+                    if reported.insert(Arc::as_ptr(region) as usize) {
+                        log::warn!("kvxfer: region {range} is not reachable over RDMA: {e}");
+                    } else {
+                        log::debug!("kvxfer: region {range} is still not reachable over RDMA: {e}");
+                    }
                 }
             }
         }

@@ -1,10 +1,16 @@
 //! Memory registrations: every registered region gets an MR on every NIC (split where it
 //! is larger than the NIC's `max_mr_size`), looked up by address for the local side of a
 //! slice, and listed (address, length, NIC, rkey) for peers.
+//!
+//! GPU memory (GPUDirect RDMA) is exported by the CUDA driver as a dma-buf and registered
+//! with `ibv_reg_dmabuf_mr`; where that is refused (old driver, kernel or rdma-core, or a
+//! NIC driver without dma-buf support) plain `ibv_reg_mr` is tried, which works when the
+//! `nvidia-peermem` module is loaded. A failure names both reasons.
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -67,6 +73,7 @@ impl MrTable {
     pub fn add(&self, region: &Region) -> Result<(), String> {
         let range = region.range();
         let access = verbs_access(region.access());
+        let dmabuf = matches!(region.location(), Location::Cuda(_)).then(|| export_dmabuf(range));
         let mut per_nic = Vec::with_capacity(self.nics.len());
         for nic in &self.nics {
             let mut mrs = Vec::new();
@@ -74,21 +81,17 @@ impl MrTable {
             let mut at = range.start;
             while at < range.end() {
                 let len = (range.end() - at).min(piece);
-                // SAFETY: the range is registered memory of this process (the registry
-                // promises it stays valid until unregistered, and the owner removes the
-                // MRs before that happens); the PD is live.
-                let mr = unsafe {
-                    nic.verbs()
-                        .reg_mr(nic.pd(), at as *mut c_void, len as usize, access.0)
+                let registered = match &dmabuf {
+                    Some(exported) => register_gpu(nic, exported, at, len, access.0),
+                    None => register_host(nic, at, len, access.0),
                 };
-                let Some(mr) = NonNull::new(mr) else {
-                    let e = io::Error::last_os_error();
-                    per_nic.push(mrs);
-                    release(&self.nics, per_nic);
-                    return Err(format!(
-                        "ibv_reg_mr of {len} bytes at {at:#x} on {}: {e}",
-                        nic.name()
-                    ));
+                let mr = match registered {
+                    Ok(mr) => mr,
+                    Err(why) => {
+                        per_nic.push(mrs);
+                        release(&self.nics, per_nic);
+                        return Err(why);
+                    }
                 };
                 // SAFETY: just registered; keys are plain fields.
                 let (lkey, rkey) = unsafe { ((*mr.as_ptr()).lkey, (*mr.as_ptr()).rkey) };
@@ -192,6 +195,89 @@ impl Drop for MrTable {
             release(&self.nics, r.per_nic);
         }
     }
+}
+
+/// A GPU region exported as a dma-buf: the fd and the (page-aligned) address it starts
+/// at, or why the driver would not export it.
+type Exported = Result<(OwnedFd, u64), String>;
+
+/// Exports the pages holding `range` (device allocations are at least page-aligned, so
+/// the rounded range stays inside the allocation).
+fn export_dmabuf(range: crate::memory::AddrRange) -> Exported {
+    let page = crate::sys::page_size() as u64;
+    let start = range.start & !(page - 1);
+    let end = range.end().div_ceil(page) * page;
+    crate::sys::cuda::dmabuf_fd(start, end - start)
+        .map(|fd| (fd, start))
+        .map_err(|e| e.to_string())
+}
+
+/// `ibv_reg_mr` of host memory (or GPU memory through nvidia-peermem).
+fn register_host(nic: &Nic, at: u64, len: u64, access: u32) -> Result<NonNull<ibv_mr>, String> {
+    // SAFETY: the range is registered memory of this process (the registry promises it
+    // stays valid until unregistered, and the owner removes the MRs before that happens);
+    // the PD is live.
+    let mr = unsafe {
+        nic.verbs()
+            .reg_mr(nic.pd(), at as *mut c_void, len as usize, access)
+    };
+    NonNull::new(mr).ok_or_else(|| {
+        let e = io::Error::last_os_error();
+        format!(
+            "ibv_reg_mr of {len} bytes at {at:#x} on {}: {e}",
+            nic.name()
+        )
+    })
+}
+
+/// GPU memory: the dma-buf first, then plain `ibv_reg_mr` (nvidia-peermem).
+fn register_gpu(
+    nic: &Nic,
+    exported: &Exported,
+    at: u64,
+    len: u64,
+    access: u32,
+) -> Result<NonNull<ibv_mr>, String> {
+    let dmabuf_refused = match exported {
+        Ok((fd, base)) => {
+            // SAFETY: the PD is live; the fd is a dma-buf of the pages from `base`, which
+            // cover at..at + len; the memory stays allocated while registered (as for
+            // host memory, the owner removes the MRs before unregistering).
+            let mr = unsafe {
+                nic.verbs().reg_dmabuf_mr(
+                    nic.pd(),
+                    at - base,
+                    len as usize,
+                    at,
+                    fd.as_raw_fd(),
+                    access,
+                )
+            };
+            match mr {
+                Some(mr) => match NonNull::new(mr) {
+                    Some(mr) => return Ok(mr),
+                    None => format!("ibv_reg_dmabuf_mr: {}", io::Error::last_os_error()),
+                },
+                None => "this libibverbs has no ibv_reg_dmabuf_mr (rdma-core 34+)".into(),
+            }
+        }
+        Err(why) => format!("the CUDA driver exports no dma-buf: {why}"),
+    };
+    register_host(nic, at, len, access)
+        .inspect(|_| {
+            log::info!(
+                "kvxfer: GPU memory at {at:#x} registered on {} through nvidia-peermem \
+                 (dma-buf: {dmabuf_refused})",
+                nic.name()
+            );
+        })
+        .map_err(|e| {
+            format!(
+                "GPU memory at {at:#x} cannot be registered on {}: dma-buf: {dmabuf_refused}; \
+                 {e} (GPUDirect RDMA needs dma-buf support or the nvidia-peermem module)",
+                nic.name()
+            )
+        })
 }
 
 fn release(nics: &[Arc<Nic>], per_nic: Vec<Vec<Mr>>) {

@@ -417,3 +417,40 @@ fn batches_go_over_the_nics_preferred_for_their_memory() {
     println!("memory anywhere: rxe0 {sa}, rxe1 {sb} slices");
     assert!(sa > 0 && sb > 0, "one NIC carried everything: {sa} / {sb}");
 }
+
+/// A region labelled GPU memory is registered through a dma-buf first; where the CUDA
+/// driver cannot export one (here: there is none) plain `ibv_reg_mr` takes it (what
+/// nvidia-peermem makes work for real GPU memory), and the bytes move over the NICs.
+#[test]
+fn gpu_memory_falls_back_to_plain_registration_without_a_dmabuf() {
+    let Some(mut rig) = rig() else { return };
+    let mut gpu_labelled = vec![0u8; 64 << 10];
+    let registry = Registry::new();
+    let region = registry
+        .register(vec![RegionSpec::caller(
+            gpu_labelled.as_mut_ptr() as u64,
+            gpu_labelled.len() as u64,
+            Some(Location::Cuda(0)),
+            Access::ALL,
+        )])
+        .unwrap()
+        .remove(0);
+    assert!(crate::sys::cuda::dmabuf_fd(region.range().start & !4095, 64 << 10).is_err());
+    rig.mrs
+        .add(&region)
+        .expect("ibv_reg_mr after the dma-buf was refused");
+    assert!(rig.mrs.contains(region.range().start));
+    rig.bufs[0][..64 << 10].fill(0x3c);
+    let (a, _b) = rig.pair(0, 1, rig.keys());
+    let work = Work::new(slices(
+        OpKind::Write,
+        rig.addr(0),
+        region.range().start,
+        16,
+        4096,
+    ));
+    a.post(Arc::clone(&work) as Arc<dyn SliceSource>);
+    assert!(work.wait().is_empty());
+    assert!(gpu_labelled.iter().all(|&x| x == 0x3c));
+    rig.mrs.remove(region.range().start);
+}
