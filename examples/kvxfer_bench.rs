@@ -240,7 +240,9 @@ fn run(args: &[String]) -> Res<()> {
         Cmd::Memcpy(bench) => memcpy_main(&bench),
         Cmd::Store(args) => store_bench::store_main(&args),
         Cmd::Gpu(args) => gpu_bench::gpu_main(&args),
-        Cmd::GpuTarget(len, transports) => gpu_bench::target_main(len, transports.as_deref()),
+        Cmd::GpuTarget(len, transports, gpu) => {
+            gpu_bench::target_main(len, transports.as_deref(), gpu)
+        }
         Cmd::GpuPair(args) => gpu_bench::pair_main(&args),
         Cmd::StoreNode(args) => store_bench::node_main(&args),
     }
@@ -573,7 +575,7 @@ enum Cmd {
     Memcpy(BenchArgs),
     Store(store_bench::StoreArgs),
     Gpu(gpu_bench::GpuArgs),
-    GpuTarget(u64, Option<String>),
+    GpuTarget(u64, Option<String>, u32),
     /// `pair --mem vram`.
     GpuPair(gpu_bench::GpuPairArgs),
     StoreNode(store_bench::NodeArgs),
@@ -634,6 +636,8 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
                 "device-list",
                 "target-device-list",
                 "mem",
+                "gpu",
+                "target-gpu",
             ]);
             let f = parse_flags("pair", rest, &valued, &BENCH_SWITCHES)?;
             match f.value("mem").unwrap_or("host") {
@@ -661,10 +665,13 @@ fn parse_command(args: &[String]) -> Res<Cmd> {
         "store" => Ok(Cmd::Store(store_bench::parse_store(rest)?)),
         "gpu" => Ok(Cmd::Gpu(gpu_bench::parse_gpu(rest)?)),
         "gpu-target" => {
-            let f = parse_flags("gpu-target", rest, &["size", "transports"], &[])?;
+            let f = parse_flags("gpu-target", rest, &["size", "transports", "gpu"], &[])?;
+            let gpu = f.value("gpu").unwrap_or("0");
             Ok(Cmd::GpuTarget(
                 f.size("size", 1 << 30)?,
                 f.value("transports").map(str::to_string),
+                gpu.parse()
+                    .map_err(|_| usage_err(format!("--gpu {gpu:?}: expected a GPU number")))?,
             ))
         }
         "store-node" => Ok(Cmd::StoreNode(store_bench::parse_node(rest)?)),

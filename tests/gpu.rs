@@ -131,22 +131,43 @@ fn engine_with(transports: &str) -> Engine {
     Engine::new(config).unwrap()
 }
 
-/// The decode process: GPU memory for 64 pages, registered; says where; waits for the
-/// notification; checks every page; says the verdict; serves READs until stdin closes.
+/// Prints a line the parent picks out of the test harness's output.
+fn say(line: String) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\n{MARK}{line}").unwrap();
+    out.flush().unwrap();
+}
+
+/// `KVX_GPU_DEVICE` and `KVX_GPU_SALT` of a child (0 and 11 unless set).
+fn child_device_and_salt() -> (u32, u8) {
+    let var = |name: &str, default: u32| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    (var("KVX_GPU_DEVICE", 0), var("KVX_GPU_SALT", 11) as u8)
+}
+
+/// The decode process: GPU memory for 64 pages on `KVX_GPU_DEVICE`, registered; says
+/// where; waits for the notification; checks every page against the pattern of
+/// `KVX_GPU_SALT`; says the verdict; serves READs until stdin closes.
 #[test]
 fn child_process_entry() {
     let Ok(transports) = std::env::var(CHILD_ENV) else {
         return;
     };
-    use std::io::{BufRead, Write};
-    let say = |line: String| {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "\n{MARK}{line}").unwrap();
-        out.flush().unwrap();
-    };
+    use std::io::BufRead;
+    let (device, salt) = child_device_and_salt();
     let engine = engine_with(&transports);
-    let vram = DeviceBuffer::alloc(0, PAGE * PAGES).unwrap();
-    register_vram(&engine, &vram);
+    let vram = DeviceBuffer::alloc(device, PAGE * PAGES).unwrap();
+    // SAFETY: the buffer outlives its registration (unregistered below).
+    unsafe {
+        engine
+            .register(vram.addr(), vram.len() as u64, None, Access::ALL)
+            .unwrap();
+    }
     say(format!(
         "ready {} {:#x}",
         engine.session_id().unwrap(),
@@ -157,7 +178,7 @@ fn child_process_entry() {
         .expect("the prefill's notification");
     let mut got = vec![0u8; PAGE * PAGES];
     vram.copy_to_host(0, &mut got).unwrap();
-    let want = pattern(PAGE * PAGES, 11);
+    let want = pattern(PAGE * PAGES, salt);
     let bad = (0..PAGES)
         .filter(|&i| got[i * PAGE..(i + 1) * PAGE] != want[i * PAGE..(i + 1) * PAGE])
         .count();
@@ -174,39 +195,87 @@ fn child_process_entry() {
 /// (same host, same GPU) over `transports`, with a notification after the data; the
 /// decode process checks every page; then prefill reads the pages back from the decode
 /// process's GPU memory into its own and checks them. Returns the transport used.
-fn pages_between_processes(transports: &str) -> TransportKind {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
-        .args([
-            "--exact",
+/// A child process running `entry` of this test binary with `env`; its stdin (closing it
+/// ends a decode child) and the lines it says.
+struct Child {
+    process: std::process::Child,
+    lines: Box<dyn Iterator<Item = String>>,
+}
+
+impl Child {
+    fn spawn(entry: &str, env: &[(&str, String)]) -> Child {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let exe = std::env::current_exe().unwrap();
+        let mut command = Command::new(exe);
+        command.args(["--exact", entry, "--nocapture", "--test-threads=1"]);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut process = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(process.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.split_once(MARK).map(|(_, r)| r.to_string()));
+        Child {
+            process,
+            lines: Box::new(lines),
+        }
+    }
+
+    fn next_line(&mut self, what: &str) -> String {
+        self.lines
+            .next()
+            .unwrap_or_else(|| panic!("the child said no {what}"))
+    }
+
+    /// A decode child on `device` with `transports`: its session and GPU address.
+    fn decode(transports: &str, device: u32, salt: u8) -> (Child, String, u64) {
+        let mut child = Child::spawn(
             "child_process_entry",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, transports)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|l| l.split_once(MARK).map(|(_, r)| r.to_string()));
-    let ready = lines.next().expect("the decode process's ready line");
-    let f: Vec<&str> = ready.split_whitespace().collect();
-    assert_eq!(f[0], "ready", "{ready}");
-    let (session, remote) = (
-        f[1],
-        u64::from_str_radix(f[2].trim_start_matches("0x"), 16).unwrap(),
-    );
+            &[
+                (CHILD_ENV, transports.to_string()),
+                ("KVX_GPU_DEVICE", device.to_string()),
+                ("KVX_GPU_SALT", salt.to_string()),
+            ],
+        );
+        let ready = child.next_line("ready line");
+        let f: Vec<&str> = ready.split_whitespace().collect();
+        assert_eq!(f[0], "ready", "{ready}");
+        let remote = u64::from_str_radix(f[2].trim_start_matches("0x"), 16).unwrap();
+        (child, f[1].to_string(), remote)
+    }
+
+    /// Closes stdin and waits for the process.
+    fn finish(mut self) {
+        drop(self.process.stdin.take());
+        let _ = self.process.wait();
+    }
+}
+
+fn pages_between_processes(transports: &str) -> TransportKind {
+    pages_between_gpus(transports, 0, 0)
+}
+
+fn pages_between_gpus(transports: &str, local_gpu: u32, remote_gpu: u32) -> TransportKind {
+    let (mut child, session, remote) = Child::decode(transports, remote_gpu, 11);
+    let session = session.as_str();
     let engine = engine_with(transports);
-    let src = DeviceBuffer::alloc(0, PAGE * PAGES).unwrap();
-    let back = DeviceBuffer::alloc(0, PAGE * PAGES).unwrap();
+    let src = DeviceBuffer::alloc(local_gpu, PAGE * PAGES).unwrap();
+    let back = DeviceBuffer::alloc(local_gpu, PAGE * PAGES).unwrap();
     src.copy_from_host(0, &pattern(PAGE * PAGES, 11)).unwrap();
-    register_vram(&engine, &src);
-    register_vram(&engine, &back);
+    for v in [&src, &back] {
+        // SAFETY: the buffers outlive their registrations (unregistered below).
+        unsafe {
+            engine
+                .register(v.addr(), v.len() as u64, None, Access::ALL)
+                .unwrap();
+        }
+    }
     let peer = engine.open_peer(session).unwrap();
     let page_ops = |op: fn(u64, u64, u64) -> Op, local: u64| -> Vec<Op> {
         (0..PAGES as u64)
@@ -231,15 +300,14 @@ fn pages_between_processes(transports: &str) -> TransportKind {
         .unwrap());
     let took = t.elapsed();
     engine.free(id).unwrap();
-    let done = lines.next().expect("the decode process's verdict");
+    let done = child.next_line("verdict");
     // Read the pages back into another GPU buffer (the peer's GPU end of a READ).
     engine
         .transfer_sync(peer, &page_ops(Op::read, back.addr()))
         .unwrap();
-    drop(child.stdin.take());
-    let _ = child.wait();
+    child.finish();
     println!(
-        "{PAGES} pages of {PAGE} bytes GPU -> GPU across processes over {transport} in {took:?}: {done}"
+        "{PAGES} pages of {PAGE} bytes cuda:{local_gpu} -> cuda:{remote_gpu} across processes over {transport} in {took:?}: {done}"
     );
     assert_eq!(done, "done pages ready bad=0");
     let mut got = vec![0u8; PAGE * PAGES];
@@ -259,6 +327,101 @@ fn pages_between_processes(transports: &str) -> TransportKind {
 fn prefill_writes_pages_into_the_decode_processes_gpu_memory() {
     let Some(_cuda) = gpu() else { return };
     assert_eq!(pages_between_processes("shm,tcp"), TransportKind::Shm);
+}
+
+/// Prefill on GPU 0, decode on GPU 1: CUDA IPC with peer access (NVLink or PCIe).
+#[test]
+fn prefill_on_one_gpu_writes_into_decode_on_another() {
+    let Some(cuda) = gpu() else { return };
+    if cuda.device_count() < 2 {
+        println!(
+            "skipped: needs two GPUs (the driver sees {})",
+            cuda.device_count()
+        );
+        return;
+    }
+    assert_eq!(pages_between_gpus("shm,tcp", 0, 1), TransportKind::Shm);
+}
+
+/// The prefill side of the tensor-parallel test: rank `KVX_GPU_SALT` on `KVX_GPU_DEVICE`
+/// writes its 64 pages into its decode rank (`KVX_GPU_PEER`: session and address) with a
+/// notification, and says how it went.
+#[test]
+fn prefill_process_entry() {
+    let Ok(peer) = std::env::var("KVX_GPU_PEER") else {
+        return;
+    };
+    let (device, salt) = child_device_and_salt();
+    let (session, remote) = peer.split_once(' ').unwrap();
+    let remote = u64::from_str_radix(remote.trim_start_matches("0x"), 16).unwrap();
+    let engine = engine_with("shm,tcp");
+    let src = DeviceBuffer::alloc(device, PAGE * PAGES).unwrap();
+    src.copy_from_host(0, &pattern(PAGE * PAGES, salt)).unwrap();
+    // SAFETY: the buffer outlives its registration (unregistered below).
+    unsafe {
+        engine
+            .register(src.addr(), src.len() as u64, None, Access::ALL)
+            .unwrap();
+    }
+    let peer = engine.open_peer(session).unwrap();
+    let ops: Vec<Op> = (0..PAGES as u64)
+        .map(|i| {
+            Op::write(
+                src.addr() + i * PAGE as u64,
+                remote + i * PAGE as u64,
+                PAGE as u64,
+            )
+        })
+        .collect();
+    let id = engine
+        .submit_with_notify(peer, &ops, format!("rank {salt}").as_bytes())
+        .unwrap();
+    let transport = engine.batch_transport(id).unwrap();
+    let state = engine.wait(id, std::time::Duration::from_secs(60)).unwrap();
+    say(format!("sent over {transport}: {state:?}"));
+    engine.free(id).unwrap();
+    engine.unregister(src.addr()).unwrap();
+}
+
+/// Tensor parallelism 2 on each side: prefill ranks 0 and 1 (two processes) each write
+/// their pages into decode rank 0 and 1 (two more processes), at the same time; each
+/// decode rank checks it got its own prefill rank's pages. Spread over the GPUs there are
+/// (prefill rank r on GPU r, decode rank r on GPU r + n/2, modulo n), else all on GPU 0.
+#[test]
+fn tensor_parallel_prefill_ranks_write_to_their_decode_ranks() {
+    let Some(cuda) = gpu() else { return };
+    let n = cuda.device_count();
+    let decode: Vec<(Child, String, u64)> = (0..2u32)
+        .map(|r| Child::decode("shm,tcp", (r + n / 2) % n, r as u8 + 1))
+        .collect();
+    let prefill: Vec<Child> = (0..2u32)
+        .map(|r| {
+            let (_, session, addr) = &decode[r as usize];
+            Child::spawn(
+                "prefill_process_entry",
+                &[
+                    ("KVX_GPU_PEER", format!("{session} {addr:#x}")),
+                    ("KVX_GPU_DEVICE", (r % n).to_string()),
+                    ("KVX_GPU_SALT", (r + 1).to_string()),
+                ],
+            )
+        })
+        .collect();
+    for (r, mut p) in prefill.into_iter().enumerate() {
+        let line = p.next_line("report");
+        assert!(line.ends_with("Completed"), "prefill rank {r}: {line}");
+        println!("prefill rank {r} on cuda:{}: {line}", r as u32 % n);
+        p.finish();
+    }
+    for (r, (mut d, _, _)) in decode.into_iter().enumerate() {
+        let verdict = d.next_line("verdict");
+        assert_eq!(
+            verdict,
+            format!("done rank {} bad=0", r + 1),
+            "decode rank {r}"
+        );
+        d.finish();
+    }
 }
 
 /// TCP only: both ends stage their GPU memory through pinned host buffers.

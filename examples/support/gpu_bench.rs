@@ -20,14 +20,16 @@ gpu        one engine, pinned host memory and two GPU buffers of --batch x --blo
            CUDA IPC over the shm transport), next to a same-size GPU-to-GPU copy in this
            process. Needs the CUDA driver.
   kvxfer_bench pair --mem vram [--transport cuda|tcp] [--op write|read] [--block SIZE]
-                    [--batch N] [--duration SECS]
+                    [--batch N] [--duration SECS] [--gpu N] [--target-gpu N]
 
 pair --mem vram   GPU memory on both ends, a second process (started here) as the target:
            --transport cuda (default) carries it over shm with CUDA IPC (copies by the GPU),
            --transport tcp over TCP with both ends staging their GPU memory through pinned
            host buffers. Rows: the engine GPU to GPU; for tcp also the engine host to host
            (what staging costs); and a baseline GPU-to-GPU copy of the same bytes in this
-           process. Default 16 x 256MiB (cuda) or 16 x 4MiB (tcp).";
+           process (with --target-gpu other than --gpu: a peer-to-peer copy between the two
+           GPUs, as cudaMemcpyPeer does). Default 16 x 256MiB (cuda) or 16 x 4MiB (tcp),
+           both ends on GPU 0.";
 
 #[derive(Debug)]
 pub(super) struct GpuArgs {
@@ -174,9 +176,9 @@ fn engine_with(list: Option<&str>) -> Res<Engine> {
 /// The hidden `gpu-target` subcommand: GPU memory and host memory of `len` bytes each,
 /// registered with an engine on `transports`; prints `ready <session> <gpu> <host>` and
 /// serves until stdin closes.
-pub(super) fn target_main(len: u64, transports: Option<&str>) -> Res<()> {
+pub(super) fn target_main(len: u64, transports: Option<&str>, gpu: u32) -> Res<()> {
     use std::io::BufRead;
-    let vram = DeviceBuffer::alloc(0, len as usize).map_err(|e| Failure::Run(e.to_string()))?;
+    let vram = DeviceBuffer::alloc(gpu, len as usize).map_err(|e| Failure::Run(e.to_string()))?;
     let engine = engine_with(transports)?;
     // SAFETY: the buffer outlives the engine (dropped after it).
     unsafe { engine.register(vram.addr(), len, None, Access::ALL) }
@@ -210,12 +212,18 @@ struct Target {
 }
 
 impl Target {
-    fn spawn(len: u64, transports: Option<&str>) -> Res<Target> {
+    fn spawn(len: u64, transports: Option<&str>, gpu: u32) -> Res<Target> {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let exe = std::env::current_exe().map_err(|e| Failure::Run(e.to_string()))?;
         let mut command = Command::new(exe);
-        command.args(["gpu-target", "--size", &len.to_string()]);
+        command.args([
+            "gpu-target",
+            "--size",
+            &len.to_string(),
+            "--gpu",
+            &gpu.to_string(),
+        ]);
         if let Some(t) = transports {
             command.args(["--transports", t]);
         }
@@ -302,6 +310,8 @@ fn timed_row(
 pub(super) struct GpuPairArgs {
     tcp: bool,
     write: bool,
+    gpu: u32,
+    target_gpu: u32,
     bench: GpuArgs,
 }
 
@@ -320,9 +330,17 @@ pub(super) fn parse_pair(f: &super::Flags) -> Res<GpuPairArgs> {
         "read" => false,
         other => return Err(usage_err(format!("--op {other:?}: expected write or read"))),
     };
+    let gpu = |name: &str| -> Res<u32> {
+        f.value(name).map_or(Ok(0), |v| {
+            v.parse()
+                .map_err(|_| usage_err(format!("--{name} {v:?}: expected a GPU number")))
+        })
+    };
     Ok(GpuPairArgs {
         tcp,
         write,
+        gpu: gpu("gpu")?,
+        target_gpu: gpu("target-gpu")?,
         bench: GpuArgs {
             ops: Vec::new(),
             block: f.size("block", if tcp { 4 << 20 } else { 256 << 20 })?,
@@ -344,10 +362,11 @@ pub(super) fn pair_main(args: &GpuPairArgs) -> Res<()> {
     let b = &args.bench;
     let len = b.block * b.batch as u64;
     let transports = if args.tcp { "tcp" } else { "shm" };
-    let a =
-        DeviceBuffer::alloc(0, len as usize).map_err(|e| run_err("GPU memory")(e.to_string()))?;
-    let c =
-        DeviceBuffer::alloc(0, len as usize).map_err(|e| run_err("GPU memory")(e.to_string()))?;
+    let a = DeviceBuffer::alloc(args.gpu, len as usize)
+        .map_err(|e| run_err("GPU memory")(e.to_string()))?;
+    // The baseline's destination: on the target's GPU, as the engine's.
+    let c = DeviceBuffer::alloc(args.target_gpu, len as usize)
+        .map_err(|e| run_err("GPU memory")(e.to_string()))?;
     let engine = engine_with(Some(transports))?;
     // SAFETY: the buffer outlives the engine's use of it (unregistered before it drops).
     unsafe { engine.register(a.addr(), len, None, Access::ALL) }
@@ -355,7 +374,7 @@ pub(super) fn pair_main(args: &GpuPairArgs) -> Res<()> {
     let host = engine
         .allocate(len as usize, Location::Any)
         .map_err(|e| run_err("host memory")(e.to_string()))?;
-    let target = Target::spawn(len, Some(transports))?;
+    let target = Target::spawn(len, Some(transports), args.target_gpu)?;
     let peer = engine
         .open_peer(&target.session)
         .map_err(|e| run_err("open the target")(e.to_string()))?;
@@ -375,9 +394,13 @@ pub(super) fn pair_main(args: &GpuPairArgs) -> Res<()> {
         .map_err(|e| run_err("probe batch")(e.to_string()))?;
     let _ = engine.free(probe);
     eprintln!(
-        "pair --mem vram: CUDA {} on {}, {} x {} per batch, {op} over {transport}, target {}",
+        "pair --mem vram: CUDA {}, cuda:{} ({}) -> target cuda:{} ({}), {} x {} per batch, \
+         {op} over {transport}, target {}",
         cuda.version(),
-        cuda.pci_bus_id(0).unwrap_or_default(),
+        args.gpu,
+        cuda.pci_bus_id(args.gpu).unwrap_or_default(),
+        args.target_gpu,
+        cuda.pci_bus_id(args.target_gpu).unwrap_or_default(),
         b.batch,
         fmt_size(b.block),
         target.session
@@ -391,9 +414,20 @@ pub(super) fn pair_main(args: &GpuPairArgs) -> Res<()> {
     if args.tcp {
         timed_row(&format!("{transport}-host"), op, b, &|| sync(&host_ops))?;
     }
-    let stream = Stream::new(0).map_err(|e| run_err("stream")(e.to_string()))?;
+    let stream = Stream::new(args.gpu).map_err(|e| run_err("stream")(e.to_string()))?;
     let local = block_ops(true, a.addr(), c.addr(), b.block, b.batch);
-    timed_row("baseline", "d2d", b, &|| {
+    let baseline = if args.gpu == args.target_gpu {
+        "d2d"
+    } else {
+        for (from, to) in [(args.gpu, args.target_gpu), (args.target_gpu, args.gpu)] {
+            let enabled = cuda
+                .enable_peer_access(from, to)
+                .map_err(|e| run_err("peer access")(e.to_string()))?;
+            eprintln!("peer access cuda:{from} -> cuda:{to}: {enabled}");
+        }
+        "peer"
+    };
+    timed_row("baseline", baseline, b, &|| {
         for o in &local {
             // SAFETY: both ranges are this program's live GPU buffers.
             unsafe { stream.copy_async(o.remote_addr, o.local_addr, o.len as usize) }
@@ -418,7 +452,7 @@ fn ipc_point(
     args: &GpuArgs,
 ) -> Res<()> {
     let len = args.block * args.batch as u64;
-    let target = Target::spawn(len, None)?;
+    let target = Target::spawn(len, None, 0)?;
     let peer = engine
         .open_peer(&target.session)
         .map_err(|e| Failure::Run(e.to_string()))?;

@@ -13,7 +13,7 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::marker::PhantomData;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, PoisonError};
 
 use super::api::*;
 use super::error::CudaError;
@@ -173,6 +173,8 @@ cuda_functions! {
     ctx_push_current = "cuCtxPushCurrent_v2" since "4.0": fn(ctx: CUcontext);
     ctx_pop_current = "cuCtxPopCurrent_v2" since "4.0": fn(pctx: *mut CUcontext);
     ctx_get_current = "cuCtxGetCurrent" since "4.0": fn(pctx: *mut CUcontext);
+    ctx_enable_peer_access = "cuCtxEnablePeerAccess" since "4.0":
+        fn(peer_context: CUcontext, flags: c_uint);
     mem_alloc = "cuMemAlloc_v2" since "3.2": fn(dptr: *mut CUdeviceptr, bytesize: usize);
     mem_free = "cuMemFree_v2" since "3.2": fn(dptr: CUdeviceptr);
     mem_alloc_host = "cuMemAllocHost_v2" since "3.2": fn(pp: *mut *mut c_void, bytesize: usize);
@@ -259,6 +261,8 @@ pub struct Cuda {
     /// The primary context of each device, retained on first use and kept for the life of
     /// the process (null until then).
     contexts: Box<[AtomicPtr<CUctx_st>]>,
+    /// Pairs (from, to) of devices whose peer access `enable_peer_access` has settled.
+    peers: std::sync::Mutex<std::collections::HashMap<(u32, u32), bool>>,
     funcs: Functions,
 }
 
@@ -366,6 +370,7 @@ impl Cuda {
             library: library.to_string(),
             version: 0,
             contexts: Box::new([]),
+            peers: std::sync::Mutex::default(),
             funcs,
         };
         // SAFETY: cuInit takes its flags by value; 0 is the only valid value.
@@ -485,6 +490,34 @@ impl Cuda {
         // SAFETY: can is a valid out-pointer; both device handles come from cuDeviceGet.
         unsafe { self.device_can_access_peer(&mut can, da, db) }?.ok()?;
         Ok(can != 0)
+    }
+
+    /// Lets `from`'s context access `to`'s memory directly (`cuCtxEnablePeerAccess`), so
+    /// that copies between the two GPUs go over NVLink or PCIe peer-to-peer instead of
+    /// through host memory. Whether they can (false when the hardware cannot, or for
+    /// `from == to`, which needs nothing); asked of the driver once per pair.
+    pub fn enable_peer_access(&self, from: u32, to: u32) -> Result<bool, CudaError> {
+        if from == to {
+            return Ok(false);
+        }
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&done) = peers.get(&(from, to)) {
+            return Ok(done);
+        }
+        let enabled = if self.can_access_peer(from, to)? {
+            let peer = self.primary_context(to)?;
+            let _ctx = self.enter(from)?;
+            // SAFETY: peer is a live (retained, never released) primary context; flags 0.
+            let outcome = unsafe { self.ctx_enable_peer_access(peer, 0) }?;
+            match outcome.code {
+                CUDA_SUCCESS | CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => true,
+                _ => return Err(outcome.into_error()),
+            }
+        } else {
+            false
+        };
+        peers.insert((from, to), enabled);
+        Ok(enabled)
     }
 
     /// The primary context of `device`, retained on first use (one reference per process,

@@ -542,11 +542,26 @@ impl ShmLink {
         // The copies run on a stream of the GPU holding the peer's region (else our end's):
         // queued one after another, waited for once, never on the legacy default stream
         // (which would serialise them with everything else this process runs on the GPU).
-        let device = match &a.gpu {
-            Some(g) => g.mapping.device(),
-            None => crate::sys::cuda::driver_in_use()
-                .and_then(|c| c.device_memory(slices.first()?.local))
-                .map_or(0, |m| m.device),
+        let cuda = crate::sys::cuda::driver_in_use();
+        let local_device = cuda
+            .zip(slices.first())
+            .and_then(|(c, s)| c.device_memory(s.local))
+            .map(|m| m.device);
+        let device = match (&a.gpu, local_device) {
+            (Some(g), local) => {
+                let mapped = g.mapping.device();
+                // Two GPUs: copies between them go peer to peer (NVLink or PCIe) once
+                // both contexts may access the other's memory; else through the host.
+                if let (Some(cuda), Some(local)) = (cuda, local.filter(|&l| l != mapped)) {
+                    for (from, to) in [(mapped, local), (local, mapped)] {
+                        if let Err(e) = cuda.enable_peer_access(from, to) {
+                            log::debug!("kvxfer: peer access cuda:{from} -> cuda:{to}: {e}");
+                        }
+                    }
+                }
+                mapped
+            }
+            (None, local) => local.unwrap_or(0),
         };
         let result = with_stream(device, |stream| {
             self.queue_gpu_copies(a, remote_base, slices, stream)
