@@ -61,6 +61,8 @@ pub(crate) struct Batch {
     pins: Mutex<Pins>,
     /// Whether a region the batch touches is GPU memory (fixed at creation).
     gpu: bool,
+    /// The device of its local GPU memory, if any.
+    local_gpu: Option<u32>,
     pub(crate) deadline: Instant,
     error: OnceLock<Error>,
     lock: Mutex<()>,
@@ -100,6 +102,7 @@ impl Batch {
             progress,
             slices,
             gpu: pins.gpu_location().is_some(),
+            local_gpu: pins.local_gpu(),
             pins: Mutex::new(pins),
             deadline,
             error: OnceLock::new(),
@@ -319,5 +322,9 @@ impl SliceSource for Batch {
 
     fn touches_gpu(&self) -> bool {
         self.gpu
+    }
+
+    fn local_gpu(&self) -> Option<u32> {
+        self.local_gpu
     }
 }

@@ -787,13 +787,14 @@ impl Engine {
         &self,
         peer: &Peer,
         slices: Vec<Slice>,
-        pins: Pins,
+        mut pins: Pins,
         deadline: Instant,
         link: Option<Arc<remote::Link>>,
         notification: Option<&[u8]>,
     ) -> Result<BatchId> {
         if pins.gpu_location().is_some() {
-            self.check_gpu_alive(&slices, link.is_none())?;
+            let local_gpu = self.check_gpu_alive(&slices, link.is_none())?;
+            pins.set_local_gpu(local_gpu);
         }
         let transport = match (&link, pins.gpu_location()) {
             (None, None) => Arc::clone(&self.local) as Arc<dyn Transport>,
@@ -823,18 +824,20 @@ impl Engine {
     /// Every GPU region of this process the slices use (local ends; remote ends too when the
     /// peer is this engine) is still allocated: the driver takes the address of freed
     /// device memory for host memory, and a copy would fault instead of failing.
-    fn check_gpu_alive(&self, slices: &[Slice], loopback: bool) -> Result<()> {
+    /// Returns the device of the first local GPU region.
+    fn check_gpu_alive(&self, slices: &[Slice], loopback: bool) -> Result<Option<u32>> {
         let Some(cuda) = crate::sys::cuda::driver_in_use() else {
-            return Ok(()); // no driver: no device memory, the labels only keep CPU copies away
+            return Ok(None); // no driver: no device memory, the labels only keep CPU copies away
         };
+        let mut local_gpu = None;
         let map = self.registry.read();
         let mut checked: Vec<u64> = Vec::new();
         let mut last: Option<crate::memory::AddrRange> = None;
         let ends = slices.iter().flat_map(|s| {
             let remote = loopback.then_some(s.remote);
-            std::iter::once(s.local).chain(remote)
+            std::iter::once((s.local, true)).chain(remote.map(|r| (r, false)))
         });
-        for addr in ends {
+        for (addr, local) in ends {
             if last.is_some_and(|r| r.contains(addr)) {
                 continue; // consecutive slices mostly share a region
             }
@@ -846,15 +849,19 @@ impl Engine {
             if !matches!(region.location(), Location::Cuda(_)) || checked.contains(&range.start) {
                 continue;
             }
-            cuda.device_range(range.start, range.len)
+            let mem = cuda
+                .device_range(range.start, range.len)
                 .map_err(|reason| Error::GpuMemoryGone {
                     range,
                     location: region.location(),
                     reason,
                 })?;
+            if local {
+                local_gpu.get_or_insert(mem.device);
+            }
             checked.push(range.start);
         }
-        Ok(())
+        Ok(local_gpu)
     }
 
     /// Whether the first op's local or remote end is registered GPU memory.

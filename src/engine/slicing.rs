@@ -51,6 +51,8 @@ impl Op {
 pub(crate) struct Pins {
     regions: Vec<Arc<Region>>,
     pinned: bool,
+    /// The device of the batch's first local GPU region, once the engine has checked them.
+    local_gpu: Option<u32>,
 }
 
 impl Pins {
@@ -69,6 +71,16 @@ impl Pins {
             .iter()
             .map(|r| r.location())
             .find(|l| matches!(l, crate::memory::Location::Cuda(_)))
+    }
+
+    /// Records the device of the batch's local GPU memory (see `Engine::check_gpu_alive`).
+    pub(crate) fn set_local_gpu(&mut self, device: Option<u32>) {
+        self.local_gpu = device;
+    }
+
+    /// The device of the batch's local GPU memory, if it has any.
+    pub(crate) fn local_gpu(&self) -> Option<u32> {
+        self.local_gpu
     }
 
     /// Deduplicates the regions and pins each once. Call with the registry's read lock

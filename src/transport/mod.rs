@@ -73,6 +73,11 @@ pub trait SliceSource: Send + Sync {
     fn touches_gpu(&self) -> bool {
         false
     }
+    /// The device of the batch's local GPU memory (by the regions' locations), if any: a
+    /// transport that moves bytes with the CPU stages that end.
+    fn local_gpu(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A way of moving slices.

@@ -3,8 +3,8 @@
 //! against the network.
 //!
 //! A batch whose local end is GPU memory gets a stager thread. It cuts the batch's claimed
-//! slices into pieces of at most [`PIECE`] bytes and fills chunks of up to [`SLOT`] bytes of
-//! GPU data, one bounce slot each, at most [`SLOTS`] chunks in flight:
+//! slices into pieces of at most `PIECE` bytes and fills chunks of up to `SLOT` bytes of
+//! GPU data, one bounce slot each, at most `SLOTS` chunks in flight:
 //! - WRITE: the GPU piece is copied into the slot (`cuMemcpyAsync` on a stream of the
 //!   device), and once the chunk's copies are done the chunk is posted to the inner
 //!   transport with the slot as its local end. While the network sends chunk k, the GPU
@@ -76,12 +76,6 @@ fn error(transport: TransportKind, reason: impl Into<String>) -> TransportError 
     }
 }
 
-/// Whether a slice's local end is device memory (by the driver, if this process uses it:
-/// a process that never loaded the driver has no GPU memory).
-fn local_gpu(cuda: Option<&Cuda>, slices: &[Slice]) -> bool {
-    cuda.is_some_and(|c| slices.iter().any(|s| c.device_memory(s.local).is_some()))
-}
-
 impl Transport for StagedTransport {
     fn kind(&self) -> TransportKind {
         self.inner.kind()
@@ -99,16 +93,17 @@ impl Transport for StagedTransport {
     }
 
     fn post(&self, work: Arc<dyn SliceSource>) {
-        let cuda = cuda::driver_in_use();
-        if !local_gpu(cuda, work.slices()) {
+        // The engine's region labels say whether this end is GPU memory (checked live at
+        // submit); without the driver in use there is no GPU memory here.
+        let (Some(device), Some(cuda)) = (work.local_gpu(), cuda::driver_in_use()) else {
             return self.inner.post(work);
-        }
-        let cuda = cuda.expect("local GPU memory implies the driver");
+        };
         let stager = Stager {
             work: Arc::clone(&work),
             inner: Arc::clone(&self.inner),
             shared: Arc::clone(&self.shared),
             cuda,
+            device,
         };
         let spawned = std::thread::Builder::new()
             .name("kvx-stage".into())
@@ -152,6 +147,8 @@ struct Stager {
     inner: Arc<dyn Transport>,
     shared: Arc<Shared>,
     cuda: &'static Cuda,
+    /// The GPU of the batch's local memory: bounce slots are allocated in its context.
+    device: u32,
 }
 
 impl Stager {
@@ -164,7 +161,17 @@ impl Stager {
         let mut exhausted = false;
         loop {
             while chunks.len() < SLOTS && !exhausted {
-                match self.build_chunk(&mut outers, &mut cursor, next_id, &done_tx) {
+                let slot = match self.take_slot() {
+                    Ok(slot) => slot,
+                    // A chunk in flight gives its slot back soon: wait for it.
+                    Err(_) if !chunks.is_empty() => break,
+                    Err(why) => {
+                        self.fail_rest(&mut outers, &mut cursor, why);
+                        exhausted = true;
+                        break;
+                    }
+                };
+                match self.build_chunk(slot, &mut outers, &mut cursor, next_id, &done_tx) {
                     Ok(Some(chunk)) => {
                         self.inner
                             .post(Arc::clone(&chunk.work) as Arc<dyn SliceSource>);
@@ -191,11 +198,18 @@ impl Stager {
                 self.finish(chunk, &mut outers);
             }
         }
-        // A stopped batch can leave part of a claimed range never staged.
-        if let Some(c) = cursor {
-            let failure = error(self.inner.kind(), "the batch stopped before it was staged");
+    }
+
+    /// Without a bounce slot and nothing in flight to free one, the rest of the batch
+    /// fails: the remainder of the range being cut and every range not yet claimed.
+    fn fail_rest(&self, outers: &mut [Outer], cursor: &mut Option<Cursor>, why: String) {
+        let failure = error(self.inner.kind(), why);
+        if let Some(c) = cursor.take() {
             let left = unstaged(self.work.slices(), &outers[c.outer], c);
-            self.account(&mut outers, c.outer, left, Some(&failure));
+            self.account(outers, c.outer, left, Some(&failure));
+        }
+        while let Some(range) = self.work.claim() {
+            self.work.complete(range, Err(failure.clone()));
         }
     }
 
@@ -241,7 +255,7 @@ impl Stager {
             .pop();
         match idle {
             Some(slot) => Ok(slot),
-            None => PinnedHost::alloc(SLOT as usize)
+            None => PinnedHost::alloc_on(self.device, SLOT as usize)
                 .map_err(|e| format!("cannot allocate a pinned staging buffer: {e}")),
         }
     }
@@ -257,46 +271,27 @@ impl Stager {
         }
     }
 
-    /// Cuts the next chunk from the claimed slices (claiming more as needed), queues the
-    /// copies of its GPU WRITE pieces and waits for them. `Ok(None)`: nothing left. On
-    /// error, the (owner, bytes) of the pieces cut, none of them posted.
+    /// Cuts the next chunk into `slot` from the claimed slices (claiming more as needed),
+    /// queues the copies of its GPU WRITE pieces and waits for them. `Ok(None)`: nothing
+    /// left. On error, the (owner, bytes) of the pieces cut, none of them posted.
     #[allow(clippy::type_complexity)]
     fn build_chunk(
         &self,
+        slot: PinnedHost,
         outers: &mut Vec<Outer>,
         cursor: &mut Option<Cursor>,
         id: usize,
         done: &Sender<usize>,
     ) -> Result<Option<Chunk>, (Vec<(usize, u64)>, String)> {
         let slices = self.work.slices();
-        let slot = match self.take_slot() {
-            Ok(slot) => slot,
-            Err(why) => {
-                // Fail what is claimed now; later claims fail the same way.
-                let cut = match cursor.take() {
-                    Some(c) => vec![(c.outer, unstaged(slices, &outers[c.outer], c))],
-                    None => match self.work.claim() {
-                        Some(range) => {
-                            let left = bytes(&slices[range.clone()]);
-                            outers.push(Outer {
-                                range,
-                                left,
-                                error: None,
-                            });
-                            vec![(outers.len() - 1, left)]
-                        }
-                        None => return Ok(None),
-                    },
-                };
-                return Err((cut, why));
-            }
-        };
         let mut pieces = Vec::new();
         let mut owners = Vec::new();
         let mut gpu = Vec::new();
         let mut used = 0u64;
         let mut copies: Vec<(u32, u64, u64, u64)> = Vec::new(); // device, dst, src, len
         let mut device_of_slice: Option<(usize, Option<u32>)> = None;
+        // The allocation the last GPU slice was in: its neighbours mostly are too.
+        let mut last_alloc: Option<cuda::DeviceMemory> = None;
         while pieces.len() < MAX_PIECES && used < SLOT {
             let c = match *cursor {
                 Some(c) => c,
@@ -327,7 +322,13 @@ impl Stager {
             let device = match device_of_slice {
                 Some((i, d)) if i == c.slice => d,
                 _ => {
-                    let d = self.cuda.device_memory(s.local).map(|m| m.device);
+                    let inside =
+                        |m: &cuda::DeviceMemory| (m.base..m.base + m.len).contains(&s.local);
+                    let mem = last_alloc
+                        .filter(inside)
+                        .or_else(|| self.cuda.device_memory(s.local));
+                    last_alloc = mem.or(last_alloc);
+                    let d = mem.map(|m| m.device);
                     device_of_slice = Some((c.slice, d));
                     d
                 }

@@ -511,7 +511,11 @@ impl Cuda {
             let outcome = unsafe { self.ctx_enable_peer_access(peer, 0) }?;
             match outcome.code {
                 CUDA_SUCCESS | CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => true,
-                _ => return Err(outcome.into_error()),
+                _ => {
+                    // Settled too: asking again on every copy would only fail again.
+                    peers.insert((from, to), false);
+                    return Err(outcome.into_error());
+                }
             }
         } else {
             false

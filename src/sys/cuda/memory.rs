@@ -148,6 +148,8 @@ pub struct PinnedHost {
     cuda: &'static Cuda,
     ptr: NonNull<u8>,
     len: usize,
+    /// The device whose context allocated it (and frees it).
+    device: u32,
 }
 
 // SAFETY: PinnedHost owns its allocation like a Box<[u8]>: moving it to another thread moves
@@ -160,6 +162,12 @@ impl PinnedHost {
     /// Allocates `len` zeroed bytes of pinned host memory (under device 0's primary
     /// context; with unified addressing it is pinned for every device).
     pub fn alloc(len: usize) -> Result<PinnedHost, CudaError> {
+        Self::alloc_on(0, len)
+    }
+
+    /// As [`alloc`](PinnedHost::alloc), under `device`'s primary context: a process that
+    /// works on one GPU keeps from creating a context (hundreds of MiB) on GPU 0.
+    pub fn alloc_on(device: u32, len: usize) -> Result<PinnedHost, CudaError> {
         let cuda = driver()?;
         if len == 0 {
             return Err(CudaError::invalid(
@@ -167,7 +175,7 @@ impl PinnedHost {
                 "cannot allocate 0 bytes of pinned memory",
             ));
         }
-        let _ctx = cuda.enter(0)?;
+        let _ctx = cuda.enter(device)?;
         let mut p: *mut c_void = ptr::null_mut();
         // SAFETY: p is a valid out-pointer; a context is current.
         unsafe { cuda.mem_alloc_host(&mut p, len) }?.ok()?;
@@ -180,7 +188,12 @@ impl PinnedHost {
         // SAFETY: the driver just allocated len writable bytes at ptr; zeroing them makes
         // every later &[u8] view initialised.
         unsafe { ptr::write_bytes(ptr.as_ptr(), 0, len) };
-        Ok(PinnedHost { cuda, ptr, len })
+        Ok(PinnedHost {
+            cuda,
+            ptr,
+            len,
+            device,
+        })
     }
 
     /// The first byte.
@@ -233,7 +246,7 @@ impl fmt::Debug for PinnedHost {
 
 impl Drop for PinnedHost {
     fn drop(&mut self) {
-        let result = self.cuda.enter(0).and_then(|_ctx| {
+        let result = self.cuda.enter(self.device).and_then(|_ctx| {
             // SAFETY: ptr came from cuMemAllocHost_v2 and is freed once, here.
             unsafe { self.cuda.mem_free_host(self.ptr.as_ptr().cast()) }?.ok()
         });

@@ -6,8 +6,10 @@
 //! GPU memory is never touched by the CPU or the socket: a request whose regions include
 //! GPU memory goes through pinned host staging buffers of the connection (WRITE payloads
 //! are received into one and copied to the GPU before the ACK; READ payloads are copied
-//! from the GPU into one just before they are sent). Those copies run on the I/O thread,
-//! synchronously: at tens of GB/s they cost a TCP stream a few percent.
+//! from the GPU into one just before they are sent). Those copies are queued on a
+//! non-blocking stream of the connection (never the legacy default stream, which would wait
+//! for the application's kernels) and waited for on the I/O thread: at tens of GB/s they
+//! cost a TCP stream a few percent.
 
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream};
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use super::io::{outcome, token, Driven, IoVecs, Outcome, Submit, OP_RECV, OP_SEND};
 use super::wire::{decode_entries, Code, Entry, Header, Kind, ENTRY_LEN, HEADER_LEN};
 use crate::memory::{Access, Location, Region, RegionLookup, Registry};
-use crate::sys::cuda::{self, PinnedHost};
+use crate::sys::cuda::{self, PinnedHost, Stream};
 
 /// How long a request may sit half-received (or a reply half-sent) without a byte moving
 /// before the connection is dropped: a stalled peer must not keep regions pinned (and
@@ -38,6 +40,21 @@ impl Pinned {
         self.0
             .iter()
             .any(|r| matches!(r.location(), Location::Cuda(_)))
+    }
+
+    /// The device of the first GPU region, once every GPU region has been found to be one
+    /// live device allocation still: the driver takes a freed device address for host
+    /// memory, and a copy would fault instead of failing.
+    fn live_gpu(&self) -> Result<u32, String> {
+        let cuda = cuda::driver().map_err(|e| e.to_string())?;
+        let mut device = None;
+        for r in &self.0 {
+            if matches!(r.location(), Location::Cuda(_)) {
+                let mem = cuda.device_range(r.range().start, r.range().len)?;
+                device.get_or_insert(mem.device);
+            }
+        }
+        device.ok_or_else(|| "the request touches no GPU memory".into())
     }
 }
 
@@ -96,7 +113,7 @@ enum Response {
     ReadData {
         id: u64,
         entries: Vec<Entry>,
-        _pins: Pinned,
+        pins: Pinned,
         /// The entries include GPU memory: sent from `stage_out`.
         staged: bool,
     },
@@ -122,6 +139,18 @@ enum Rx {
     },
 }
 
+/// A connection's buffers and stream for requests that touch GPU memory.
+#[derive(Default)]
+struct GpuStaging {
+    /// For WRITE payloads bound for GPU memory (allocated on first use, grown to the
+    /// largest such request).
+    stage_in: Option<PinnedHost>,
+    /// For READ payloads taken from GPU memory (one staged reply per send).
+    stage_out: Option<PinnedHost>,
+    /// The CUDA stream staging copies run on (made on first use, on the request's GPU).
+    stream: Option<Stream>,
+}
+
 /// The I/O thread's state for one served connection.
 pub(super) struct ServerConn {
     stream: TcpStream,
@@ -140,11 +169,8 @@ pub(super) struct ServerConn {
     entry_bytes: Vec<u8>,
     entries: Vec<Entry>,
     scratch: Vec<u8>,
-    /// Staging for WRITE payloads bound for GPU memory (allocated on first use, grown to
-    /// the largest such request).
-    stage_in: Option<PinnedHost>,
-    /// Staging for READ payloads taken from GPU memory (one staged reply per send).
-    stage_out: Option<PinnedHost>,
+    /// Staging of GPU memory (boxed: most connections never touch any).
+    gpu: Box<GpuStaging>,
     recv: IoVecs,
     recv_pending: bool,
     out: VecDeque<Response>,
@@ -175,8 +201,7 @@ impl ServerConn {
             entry_bytes: Vec::new(),
             entries: Vec::new(),
             scratch: Vec::new(),
-            stage_in: None,
-            stage_out: None,
+            gpu: Box::default(),
             recv: IoVecs::new(),
             recv_pending: false,
             out: VecDeque::new(),
@@ -246,7 +271,7 @@ impl ServerConn {
                             id: h.id,
                             entries: self.entries.clone(),
                             staged: pins.touches_gpu(),
-                            _pins: pins,
+                            pins,
                         },
                         Err((code, message)) => Response::Error {
                             id: h.id,
@@ -257,10 +282,15 @@ impl ServerConn {
                     return;
                 }
                 let staging = match checked {
-                    Ok(pins) if pins.touches_gpu() => match staging(&mut self.stage_in, total) {
-                        Ok(base) => Ok((pins, Some(base))),
-                        Err(message) => Err((Code::Device, message)),
-                    },
+                    Ok(pins) if pins.touches_gpu() => {
+                        let stage = pins
+                            .live_gpu()
+                            .and_then(|device| staging(&mut self.gpu.stage_in, total, device));
+                        match stage {
+                            Ok(base) => Ok((pins, Some(base))),
+                            Err(message) => Err((Code::Device, message)),
+                        }
+                    }
                     Ok(pins) => Ok((pins, None)),
                     Err(refusal) => Err(refusal),
                 };
@@ -315,8 +345,8 @@ impl ServerConn {
                     self.discard_next();
                     return;
                 }
-                if let (Some(entries), Some(stage)) = (staged, &self.stage_in) {
-                    if let Err(message) = unstage(&self.registry, stage, &entries) {
+                if let (Some(entries), Some(stage), Some(pins)) = (staged, &self.gpu.stage_in, &pins) {
+                    if let Err(message) = unstage(&mut self.gpu.stream, pins, stage, &entries) {
                         refused = Some((Code::Device, message));
                     }
                 }
@@ -372,11 +402,13 @@ impl ServerConn {
                 id,
                 entries,
                 staged: true,
-                ..
+                pins,
             } = &r
             {
                 staged_one = true;
-                if let Err(message) = stage(&self.registry, &mut self.stage_out, entries) {
+                if let Err(message) =
+                    stage(&mut self.gpu.stream, pins, &mut self.gpu.stage_out, entries)
+                {
                     r = Response::Error {
                         id: *id,
                         code: Code::Device,
@@ -399,7 +431,7 @@ impl ServerConn {
                     self.send_bytes
                         .extend_from_slice(&header(Kind::ReadData, 0, 0, *id));
                     pieces.push((true, start, HEADER_LEN));
-                    match (staged, &self.stage_out) {
+                    match (staged, &self.gpu.stage_out) {
                         (true, Some(stage)) => {
                             let total = entries.iter().map(|e| e.len as usize).sum();
                             pieces.push((false, stage.addr() as usize, total));
@@ -434,66 +466,77 @@ impl ServerConn {
 
 /// The address of a staging buffer of at least `len` bytes in `buf`, allocating (or
 /// growing) it. Called only between requests (WRITE) or sends (READ): nothing is using it.
-fn staging(buf: &mut Option<PinnedHost>, len: u64) -> Result<u64, String> {
+fn staging(buf: &mut Option<PinnedHost>, len: u64, device: u32) -> Result<u64, String> {
     if let Some(b) = buf.as_ref().filter(|b| b.len() as u64 >= len) {
         return Ok(b.addr());
     }
     // Powers of two (at least 4 MiB): a stream of growing requests reallocates a few times.
     let size = len.max(4 << 20).next_power_of_two() as usize;
     *buf = None; // free the old one first
-    let fresh = PinnedHost::alloc(size).map_err(|e| {
+    let fresh = PinnedHost::alloc_on(device, size).map_err(|e| {
         format!("cannot allocate a {size}-byte pinned staging buffer for GPU memory: {e}")
     })?;
     Ok(buf.insert(fresh).addr())
 }
 
-/// An entry in a region labelled GPU memory must still be one live device allocation: the
-/// driver takes a freed device address for host memory, and a copy would fault.
-fn check_device(registry: &Registry, e: &Entry) -> Result<(), String> {
-    let gpu = registry
-        .lookup(e.addr)
-        .is_some_and(|r| matches!(r.location(), Location::Cuda(_)));
-    if gpu {
-        let cuda = cuda::driver().map_err(|err| err.to_string())?;
-        cuda.device_range(e.addr, u64::from(e.len))?;
+/// Queues `copies` (dst, src, len) on the connection's stream for `device` and waits for
+/// them all.
+fn copy_all(
+    stream: &mut Option<Stream>,
+    device: u32,
+    copies: impl Iterator<Item = (u64, u64, u64)>,
+) -> Result<(), String> {
+    if stream.as_ref().is_none_or(|s| s.device() != device) {
+        *stream = Some(Stream::new(device).map_err(|e| e.to_string())?);
     }
-    Ok(())
+    let stream = stream.as_ref().expect("just made");
+    let mut queued = Ok(());
+    for (dst, src, len) in copies {
+        // SAFETY: every caller passes ranges inside registered regions pinned for the
+        // request (GPU ones checked live just before) and inside a staging buffer nothing
+        // else uses until this returns; the stream is waited for below, on every path.
+        if let Err(e) = unsafe { stream.copy_async(dst, src, len as usize) } {
+            queued = Err(format!("copying {len} bytes {src:#x} -> {dst:#x}: {e}"));
+            break;
+        }
+    }
+    let waited = stream.synchronize().map_err(|e| e.to_string());
+    queued.and(waited)
+}
+
+/// The copies of entries laid out one after another from `base`: (entry, staged address).
+fn laid_out(entries: &[Entry], base: u64) -> impl Iterator<Item = (&Entry, u64)> {
+    entries.iter().scan(base, |at, e| {
+        let here = *at;
+        *at += u64::from(e.len);
+        Some((e, here))
+    })
 }
 
 /// Copies a staged WRITE payload (in entry order at the start of `stage`) to its targets.
-fn unstage(registry: &Registry, stage: &PinnedHost, entries: &[Entry]) -> Result<(), String> {
-    let mut offset = 0u64;
-    for e in entries {
-        check_device(registry, e)?;
-        // SAFETY: the target entry lies in a registered region pinned for this request
-        // (checked above); the source lies inside `stage`, whose first `total` bytes
-        // the payload just filled; nothing else uses either during this call.
-        unsafe { cuda::memcpy(e.addr, stage.addr() + offset, e.len as usize) }
-            .map_err(|err| format!("copying into GPU memory at {:#x}: {err}", e.addr))?;
-        offset += u64::from(e.len);
-    }
-    Ok(())
+fn unstage(
+    stream: &mut Option<Stream>,
+    pins: &Pinned,
+    stage: &PinnedHost,
+    entries: &[Entry],
+) -> Result<(), String> {
+    let device = pins.live_gpu()?;
+    let copies = laid_out(entries, stage.addr()).map(|(e, at)| (e.addr, at, u64::from(e.len)));
+    copy_all(stream, device, copies).map_err(|e| format!("landing in GPU memory: {e}"))
 }
 
 /// Copies a READ reply's entries from their (GPU) memory into `buf`, in entry order.
 fn stage(
-    registry: &Registry,
+    stream: &mut Option<Stream>,
+    pins: &Pinned,
     buf: &mut Option<PinnedHost>,
     entries: &[Entry],
 ) -> Result<(), String> {
+    let device = pins.live_gpu()?;
     let total = entries.iter().map(|e| u64::from(e.len)).sum();
-    let base = staging(buf, total)?;
-    let mut offset = 0u64;
-    for e in entries {
-        check_device(registry, e)?;
-        // SAFETY: the source entry lies in a registered region pinned by this reply;
-        // the destination lies inside the staging buffer (at least `total` bytes), which
-        // no send is using (sends are built only once the last one has completed).
-        unsafe { cuda::memcpy(base + offset, e.addr, e.len as usize) }
-            .map_err(|err| format!("copying from GPU memory at {:#x}: {err}", e.addr))?;
-        offset += u64::from(e.len);
-    }
-    Ok(())
+    let base = staging(buf, total, device)?;
+    let copies = laid_out(entries, base).map(|(e, at)| (at, e.addr, u64::from(e.len)));
+    copy_all(stream, device, copies).map_err(|e| format!("staging GPU memory: {e}"))
 }
 
 fn header(kind: Kind, count: u32, status: u32, id: u64) -> [u8; HEADER_LEN] {
