@@ -345,7 +345,9 @@ impl ServerConn {
                     self.discard_next();
                     return;
                 }
-                if let (Some(entries), Some(stage), Some(pins)) = (staged, &self.gpu.stage_in, &pins) {
+                if let (Some(entries), Some(stage), Some(pins)) =
+                    (staged, &self.gpu.stage_in, &pins)
+                {
                     if let Err(message) = unstage(&mut self.gpu.stream, pins, stage, &entries) {
                         refused = Some((Code::Device, message));
                     }
