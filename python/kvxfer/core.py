@@ -180,7 +180,30 @@ def _ops_array(ops: Sequence[Op]):
     return arr
 
 
-class Engine:
+class _Closable:
+    """Lifetime of an object owning a `_Handle` as `self._h`: `closed`, use as a context,
+    closed when collected. Subclasses define `close()`."""
+
+    _h: "_Handle"
+
+    @property
+    def closed(self) -> bool:
+        return self._h.closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Engine(_Closable):
     """A kvxfer engine (kvx_engine_new). It listens for peers on `listen` ("host:port";
     port 0 picks a free one; "" means no listener), which is also its `session_id`.
 
@@ -233,22 +256,6 @@ class Engine:
     def close(self) -> None:
         """Stops the engine (its unfinished batches are cancelled first). Idempotent."""
         self._h.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._h.closed
-
-    def __enter__(self) -> "Engine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- identity ----------------------------------------------------------------------
 
@@ -464,7 +471,7 @@ class ExistsResult:
     prefix: int
 
 
-class Store:
+class Store(_Closable):
     """A client of the kvxfer L3 store, and a member of it when it contributes memory
     (kvx_store_setup). `members` are the sessions of the engines that serve segments;
     `contributed_bytes` > 0 makes this engine serve one too (it is then a member itself).
@@ -509,22 +516,6 @@ class Store:
     def close(self) -> None:
         """Leaves the store; a contributing store's objects are gone with it."""
         self._h.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._h.closed
-
-    def __enter__(self) -> "Store":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def batch_put_from(self, keys: Sequence[KeyLike], ptrs: Sequence[int], sizes: Sequence[int]) -> List[int]:
         """Puts each key's bytes from registered memory if the key does not exist yet.

@@ -400,36 +400,22 @@ impl Stager {
 
     /// Queues `copies` (device, dst, src, len) on their devices' streams and waits for all.
     fn copy_all(&self, copies: &[(u32, u64, u64, u64)]) -> Result<(), String> {
-        let mut used: Vec<Arc<Stream>> = Vec::new();
-        let mut result = Ok(());
-        for &(device, dst, src, len) in copies {
-            let stream = match self.stream(device) {
-                Ok(s) => s,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            };
+        let mut devices: Vec<u32> = copies.iter().map(|c| c.0).collect();
+        devices.sort_unstable();
+        devices.dedup(); // one in practice: the batch's GPU
+        for device in devices {
+            let stream = self.stream(device)?;
+            let mine = copies
+                .iter()
+                .filter(|c| c.0 == device)
+                .map(|&(_, dst, src, len)| (dst, src, len as usize));
             // SAFETY: one end is GPU memory of a region pinned for the batch (its slice
-            // was checked against the registry and is not completed before this copy has
-            // been waited for below), the other lies inside a bounce slot this stager owns
-            // and no transport uses until the chunk is posted (WRITE) or has completed
-            // (READ).
-            if let Err(e) = unsafe { stream.copy_async(dst, src, len as usize) } {
-                result = Err(e.to_string());
-                break;
-            }
-            if !used.iter().any(|u| Arc::ptr_eq(u, &stream)) {
-                used.push(stream);
-            }
+            // is not completed before this returns), the other lies inside a bounce slot
+            // this stager owns and no transport uses until the chunk is posted (WRITE) or
+            // has completed (READ); copy_all returns once the stream has drained.
+            unsafe { stream.copy_all(mine) }.map_err(|e| e.to_string())?;
         }
-        // Whatever was queued must be done before the slot or the memory is reused.
-        for stream in used {
-            if let Err(e) = stream.synchronize() {
-                result = result.and(Err(e.to_string()));
-            }
-        }
-        result
+        Ok(())
     }
 
     /// A chunk came back from the inner transport: land its GPU READ pieces, account its

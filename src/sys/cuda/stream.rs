@@ -68,6 +68,29 @@ impl Stream {
         unsafe { self.cuda.memcpy_async(dst, src, len, self.raw) }?.ok()
     }
 
+    /// Queues every copy `(dst, src, len)` and waits until the stream has drained, also
+    /// when queueing one failed (then the rest is not queued): once this returns, no copy it
+    /// queued still touches memory. The first error, if any.
+    ///
+    /// # Safety
+    ///
+    /// As [`copy_async`](Stream::copy_async) for every copy (validity until this returns).
+    pub unsafe fn copy_all(
+        &self,
+        copies: impl IntoIterator<Item = (u64, u64, usize)>,
+    ) -> Result<(), CudaError> {
+        let mut queued = Ok(());
+        for (dst, src, len) in copies {
+            // SAFETY: forwarded to the caller (see # Safety); waited for below.
+            queued = unsafe { self.copy_async(dst, src, len) };
+            if queued.is_err() {
+                break;
+            }
+        }
+        let waited = self.synchronize();
+        queued.and(waited)
+    }
+
     /// Records a new event after the work queued so far (`cuEventCreate` +
     /// `cuEventRecord`). To avoid creating one per batch, keep an [`Event`] and use
     /// [`record_event`](Stream::record_event).

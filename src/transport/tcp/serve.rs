@@ -492,18 +492,11 @@ fn copy_all(
         *stream = Some(Stream::new(device).map_err(|e| e.to_string())?);
     }
     let stream = stream.as_ref().expect("just made");
-    let mut queued = Ok(());
-    for (dst, src, len) in copies {
-        // SAFETY: every caller passes ranges inside registered regions pinned for the
-        // request (GPU ones checked live just before) and inside a staging buffer nothing
-        // else uses until this returns; the stream is waited for below, on every path.
-        if let Err(e) = unsafe { stream.copy_async(dst, src, len as usize) } {
-            queued = Err(format!("copying {len} bytes {src:#x} -> {dst:#x}: {e}"));
-            break;
-        }
-    }
-    let waited = stream.synchronize().map_err(|e| e.to_string());
-    queued.and(waited)
+    let copies = copies.map(|(dst, src, len)| (dst, src, len as usize));
+    // SAFETY: every caller passes ranges inside registered regions pinned for the request
+    // (GPU ones checked live just before) and inside a staging buffer nothing else uses
+    // until this returns, which is after the stream has drained.
+    unsafe { stream.copy_all(copies) }.map_err(|e| e.to_string())
 }
 
 /// The copies of entries laid out one after another from `base`: (entry, staged address).
